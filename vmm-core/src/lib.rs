@@ -1,0 +1,16 @@
+//! vmm-core: the ignite KVM engine.
+//!
+//! A [`VmConfig`] describes a microVM; [`Vm::start`] builds it on `/dev/kvm` (guest memory, in-kernel
+//! irqchip and PIT, vCPUs, legacy and virtio-mmio devices), loads a Linux kernel and returns a
+//! [`VmHandle`] to pause, resume, stop and wait for the VM. One thread runs each vCPU and one thread
+//! runs the device event loop.
+
+pub mod arch;
+pub mod boot;
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod host;
+
+pub use config::{ConfigError, ConsoleConfig, DiskConfig, NetConfig, VirtModeConfig, VmConfig, VsockConfig};
+pub use host::VirtMode;
