@@ -10,13 +10,17 @@
 //! length (no loops) and checks indirect tables. Devices turn any such error into an error status for
 //! that request, or drop the request, and never panic.
 
+pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -144,6 +148,10 @@ pub trait VirtioDevice: Send {
     /// Host file descriptors the event loop should poll for this device (tap, listening socket, ...).
     /// The set may change after `activate`, `process_queue` or `process_backend`; the event loop asks
     /// again after each of those calls.
+    ///
+    /// A device must keep an fd open until a call of this method no longer lists it (close it on the
+    /// next call at the earliest): the loop unregisters fds it is no longer given, and an fd closed
+    /// while still registered could be reused by a new socket the loop would then never poll.
     fn backend_fds(&self) -> Vec<(RawFd, EventSet)> {
         Vec::new()
     }
@@ -159,6 +167,50 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     if let Some(src) = config.get(start..) {
         let n = src.len().min(data.len());
         data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// Serves every chain the driver has made available on `queue`: `handle` processes one chain and
+/// returns the used length (bytes it wrote into the chain's buffers), the chain goes back on the used
+/// ring, and the driver is interrupted once at the end if it asked for it (honouring
+/// [`features::RING_EVENT_IDX`] when the queue has it enabled). Shared by the request/response
+/// devices (block, rng).
+pub fn serve_queue<F>(queue: &mut Queue, mem: &GuestMemory, interrupt: &VirtioInterrupt, mut handle: F)
+where
+    F: FnMut(DescriptorChain<&GuestMemory>) -> u32,
+{
+    let mut used = false;
+    loop {
+        // Suppressing notifications while draining saves the guest exits we would ignore anyway.
+        if let Err(err) = queue.disable_notification(mem) {
+            tracing::warn!(%err, "virtio queue notifications could not be disabled");
+        }
+        let mut popped = 0usize;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            popped += 1;
+            let head = chain.head_index();
+            let len = handle(chain);
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used = true,
+                Err(err) => tracing::warn!(head, %err, "descriptor chain could not be returned to the driver"),
+            }
+        }
+        // Re-enabling reports chains added while notifications were off; look again for those. A ring
+        // that claims more chains but yields none is corrupt: stop rather than spin on it.
+        match queue.enable_notification(mem) {
+            Ok(true) if popped > 0 => continue,
+            Ok(true) => {
+                tracing::warn!("virtio available ring index is invalid; queue ignored until the next notification")
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!(%err, "virtio queue notifications could not be enabled"),
+        }
+        break;
+    }
+    // A guest whose used_event cannot be read still gets its interrupt: a spurious one is harmless,
+    // a missing one hangs the driver.
+    if used && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
     }
 }
 
