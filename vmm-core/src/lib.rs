@@ -10,7 +10,13 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
+mod event_loop;
+pub mod exit;
 pub mod host;
+mod vcpu;
+pub mod vm;
 
 pub use config::{ConfigError, ConsoleConfig, DiskConfig, NetConfig, VirtModeConfig, VmConfig, VsockConfig};
+pub use exit::ExitReason;
 pub use host::VirtMode;
+pub use vm::{Vm, VmCounters, VmError, VmExit, VmHandle};

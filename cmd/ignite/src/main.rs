@@ -1,1 +1,47 @@
-fn main() {}
+//! `ignite`: the command-line entry point. Parses arguments, sets up logging, dispatches to one
+//! module per subcommand and prints the error chain. The work lives in the library crates.
+
+mod commands;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+/// ignite: declarative microVMs with container ergonomics.
+#[derive(Parser)]
+#[command(name = "ignite", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log filter for diagnostics on stderr (e.g. `info`, `vmm_core=debug`). Also read from IGNITE_LOG.
+    #[arg(long, global = true, env = "IGNITE_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded KVM engine directly, without the daemon.
+    #[command(subcommand)]
+    Vmm(commands::vmm::VmmCommand),
+}
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Vmm(cmd) => commands::vmm::run(cmd, process_start),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", commands::error_chain(&err));
+            ExitCode::from(commands::EXIT_VMM_ERROR)
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! One module per subcommand.
+
+pub mod vmm;
+
+/// Exit status when ignite itself failed (bad arguments, files, KVM): as Docker uses 125.
+pub const EXIT_VMM_ERROR: u8 = 125;
+/// Exit status when the guest crashed (triple fault, an instruction that cannot be run).
+pub const EXIT_GUEST_CRASH: u8 = 126;
+/// Exit status when the VM was stopped by the host (Ctrl-C, then the grace period ran out).
+pub const EXIT_STOPPED: u8 = 130;
+
+/// `outer: inner: innermost`, the way a user reads a cause.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    err.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+}

@@ -1,0 +1,188 @@
+//! `ignite vmm`: the embedded engine without the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use vmm_core::{ConsoleConfig, DiskConfig, ExitReason, NetConfig, VirtModeConfig, Vm, VmConfig, VsockConfig};
+
+use super::{EXIT_GUEST_CRASH, EXIT_STOPPED, EXIT_VMM_ERROR};
+
+/// Engine subcommands.
+#[derive(Subcommand)]
+pub enum VmmCommand {
+    /// Boot a kernel in the foreground with the serial console on stdout.
+    ///
+    /// Exit status: 0 when the guest resets or powers off cleanly; the guest's own code when it powers
+    /// off through the ignite power port with a non-zero code; 125 when the VM cannot be built (bad
+    /// kernel, missing file, no /dev/kvm); 126 when the guest crashes; 130 when stopped by Ctrl-C.
+    ///
+    /// Example: ignite vmm run --kernel vmlinux --initrd initrd.cpio --disk rootfs.ext4,ro --memory 256
+    Run(RunArgs),
+}
+
+/// Arguments of `ignite vmm run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Kernel image: an uncompressed ELF vmlinux (64-bit or PVH entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed if the kernel supports it).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// A raw disk image for virtio-blk; `,ro` makes it read-only. Repeat for more disks (vda, vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// A virtio-net interface on an existing host tap device. Repeatable.
+    #[arg(long = "net", value_name = "TAP=MAC", value_parser = parse_net)]
+    nets: Vec<NetConfig>,
+    /// A virtio-vsock device: guest CID and host unix socket path.
+    #[arg(long, value_name = "CID:PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+    /// Kernel command line (the VMM appends the virtio device announcements).
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u32,
+    /// Where the serial console goes: `stdout`, `null`, or a file path.
+    #[arg(long, default_value = "stdout", value_parser = parse_console)]
+    console: ConsoleConfig,
+    /// Do not offer a virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+    /// Virtualization mode: `auto` detects vmx/svm; `emulated` applies the software-KVM workarounds.
+    #[arg(long, default_value = "auto", value_parser = parse_virt_mode)]
+    virt_mode: VirtModeConfig,
+    /// Seconds Ctrl-C waits for the guest to shut down before stopping it by force.
+    #[arg(long, default_value_t = 10)]
+    stop_timeout: u64,
+    /// Print start-up timings and exit counters as JSON on stderr when the VM ends.
+    #[arg(long)]
+    timings: bool,
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        Some((_, opt)) => return Err(format!("unknown disk option `{opt}` (expected `ro` or `rw`)")),
+        None => (s, false),
+    };
+    Ok(DiskConfig { path: path.into(), read_only })
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let (tap, mac) = s.split_once('=').ok_or("expected TAP=MAC, e.g. tap0=06:00:ac:10:00:02")?;
+    Ok(NetConfig { tap: tap.into(), mac: mac.into() })
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let (cid, path) = s.split_once(':').ok_or("expected CID:PATH, e.g. 3:/run/vm.vsock")?;
+    let guest_cid = cid.parse().map_err(|_| format!("`{cid}` is not a CID number"))?;
+    Ok(VsockConfig { guest_cid, uds_path: path.into() })
+}
+
+fn parse_console(s: &str) -> Result<ConsoleConfig, String> {
+    Ok(match s {
+        "stdout" => ConsoleConfig::Stdout,
+        "null" => ConsoleConfig::Null,
+        path => ConsoleConfig::File(path.into()),
+    })
+}
+
+fn parse_virt_mode(s: &str) -> Result<VirtModeConfig, String> {
+    match s {
+        "auto" => Ok(VirtModeConfig::Auto),
+        "hardware" => Ok(VirtModeConfig::Hardware),
+        "emulated" => Ok(VirtModeConfig::Emulated),
+        other => Err(format!("unknown mode `{other}` (expected auto, hardware or emulated)")),
+    }
+}
+
+/// Runs an engine subcommand.
+pub fn run(cmd: VmmCommand, process_start: Instant) -> anyhow::Result<ExitCode> {
+    match cmd {
+        VmmCommand::Run(args) => run_foreground(args, process_start),
+    }
+}
+
+fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitCode> {
+    let config = VmConfig {
+        vcpus: args.cpus,
+        memory_mib: args.memory,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        disks: args.disks,
+        nets: args.nets,
+        vsock: args.vsock,
+        rng: !args.no_rng,
+        console: args.console,
+        virt_mode: args.virt_mode,
+    };
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, interrupted.clone()).context("cannot install the signal handler")?;
+    }
+    let vm_started = process_start.elapsed();
+    let handle =
+        Vm::start(&config).with_context(|| format!("cannot start a vm with kernel {}", config.kernel.display()))?;
+    // Wait in short steps so Ctrl-C is noticed promptly.
+    while handle.wait_timeout(Duration::from_millis(100)).is_none() {
+        if interrupted.load(Ordering::Relaxed) {
+            eprintln!("ignite: stopping the guest (waiting up to {}s)", args.stop_timeout);
+            break;
+        }
+    }
+    let exit = if interrupted.load(Ordering::Relaxed) && handle.exit_reason().is_none() {
+        handle.stop(Duration::from_secs(args.stop_timeout))
+    } else {
+        handle.wait()
+    };
+    if args.timings {
+        let report = serde_json::json!({
+            "exit": exit.reason,
+            "processToVmStartMs": vm_started.as_secs_f64() * 1e3,
+            "processToFirstKvmRunMs": exit.counters.time_to_first_run.map(|t| (vm_started + t).as_secs_f64() * 1e3),
+            "counters": exit.counters,
+        });
+        eprintln!("{report}");
+    }
+    Ok(match exit.reason {
+        ExitReason::PowerOff { code } => ExitCode::from(code),
+        ExitReason::Reset => ExitCode::SUCCESS,
+        ExitReason::Stopped => ExitCode::from(EXIT_STOPPED),
+        ExitReason::Crash { detail } => {
+            eprintln!("error: the guest crashed: {detail}");
+            ExitCode::from(EXIT_GUEST_CRASH)
+        }
+        ExitReason::Error { detail } => {
+            eprintln!("error: the vmm failed: {detail}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_arguments_and_rejects_bad_ones() {
+        assert_eq!(parse_disk("/a.img,ro").unwrap(), DiskConfig { path: "/a.img".into(), read_only: true });
+        assert_eq!(parse_disk("/a,b.img").unwrap_err(), "unknown disk option `b.img` (expected `ro` or `rw`)");
+        assert_eq!(parse_disk("/a.img").unwrap(), DiskConfig { path: "/a.img".into(), read_only: false });
+        assert!(parse_net("tap0").is_err());
+        assert_eq!(parse_vsock("3:/x").unwrap().guest_cid, 3);
+        assert!(parse_vsock("x:/x").unwrap_err().contains("`x`"));
+        assert!(parse_virt_mode("fast").is_err());
+    }
+}

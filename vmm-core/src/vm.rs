@@ -1,0 +1,426 @@
+//! Building a running VM from a [`VmConfig`], and the [`VmHandle`] that controls it.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::layout;
+use crate::boot::{self, BootSpec};
+use crate::bus::{lock, Bus, BusOverlap};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::power::PowerDevice;
+use crate::devices::legacy::serial::{open_console, ConsoleError, SerialDevice};
+use crate::devices::legacy::IrqEventFd;
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::GuestMemory;
+use crate::event_loop::{self, VirtioSubscriber};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::host::{VirtMode, EMULATED_GUEST_ARGS};
+use crate::vcpu::{self, Counters, Kicker, RunControl, VcpuContext};
+
+/// Where the KVM TSS goes (three pages just below the BIOS area, out of the guest's RAM and MMIO).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// A VM that could not be built or controlled.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error("invalid vm configuration")]
+    Config(#[from] ConfigError),
+    /// `/dev/kvm` cannot be used.
+    #[error("cannot use /dev/kvm (is the kvm module loaded and are you allowed to open it?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks a capability the engine needs.
+    #[error("this host's KVM lacks the {0} capability")]
+    MissingCapability(&'static str),
+    /// A KVM call during set-up failed.
+    #[error("kvm set-up failed: {what}")]
+    Setup {
+        /// Which step.
+        what: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
+    Memory {
+        /// The size asked for.
+        mib: u32,
+        /// Why.
+        detail: String,
+    },
+    /// The kernel, initrd or command line could not be loaded.
+    #[error("cannot boot")]
+    Boot(#[from] boot::BootError),
+    /// A vCPU could not be configured.
+    #[error("cannot configure the vcpus")]
+    Vcpu(#[from] crate::arch::x86_64::VcpuSetupError),
+    /// The console could not be opened.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// A device could not be created.
+    #[error("cannot create {device}")]
+    Device {
+        /// Which device (e.g. `disk /var/lib/x.img`).
+        device: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Two devices were given overlapping addresses (a bug in the layout).
+    #[error("device layout")]
+    Bus(#[from] BusOverlap),
+    /// A thread or eventfd could not be created.
+    #[error("cannot start vm threads")]
+    Io(#[from] std::io::Error),
+    /// The VM is already exiting, so it cannot be paused or resumed.
+    #[error("the vm has exited ({0})")]
+    Exited(ExitReason),
+}
+
+/// A snapshot of a VM's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VmCounters {
+    /// All vCPU exits.
+    pub exits: u64,
+    /// Port-I/O exits.
+    pub io_exits: u64,
+    /// MMIO exits.
+    pub mmio_exits: u64,
+    /// Instructions stepped over for a software-emulated KVM.
+    pub emulation_fixups: u64,
+    /// From `Vm::start` to the boot vCPU's first `KVM_RUN`.
+    pub time_to_first_run: Option<Duration>,
+    /// Since `Vm::start`.
+    pub uptime: Duration,
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmExit {
+    /// Why it ended.
+    pub reason: ExitReason,
+    /// Its counters at the end.
+    pub counters: VmCounters,
+}
+
+/// Builds running VMs.
+pub struct Vm;
+
+impl Vm {
+    /// Builds and starts the VM `config` describes: the vCPUs are running when this returns.
+    pub fn start(config: &VmConfig) -> Result<VmHandle, VmError> {
+        let started = Instant::now();
+        config.validate()?;
+        let mode = VirtMode::resolve(config.virt_mode);
+        let span = tracing::info_span!("vm", kernel = %config.kernel.display(), ?mode);
+        let _enter = span.enter();
+        vcpu::install_kick_handler()?;
+
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        check_capabilities(&kvm)?;
+        let vm_fd = kvm.create_vm().map_err(|source| VmError::Setup { what: "create vm", source })?;
+        vm_fd.set_tss_address(KVM_TSS_ADDRESS).map_err(|source| VmError::Setup { what: "set tss address", source })?;
+        vm_fd.create_irq_chip().map_err(|source| VmError::Setup { what: "create irqchip", source })?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd.create_pit2(pit).map_err(|source| VmError::Setup { what: "create pit", source })?;
+
+        let mem = create_memory(&vm_fd, config.memory_mib)?;
+        let exit = Arc::new(ExitSignal::new()?);
+        let devices = Devices::create(config, &vm_fd, &mem, &exit)?;
+
+        let cmdline = kernel_cmdline(config, mode, &devices.cmdline_args);
+        let spec = BootSpec {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: &cmdline,
+            vcpus: config.vcpus,
+        };
+        let entry = boot::load(&mem, &spec)?;
+        tracing::debug!(?entry, %cmdline, "kernel loaded");
+
+        let mut vcpu_fds = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let fd =
+                vm_fd.create_vcpu(u64::from(index)).map_err(|source| VmError::Setup { what: "create vcpu", source })?;
+            crate::arch::x86_64::configure_vcpu(&kvm, &fd, index, config.vcpus, &mem, &entry, mode)?;
+            vcpu_fds.push(fd);
+        }
+
+        let control = Arc::new(RunControl::default());
+        let counters = Arc::new(Counters::default());
+        let event_thread = event_loop::spawn(devices.subscribers, exit.clone())?;
+        let start = Arc::new(Barrier::new(vcpu_fds.len() + 1));
+        let mut vcpu_threads = Vec::with_capacity(vcpu_fds.len());
+        for (index, fd) in vcpu_fds.into_iter().enumerate() {
+            let ctx = VcpuContext {
+                exit: exit.clone(),
+                control: control.clone(),
+                mmio: devices.mmio.clone(),
+                pio: devices.pio.clone(),
+                counters: counters.clone(),
+                mode,
+                started,
+            };
+            let thread_start = start.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("ignite-vcpu{index}"))
+                .spawn(move || vcpu::run(fd, index as u8, ctx, thread_start));
+            match thread {
+                Ok(thread) => vcpu_threads.push(thread),
+                Err(err) => {
+                    // The threads already spawned wait on the barrier: let them go and end at once.
+                    exit.exit(ExitReason::Error { detail: format!("cannot spawn vcpu thread: {err}") });
+                    start.wait();
+                    return Err(err.into());
+                }
+            }
+        }
+        exit.set_kicker(Kicker::new(vcpu_threads.iter().map(|t| t.as_pthread_t()).collect()));
+        start.wait();
+        tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, "vm started");
+
+        Ok(VmHandle {
+            exit,
+            control,
+            counters,
+            i8042: devices.i8042,
+            vcpu_threads,
+            event_thread: Some(event_thread),
+            vcpus: usize::from(config.vcpus),
+            started,
+            vm_fd: Some(vm_fd),
+            _mem: mem,
+        })
+    }
+}
+
+fn check_capabilities(kvm: &Kvm) -> Result<(), VmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "irqchip"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::Ioeventfd, "ioeventfd"),
+        (Cap::ImmediateExit, "immediate_exit"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::Pit2, "pit2"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    Ok(())
+}
+
+fn create_memory(vm_fd: &VmFd, memory_mib: u32) -> Result<GuestMemory, VmError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(u64::from(memory_mib) << 20)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let memory_err = |detail: String| VmError::Memory { mib: memory_mib, detail };
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| memory_err(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| memory_err(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping stays valid as long as the VM: `VmHandle` keeps `mem` and drops it only
+        // after the VM fd (and every vCPU fd) is closed.
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(|source| VmError::Setup { what: "set user memory region", source })?;
+    }
+    Ok(mem)
+}
+
+/// The full command line: the user's, then the emulated-host arguments, then the device announcements.
+fn kernel_cmdline(config: &VmConfig, mode: VirtMode, device_args: &[String]) -> String {
+    let mut parts = vec![config.cmdline.trim().to_string()];
+    if mode == VirtMode::Emulated {
+        parts.push(EMULATED_GUEST_ARGS.to_string());
+    }
+    parts.extend(device_args.iter().cloned());
+    parts.retain(|p| !p.is_empty());
+    parts.join(" ")
+}
+
+/// The devices of one VM, wired to KVM.
+struct Devices {
+    mmio: Arc<Bus>,
+    pio: Arc<Bus>,
+    i8042: Arc<Mutex<I8042>>,
+    subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
+    cmdline_args: Vec<String>,
+}
+
+impl Devices {
+    fn create(config: &VmConfig, vm_fd: &VmFd, mem: &GuestMemory, exit: &Arc<ExitSignal>) -> Result<Self, VmError> {
+        let mut pio = Bus::new();
+        let serial_irq = irq_line(vm_fd, layout::SERIAL_IRQ)?;
+        let serial = SerialDevice::new(serial_irq, open_console(&config.console)?);
+        pio.insert(Arc::new(Mutex::new(serial)), u64::from(layout::SERIAL_PORT_BASE), 8)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(irq_line(vm_fd, layout::I8042_IRQ)?, exit.clone())));
+        pio.insert(i8042.clone(), u64::from(layout::I8042_PORT_BASE), 5)?;
+        pio.insert(Arc::new(Mutex::new(PowerDevice::new(exit.clone()))), u64::from(layout::POWER_PORT), 1)?;
+
+        let mut devices = Devices {
+            mmio: Arc::new(Bus::new()),
+            pio: Arc::new(pio),
+            i8042,
+            subscribers: Vec::new(),
+            cmdline_args: Vec::new(),
+        };
+        let mut mmio = Bus::new();
+        for (index, device) in crate::devices::build_virtio_devices(config)?.into_iter().enumerate() {
+            let (base, irq) = layout::virtio_slot(index);
+            let transport = MmioTransport::new(mem.clone(), device.clone())?;
+            for (queue, evt) in transport.queue_evts().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(evt, &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET), queue as u32)
+                    .map_err(|source| VmError::Setup { what: "register queue ioeventfd", source })?;
+            }
+            vm_fd
+                .register_irqfd(transport.interrupt().irqfd(), irq)
+                .map_err(|source| VmError::Setup { what: "register virtio irqfd", source })?;
+            let evts = transport.queue_evts().iter().map(EventFd::try_clone).collect::<Result<Vec<_>, _>>()?;
+            devices.subscribers.push(Arc::new(Mutex::new(VirtioSubscriber::new(device, evts))));
+            mmio.insert(Arc::new(Mutex::new(transport)), base, layout::VIRTIO_MMIO_SIZE)?;
+            devices.cmdline_args.push(mmio::cmdline_arg(base, irq));
+        }
+        devices.mmio = Arc::new(mmio);
+        Ok(devices)
+    }
+}
+
+fn irq_line(vm_fd: &VmFd, irq: u32) -> Result<IrqEventFd, VmError> {
+    let evt = EventFd::new(EFD_NONBLOCK)?;
+    vm_fd.register_irqfd(&evt, irq).map_err(|source| VmError::Setup { what: "register irqfd", source })?;
+    Ok(IrqEventFd(evt))
+}
+
+/// Controls a running VM. Dropping it stops the VM by force and waits for its threads.
+pub struct VmHandle {
+    exit: Arc<ExitSignal>,
+    control: Arc<RunControl>,
+    counters: Arc<Counters>,
+    i8042: Arc<Mutex<I8042>>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    event_thread: Option<JoinHandle<()>>,
+    vcpus: usize,
+    started: Instant,
+    // Declared before `_mem`: the VM fd must close before guest memory is unmapped.
+    vm_fd: Option<VmFd>,
+    _mem: GuestMemory,
+}
+
+impl VmHandle {
+    /// Stops every vCPU at its next exit and waits until all are parked. Devices keep running.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.control.set_paused(true);
+        if let Some(kicker) = self.kicker() {
+            kicker.kick_all();
+        }
+        if self.control.wait_parked(self.vcpus, &self.exit) {
+            Ok(())
+        } else {
+            Err(VmError::Exited(self.exit.reason().unwrap_or(ExitReason::Stopped)))
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> Result<(), VmError> {
+        if let Some(reason) = self.exit.reason() {
+            return Err(VmError::Exited(reason));
+        }
+        self.control.set_paused(false);
+        Ok(())
+    }
+
+    fn kicker(&self) -> Option<Kicker> {
+        Some(Kicker::new(self.vcpu_threads.iter().map(|t| t.as_pthread_t()).collect()))
+    }
+
+    /// Asks the guest to shut down (Ctrl-Alt-Del on its keyboard), waits up to `grace`, then stops the
+    /// VM by force. Returns how it ended.
+    pub fn stop(self, grace: Duration) -> VmExit {
+        self.control.set_paused(false);
+        if let Err(err) = lock(&self.i8042).press_ctrl_alt_del() {
+            tracing::warn!(%err, "graceful stop request not delivered");
+        }
+        if self.exit.wait_timeout(Some(grace)).is_none() {
+            tracing::info!(?grace, "guest did not shut down in time; stopping it");
+            self.exit.exit(ExitReason::Stopped);
+        }
+        self.wait()
+    }
+
+    /// Stops the VM at once.
+    pub fn kill(self) -> VmExit {
+        self.exit.exit(ExitReason::Stopped);
+        self.wait()
+    }
+
+    /// Waits for the VM to end on its own (or through another handle method) and releases it.
+    pub fn wait(mut self) -> VmExit {
+        let reason = self.exit.wait_timeout(None).unwrap_or(ExitReason::Stopped);
+        self.join();
+        VmExit { reason, counters: self.counters() }
+    }
+
+    /// Waits up to `timeout` for the VM to end; `None` while it is still running.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        self.exit.wait_timeout(Some(timeout))
+    }
+
+    /// The exit reason, once the VM is exiting.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.exit.reason()
+    }
+
+    /// The VM's counters now.
+    pub fn counters(&self) -> VmCounters {
+        let first = self.counters.first_run_ns.load(Ordering::Relaxed);
+        VmCounters {
+            exits: self.counters.exits.load(Ordering::Relaxed),
+            io_exits: self.counters.io_exits.load(Ordering::Relaxed),
+            mmio_exits: self.counters.mmio_exits.load(Ordering::Relaxed),
+            emulation_fixups: self.counters.emulation_fixups.load(Ordering::Relaxed),
+            time_to_first_run: (first != 0).then(|| Duration::from_nanos(first)),
+            uptime: self.started.elapsed(),
+        }
+    }
+
+    fn join(&mut self) {
+        for thread in self.vcpu_threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a vcpu thread panicked");
+            }
+        }
+        if let Some(thread) = self.event_thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the device thread panicked");
+            }
+        }
+        self.vm_fd.take();
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if !self.vcpu_threads.is_empty() || self.event_thread.is_some() {
+            self.exit.exit(ExitReason::Stopped);
+            self.join();
+        }
+    }
+}
