@@ -1,6 +1,13 @@
 //! The ignite image store: OCI pull and content store, layer unpacking, ext4 root disks, kernel
 //! images and snapshotters (devicemapper, reflink, copy).
 //!
-//! Not written yet (issue "image-store"): this crate is empty on purpose and exports nothing.
+//! On-disk layout under the store root ([`StorePaths`]); every file is written to a temporary name
+//! and renamed into place, so a crash never leaves a half-written entry under its final name.
 
 #![forbid(unsafe_code)]
+
+pub mod digest;
+pub mod paths;
+
+pub use digest::{Digest, DigestError};
+pub use paths::StorePaths;
