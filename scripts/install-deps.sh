@@ -10,6 +10,8 @@ packages=(
   linux-source-6.1 bc flex bison libelf-dev libssl-dev patch
   # guest root filesystems and initramfs
   busybox-static cpio e2fsprogs
+  # image store: a real registry, reference tools, reflink-capable filesystems for tests
+  docker-registry umoci skopeo xfsprogs btrfs-progs
   # the peer VMM for benchmarks
   qemu-system-x86
   # host networking tests (tap devices in a test network namespace)

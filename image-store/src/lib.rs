@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod digest;
+pub mod image;
 pub mod paths;
 
 pub use digest::{Digest, DigestError};
+pub use image::{GuestImageConfig, ImageRecord, Layer};
 pub use paths::StorePaths;
