@@ -57,9 +57,9 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let valid = s
-            .strip_prefix("sha256:")
-            .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        let valid = s.strip_prefix("sha256:").is_some_and(|hex| {
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
         if valid {
             Ok(Digest(s.to_string()))
         } else {
@@ -98,7 +98,12 @@ mod tests {
         assert_eq!(d.as_str(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(d.as_str().parse::<Digest>().unwrap(), d);
         assert_eq!(Digest::of_reader(&b""[..]).unwrap(), d);
-        for bad in ["sha256:abc", "md5:e3b0", "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855", "../etc"] {
+        for bad in [
+            "sha256:abc",
+            "md5:e3b0",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "../etc",
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
         let json = serde_json::to_string(&d).unwrap();

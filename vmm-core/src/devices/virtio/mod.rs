@@ -101,7 +101,7 @@ impl VirtioInterrupt {
     }
 }
 
-/// What a device receives when the driver sets `DRIVER_OK`.
+/// What a device receives when the driver sets `DRIVER_OK`, and keeps until it is reset.
 pub struct ActivateContext {
     /// Guest memory.
     pub mem: GuestMemory,
@@ -109,6 +109,34 @@ pub struct ActivateContext {
     pub queues: Vec<Queue>,
     /// The device's interrupt line.
     pub interrupt: Arc<VirtioInterrupt>,
+}
+
+impl ActivateContext {
+    /// Returns chain `head` to the driver on queue `queue` with `len` bytes written. A ring the guest
+    /// corrupted is logged, not fatal.
+    pub fn add_used(&mut self, queue: usize, head: u16, len: u32) {
+        if let Err(err) = self.queues[queue].add_used(&self.mem, head, len) {
+            tracing::debug!(queue, head, %err, "used ring update failed");
+        }
+    }
+
+    /// Raises the interrupt for `queue` unless the driver suppressed it (a failing check errs on
+    /// signalling).
+    pub fn notify(&mut self, queue: usize) {
+        if self.queues[queue].needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Serves every available chain of `queue` with `handle`, which also gets guest memory (see
+    /// [`serve_queue`]).
+    pub fn serve<F>(&mut self, queue: usize, mut handle: F)
+    where
+        F: FnMut(&GuestMemory, DescriptorChain<&GuestMemory>) -> u32,
+    {
+        let mem = &self.mem;
+        serve_queue(&mut self.queues[queue], mem, &self.interrupt, |chain| handle(mem, chain))
+    }
 }
 
 /// Why a device could not start.

@@ -12,16 +12,11 @@ mod tests;
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES};
-use virtio_queue::Queue;
 
 use self::request::Disk;
-use super::{
-    features, ids, read_config_bytes, serve_queue, ActivateContext, ActivateError, GuestMemory, VirtioDevice,
-    VirtioInterrupt,
-};
+use super::{features, ids, read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice};
 use crate::config::DiskConfig;
 
 /// Size of the request queue.
@@ -66,20 +61,13 @@ pub enum BlockError {
     },
 }
 
-/// What the device holds between `DRIVER_OK` and reset.
-struct Active {
-    mem: GuestMemory,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
 /// A virtio-blk device model.
 pub struct Block {
     disk: Disk,
     avail_features: u64,
     acked_features: u64,
     config: [u8; CONFIG_LEN],
-    active: Option<Active>,
+    active: Option<ActivateContext>,
 }
 
 impl Block {
@@ -179,8 +167,10 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx.queues.into_iter().next().ok_or(ActivateError::InvalidQueue(0))?;
-        self.active = Some(Active { mem: ctx.mem, queue, interrupt: ctx.interrupt });
+        if ctx.queues.is_empty() {
+            return Err(ActivateError::InvalidQueue(0));
+        }
+        self.active = Some(ctx);
         Ok(())
     }
 
@@ -200,6 +190,6 @@ impl VirtioDevice for Block {
             tracing::debug!(index, "notification for a virtio-blk queue that does not exist");
             return;
         }
-        serve_queue(&mut active.queue, &active.mem, &active.interrupt, |chain| disk.execute(&active.mem, chain));
+        active.serve(0, |mem, chain| disk.execute(mem, chain));
     }
 }

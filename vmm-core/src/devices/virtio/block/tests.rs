@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
-use crate::devices::virtio::INT_USED_RING;
+use crate::devices::virtio::{VirtioInterrupt, INT_USED_RING};
 
 const HDR: u64 = 0x1_0000;
 const DATA: u64 = 0x2_0000;

@@ -2,9 +2,8 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
@@ -12,7 +11,7 @@ use super::{
 };
 use crate::config::NetConfig;
 use crate::devices::virtio::{
-    features, ids, read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
+    features, ids, read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice,
 };
 
 /// Why a network device could not be created.
@@ -37,28 +36,6 @@ pub struct NetCounters {
     pub rx_frames: u64,
     /// Tap frames dropped (too big, or the guest's buffer was too small).
     pub rx_dropped: u64,
-}
-
-/// What the device holds between `activate` and `reset`.
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-impl Active {
-    fn add_used(&mut self, queue: usize, head: u16, len: u32) {
-        if let Err(err) = self.queues[queue].add_used(&self.mem, head, len) {
-            tracing::debug!(queue, head, %err, "used ring update failed");
-        }
-    }
-
-    /// Raises the interrupt unless the driver suppressed it (a failing check errs on signalling).
-    fn notify(&mut self, queue: usize) {
-        if self.queues[queue].needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
-    }
 }
 
 /// The receive side's state that outlives one `process_*` call.
@@ -94,7 +71,7 @@ pub struct Net {
     tap: Tap,
     mac: MacAddr,
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActivateContext>,
     rx: RxState,
     tx_buf: Vec<u8>,
     counters: NetCounters,
@@ -248,7 +225,7 @@ fn read_tx_frame(
 }
 
 /// Writes `frame` (header + Ethernet frame) into the next RX chain.
-fn offer_rx_frame(active: &mut Active, frame: &mut [u8]) -> RxOutcome {
+fn offer_rx_frame(active: &mut ActivateContext, frame: &mut [u8]) -> RxOutcome {
     let Some(chain) = active.queues[RX_QUEUE].pop_descriptor_chain(&active.mem) else {
         return RxOutcome::NoBuffer;
     };
@@ -316,7 +293,7 @@ impl VirtioDevice for Net {
         if let Some(index) = ctx.queues.iter().position(|q| !q.is_valid(&ctx.mem)) {
             return Err(ActivateError::InvalidQueue(index));
         }
-        self.active = Some(Active { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt });
+        self.active = Some(ctx);
         self.rx.waiting_for_buffers = false;
         // The driver may have queued frames and kicked before DRIVER_OK, when kicks were ignored.
         self.process_tx();

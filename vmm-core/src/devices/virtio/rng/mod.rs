@@ -5,12 +5,10 @@
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
-
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes};
 
-use super::{features, ids, serve_queue, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt};
+use super::{features, ids, ActivateContext, ActivateError, GuestMemory, VirtioDevice};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -20,18 +18,11 @@ pub const MAX_BYTES_PER_CHAIN: usize = 64 << 10;
 /// Bytes fetched from the kernel per `getrandom` call.
 const CHUNK: usize = 4096;
 
-/// What the device holds between `DRIVER_OK` and reset.
-struct Active {
-    mem: GuestMemory,
-    queue: Queue,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
 /// A virtio-rng device model.
 #[derive(Default)]
 pub struct Rng {
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActivateContext>,
 }
 
 impl Rng {
@@ -73,8 +64,10 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx.queues.into_iter().next().ok_or(ActivateError::InvalidQueue(0))?;
-        self.active = Some(Active { mem: ctx.mem, queue, interrupt: ctx.interrupt });
+        if ctx.queues.is_empty() {
+            return Err(ActivateError::InvalidQueue(0));
+        }
+        self.active = Some(ctx);
         Ok(())
     }
 
@@ -93,8 +86,7 @@ impl VirtioDevice for Rng {
             tracing::debug!(index, "notification for a virtio-rng queue that does not exist");
             return;
         }
-        let mem = &active.mem;
-        serve_queue(&mut active.queue, mem, &active.interrupt, |chain| fill_chain(mem, chain));
+        active.serve(0, fill_chain);
     }
 }
 

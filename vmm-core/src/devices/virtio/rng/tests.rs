@@ -9,6 +9,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
+use crate::devices::virtio::VirtioInterrupt;
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
 

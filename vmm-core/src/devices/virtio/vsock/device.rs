@@ -1,46 +1,22 @@
 //! The virtio-vsock device model: queues in, muxer out.
 
 use std::os::fd::RawFd;
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::muxer::Muxer;
 use super::packet::{read_packet, write_packet, HDR_LEN, MAX_PAYLOAD};
 use super::{VsockError, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::config::VsockConfig;
-use crate::devices::virtio::{
-    features, ids, read_config_bytes, ActivateContext, ActivateError, GuestMemory, VirtioDevice, VirtioInterrupt,
-};
-
-/// What the device holds between `activate` and `reset`.
-struct Active {
-    mem: GuestMemory,
-    queues: Vec<Queue>,
-    interrupt: Arc<VirtioInterrupt>,
-}
-
-impl Active {
-    fn add_used(&mut self, queue: usize, head: u16, len: u32) {
-        if let Err(err) = self.queues[queue].add_used(&self.mem, head, len) {
-            tracing::debug!(queue, head, %err, "used ring update failed");
-        }
-    }
-
-    fn notify(&mut self, queue: usize) {
-        if self.queues[queue].needs_notification(&self.mem).unwrap_or(true) {
-            self.interrupt.signal_used_queue();
-        }
-    }
-}
+use crate::devices::virtio::{features, ids, read_config_bytes, ActivateContext, ActivateError, VirtioDevice};
 
 /// A virtio-vsock device whose host side is a unix socket.
 pub struct Vsock {
     guest_cid: u64,
     muxer: Muxer,
     acked_features: u64,
-    active: Option<Active>,
+    active: Option<ActivateContext>,
     /// The guest posted no RX buffer: connection sockets are not read until it does.
     rx_waiting: bool,
     payload: Vec<u8>,
@@ -167,7 +143,7 @@ impl VirtioDevice for Vsock {
         if let Some(index) = ctx.queues.iter().position(|q| !q.is_valid(&ctx.mem)) {
             return Err(ActivateError::InvalidQueue(index));
         }
-        self.active = Some(Active { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt });
+        self.active = Some(ctx);
         self.rx_waiting = false;
         // Kicks before DRIVER_OK were ignored.
         self.process_tx();
