@@ -7,9 +7,20 @@
 #![forbid(unsafe_code)]
 
 pub mod digest;
+pub mod ext4;
 pub mod image;
+pub mod kernel;
 pub mod paths;
+pub mod rootfs;
+pub mod snapshot;
+pub mod unpack;
+pub mod whiteout;
 
 pub use digest::{Digest, DigestError};
+pub use ext4::{build_ext4, Ext4Error};
 pub use image::{GuestImageConfig, ImageRecord, Layer};
+pub use kernel::{KernelError, KernelRecord};
 pub use paths::StorePaths;
+pub use rootfs::{build_base_rootfs, remove_base_rootfs, RootfsError};
+pub use snapshot::{choose as choose_snapshotter, Disk, HostOps, LinuxHostOps, SnapshotError, Snapshotter};
+pub use unpack::{apply_layer, unpack_layers, UnpackError};

@@ -1,0 +1,252 @@
+//! Snapshotters: per-VM writable root disks made from a shared, read-only base ext4.
+//!
+//! Three implementations sit behind [`Snapshotter`]:
+//! - [`DmSnapshotter`] (`devicemapper`): the dm `snapshot` target over a read-only loop-attached base
+//!   and a loop-attached sparse COW file; needs device-mapper.
+//! - [`FileSnapshotter::reflink`] (`reflink`): a FICLONE clone of the base (xfs, btrfs).
+//! - [`FileSnapshotter::copy`] (`copy`): a sparse copy of the base, works everywhere.
+//!
+//! Every one grows the disk's ext4 to the requested size with `resize2fs`, keeps its state under
+//! [`crate::StorePaths::snapshots_dir`], and shares these guarantees:
+//! - **Atomic creation**: a disk appears under its final name only once complete (temp name + rename,
+//!   or for devicemapper a `disk.json` record renamed into place last). A failure part-way removes
+//!   everything that step made before returning the error.
+//! - **Idempotent removal**: [`Snapshotter::remove`] discovers what exists (files, loop devices backed
+//!   by files in the state dir, dm devices named `ignite-<vm>`) rather than trusting memory, so it can
+//!   be repeated, and is safe after a crash or a half-failed earlier removal.
+//! - **Crash recovery**: [`Snapshotter::recover`], called at start-up, re-adopts complete disks and
+//!   removes half-made ones; see each implementation for details.
+//!
+//! All privileged operations go through [`HostOps`] (real: [`LinuxHostOps`]; fake:
+//! `RecordingHostOps` with the `test-utils` feature).
+
+mod choose;
+mod copy;
+mod devicemapper;
+#[cfg(any(test, feature = "test-utils"))]
+mod fake;
+mod file;
+mod hostops;
+mod reflink;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use choose::{choose, choose_with, SNAPSHOTTER_NAMES};
+pub use copy::sparse_copy;
+pub use devicemapper::DmSnapshotter;
+#[cfg(any(test, feature = "test-utils"))]
+pub use fake::{HostCall, HostOp, RecordingHostOps};
+pub use file::FileSnapshotter;
+pub use hostops::{grow_ext4, DmDevice, HostOps, HostOpsError, LinuxHostOps, LoopDevice};
+pub use reflink::{reflink_file, reflink_supported};
+
+/// A VM's writable root disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// The file or block device the VMM opens read-write.
+    pub path: PathBuf,
+    /// The VM it belongs to.
+    pub vm_id: String,
+    /// The name of the snapshotter that made it (`copy`, `reflink`, `devicemapper`).
+    pub snapshotter: String,
+}
+
+/// What [`Snapshotter::recover`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Complete disks that are kept (and listed).
+    pub adopted: Vec<Disk>,
+    /// VM ids whose half-made leftovers (temp files, loop or dm devices) were removed.
+    pub removed: Vec<String>,
+}
+
+/// Makes and removes per-VM writable disks.
+pub trait Snapshotter: Send + Sync {
+    /// The snapshotter's name (`copy`, `reflink` or `devicemapper`).
+    fn name(&self) -> &'static str;
+
+    /// Makes a writable disk of `size_bytes` for `vm_id` from the ext4 image `base`.
+    ///
+    /// Fails if `size_bytes` is smaller than the base, or if the VM already has a disk. On failure
+    /// nothing made by this call is left behind.
+    fn create(&self, vm_id: &str, base: &Path, size_bytes: u64) -> Result<Disk, SnapshotError>;
+
+    /// Frees every file, loop device and dm device made for `vm_id`. Idempotent: removing a VM that has
+    /// nothing is a success.
+    fn remove(&self, vm_id: &str) -> Result<(), SnapshotError>;
+
+    /// The complete disks this snapshotter holds.
+    fn list(&self) -> Result<Vec<Disk>, SnapshotError>;
+
+    /// Called at start-up: re-adopts complete disks left by a previous run and removes half-made ones.
+    fn recover(&self) -> Result<RecoveryReport, SnapshotError>;
+}
+
+/// Errors from the snapshotters.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The VM id cannot be used in file and device names.
+    #[error("invalid vm id {vm_id:?}: {reason}")]
+    InvalidVmId {
+        /// The offending id.
+        vm_id: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The requested disk is smaller than the base image.
+    #[error("vm {vm_id}: requested disk size {requested} bytes is smaller than base {} ({base_size} bytes)", base.display())]
+    SizeTooSmall {
+        /// The VM.
+        vm_id: String,
+        /// Requested size in bytes.
+        requested: u64,
+        /// The base image.
+        base: PathBuf,
+        /// The base image's size in bytes.
+        base_size: u64,
+    },
+    /// The VM already has a disk from this snapshotter.
+    #[error("vm {vm_id}: a disk already exists at {}", path.display())]
+    AlreadyExists {
+        /// The VM.
+        vm_id: String,
+        /// The existing disk.
+        path: PathBuf,
+    },
+    /// A file operation failed.
+    #[error("vm {vm_id}: could not {action} {}", path.display())]
+    Io {
+        /// The VM (`*` for store-wide operations such as listing).
+        vm_id: String,
+        /// What was being done (`read base`, `create cow file`...).
+        action: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A privileged host operation (loop, dm, resize2fs, e2fsck) failed.
+    #[error("vm {vm_id}: {action} on {device} failed")]
+    Host {
+        /// The VM (`*` for store-wide operations).
+        vm_id: String,
+        /// What was being done.
+        action: &'static str,
+        /// The device, dm name or file operated on.
+        device: String,
+        /// The command's error, with its stderr (boxed: it is large, and errors are the cold path).
+        #[source]
+        source: Box<HostOpsError>,
+    },
+    /// The store's filesystem cannot clone files (FICLONE).
+    #[error(
+        "vm {vm_id}: cannot reflink {} to {}: the filesystem does not support FICLONE (use xfs with reflink=1 or btrfs, or the copy snapshotter): {detail}",
+        base.display(), path.display()
+    )]
+    ReflinkUnsupported {
+        /// The VM.
+        vm_id: String,
+        /// The base image.
+        base: PathBuf,
+        /// The clone that could not be made.
+        path: PathBuf,
+        /// What `cp --reflink=always` reported.
+        detail: String,
+    },
+    /// A state record is unreadable.
+    #[error("vm {vm_id}: corrupt snapshot record {}", path.display())]
+    Record {
+        /// The VM.
+        vm_id: String,
+        /// The record file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Device-mapper was requested explicitly but is not available.
+    #[error("snapshotter devicemapper needs device-mapper, but /dev/mapper/control is missing on this host")]
+    DmUnavailable,
+    /// An override named no known snapshotter.
+    #[error("unknown snapshotter {name:?}; valid snapshotters: {}", SNAPSHOTTER_NAMES.join(", "))]
+    UnknownSnapshotter {
+        /// The name given.
+        name: String,
+    },
+}
+
+/// Checks that a VM id is usable in file names and dm names (`ignite-<vm>`): 1-64 characters from
+/// `[A-Za-z0-9_.-]`, not starting with `.` or `-`. `+` is deliberately excluded because the
+/// devicemapper snapshotter uses it to name helper devices, so those can never collide with a VM's.
+pub fn validate_vm_id(vm_id: &str) -> Result<(), SnapshotError> {
+    let bad = |reason| Err(SnapshotError::InvalidVmId { vm_id: vm_id.into(), reason });
+    if vm_id.is_empty() || vm_id.len() > 64 {
+        return bad("must be 1 to 64 characters");
+    }
+    if vm_id.starts_with(['.', '-']) {
+        return bad("must not start with '.' or '-'");
+    }
+    if !vm_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return bad("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// Size of the base image, and the size check every snapshotter applies.
+pub(crate) fn check_size(vm_id: &str, base: &Path, requested: u64) -> Result<u64, SnapshotError> {
+    let base_size = std::fs::metadata(base)
+        .map_err(|source| SnapshotError::Io {
+            vm_id: vm_id.into(),
+            action: "read base image",
+            path: base.into(),
+            source,
+        })?
+        .len();
+    if requested < base_size {
+        return Err(SnapshotError::SizeTooSmall { vm_id: vm_id.into(), requested, base: base.into(), base_size });
+    }
+    Ok(base_size)
+}
+
+/// Shorthand for an [`SnapshotError::Io`] builder.
+pub(crate) fn io_err(vm_id: &str, action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let (vm_id, path) = (vm_id.to_string(), path.to_path_buf());
+    move |source| SnapshotError::Io { vm_id, action, path, source }
+}
+
+/// Shorthand for an [`SnapshotError::Host`] builder.
+pub(crate) fn host_err(
+    vm_id: &str,
+    action: &'static str,
+    device: impl std::fmt::Display,
+) -> impl FnOnce(HostOpsError) -> SnapshotError {
+    let (vm_id, device) = (vm_id.to_string(), device.to_string());
+    move |source| SnapshotError::Host { vm_id, action, device, source: Box::new(source) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_ids_are_checked() {
+        for ok in ["web-1", "a", "vm_2.prod"] {
+            validate_vm_id(ok).unwrap();
+        }
+        for bad in ["", "-x", ".x", "a/b", "a+origin", "a b", &"x".repeat(65)] {
+            assert!(matches!(validate_vm_id(bad), Err(SnapshotError::InvalidVmId { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn size_error_names_both_sizes() {
+        let dir = std::env::temp_dir().join(format!("ignite-size-{}", std::process::id()));
+        std::fs::write(&dir, vec![0u8; 4096]).unwrap();
+        let e = check_size("vm1", &dir, 1024).unwrap_err().to_string();
+        std::fs::remove_file(&dir).unwrap();
+        assert!(e.contains("1024") && e.contains("4096") && e.contains("vm1"), "{e}");
+    }
+}
