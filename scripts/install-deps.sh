@@ -11,7 +11,7 @@ packages=(
   # guest root filesystems and initramfs
   busybox-static cpio e2fsprogs
   # image store: a real registry, reference tools, reflink-capable filesystems for tests
-  docker-registry umoci skopeo xfsprogs btrfs-progs
+  docker-registry umoci skopeo xfsprogs btrfs-progs apache2-utils
   # the peer VMM for benchmarks
   qemu-system-x86
   # host networking tests (tap devices in a test network namespace)

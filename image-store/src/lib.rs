@@ -6,21 +6,34 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod content;
 pub mod digest;
 pub mod ext4;
 pub mod image;
+pub mod images;
+pub mod import;
 pub mod kernel;
 pub mod paths;
+pub mod progress;
+pub mod pull;
+pub mod reference;
 pub mod rootfs;
 pub mod snapshot;
 pub mod unpack;
 pub mod whiteout;
 
+pub use content::{ContentError, ContentStore};
 pub use digest::{Digest, DigestError};
 pub use ext4::{build_ext4, Ext4Error};
 pub use image::{GuestImageConfig, ImageRecord, Layer};
+pub use images::{ImageIndex, ImageIndexError};
+pub use import::{import, import_docker_archive, import_oci_layout, ImportError, ManifestError};
 pub use kernel::{KernelError, KernelRecord};
 pub use paths::StorePaths;
+pub use progress::{ProgressFn, PullProgress};
+pub use pull::{pull, pull_blocking, PullError, PullOptions};
+pub use reference::{ImageReference, ReferenceError};
 pub use rootfs::{build_base_rootfs, remove_base_rootfs, RootfsError};
 pub use snapshot::{choose as choose_snapshotter, Disk, HostOps, LinuxHostOps, SnapshotError, Snapshotter};
 pub use unpack::{apply_layer, unpack_layers, UnpackError};
