@@ -16,12 +16,22 @@ struct Cli {
     #[arg(long, global = true, env = "IGNITE_LOG", default_value = "warn")]
     log: String,
 
+    /// Where ignite keeps images, kernels, disks and state.
+    #[arg(long, global = true, env = "IGNITE_ROOT", default_value = "/var/lib/ignite")]
+    root: std::path::PathBuf,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pull, import, list and remove OCI images.
+    #[command(subcommand)]
+    Image(commands::image::ImageCommand),
+    /// Import, list and remove guest kernels.
+    #[command(subcommand)]
+    Kernel(commands::kernel::KernelCommand),
     /// Run the embedded KVM engine directly, without the daemon.
     #[command(subcommand)]
     Vmm(commands::vmm::VmmCommand),
@@ -34,7 +44,10 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    let paths = image_store::StorePaths::new(&cli.root);
     let result = match cli.command {
+        Command::Image(cmd) => commands::image::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
+        Command::Kernel(cmd) => commands::kernel::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
         Command::Vmm(cmd) => commands::vmm::run(cmd, process_start),
     };
     match result {

@@ -1,5 +1,8 @@
 //! One module per subcommand.
 
+pub mod image;
+pub mod kernel;
+pub mod table;
 pub mod vmm;
 
 /// Exit status when ignite itself failed (bad arguments, files, KVM): as Docker uses 125.
