@@ -62,6 +62,15 @@ fn normalise(reference: &str) -> String {
 /// Serialises [`ImageIndex::save`] within the process.
 static SAVE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// What [`ImageIndex::remove`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Only the reference went; the image (shown as it is now) keeps its other references.
+    Untagged(ImageRecord),
+    /// The whole record went.
+    Removed(ImageRecord),
+}
+
 /// The image records of one store.
 #[derive(Clone, Debug)]
 pub struct ImageIndex {
@@ -168,14 +177,22 @@ impl ImageIndex {
         }
     }
 
-    /// Removes the record `query` names and returns it. Its blobs stay until [`ContentStore::gc`].
+    /// Removes what `query` names, as `docker rmi` does: a reference of an image that has other
+    /// references is only untagged; otherwise (or for a digest) the record goes. Blobs stay until
+    /// [`ContentStore::gc`].
     ///
     /// [`ContentStore::gc`]: crate::content::ContentStore::gc
-    pub fn remove(&self, query: &str) -> Result<ImageRecord, ImageIndexError> {
-        let record = self.find(query)?;
+    pub fn remove(&self, query: &str) -> Result<Removal, ImageIndexError> {
+        let mut record = self.find(query)?;
+        let wanted = normalise(query);
+        if record.references.len() > 1 && record.references.contains(&wanted) {
+            record.references.retain(|r| *r != wanted);
+            self.save(&record)?;
+            return Ok(Removal::Untagged(record));
+        }
         let path = self.record_path(&record.manifest_digest);
         match fs::remove_file(&path) {
-            Ok(()) => Ok(record),
+            Ok(()) => Ok(Removal::Removed(record)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ImageIndexError::NotFound(query.to_string())),
             Err(e) => Err(ImageIndexError::Io { path, source: e }),
         }
@@ -247,8 +264,13 @@ mod tests {
         assert_eq!(index.find("busybox").unwrap().manifest_digest, b.manifest_digest);
         assert!(index.find(a.manifest_digest.as_str()).unwrap().references.is_empty());
 
-        index.remove("busybox").unwrap();
+        // Removing one of two references only untags; removing the last removes the image.
+        assert!(
+            matches!(index.remove("busybox").unwrap(), Removal::Untagged(r) if r.references == ["127.0.0.1:5000/x:1"])
+        );
         assert!(index.find("busybox").is_err());
+        assert_eq!(index.list().unwrap().len(), 2);
+        assert!(matches!(index.remove("127.0.0.1:5000/x:1").unwrap(), Removal::Removed(_)));
         assert_eq!(index.list().unwrap().len(), 1);
         assert!(index.referenced_blobs().unwrap().contains(&a.manifest_digest));
     }

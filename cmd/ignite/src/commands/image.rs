@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 use image_store::content::ContentStore;
-use image_store::images::ImageIndex;
+use image_store::images::{ImageIndex, Removal};
 use image_store::progress::PullProgress;
 use image_store::pull::{pull_blocking, PullOptions};
 use image_store::{ImageRecord, StorePaths};
@@ -43,7 +43,8 @@ pub enum ImageCommand {
     /// List stored images.
     #[command(alias = "list")]
     Ls,
-    /// Remove an image (by reference, digest or digest prefix) and its unshared blobs.
+    /// Remove an image by reference, digest or digest prefix, and its unshared blobs. A reference of an
+    /// image that has other references is only untagged, as with `docker rmi`.
     Rm {
         /// The image.
         image: String,
@@ -87,10 +88,16 @@ pub fn run(cmd: ImageCommand, paths: &StorePaths) -> anyhow::Result<()> {
         }
         ImageCommand::Rm { image } => {
             let index = ImageIndex::open(paths)?;
-            let removed = index.remove(&image)?;
-            image_store::remove_base_rootfs(paths, &removed.manifest_digest)?;
-            let freed = ContentStore::open(paths)?.gc(&index.referenced_blobs()?)?;
-            println!("{} (freed {})", removed.manifest_digest, human_size(freed));
+            match index.remove(&image)? {
+                Removal::Untagged(kept) => {
+                    println!("untagged {image} ({} keeps its other references)", kept.manifest_digest)
+                }
+                Removal::Removed(removed) => {
+                    image_store::remove_base_rootfs(paths, &removed.manifest_digest)?;
+                    let freed = ContentStore::open(paths)?.gc(&index.referenced_blobs()?)?;
+                    println!("{} (freed {})", removed.manifest_digest, human_size(freed));
+                }
+            }
         }
     }
     Ok(())
