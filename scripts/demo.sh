@@ -23,9 +23,8 @@ printf 'demo disk, served by virtio-blk' > "$work/disk.img"
 truncate -s 1M "$work/disk.img"
 
 if ! grep -qwE 'vmx|svm' /proc/cpuinfo; then
-  echo "demo: this host has no hardware virtualization; KVM emulates the guest (~1.5 M instructions/s)." >&2
-  echo "demo: the kernel needs a minute or two to reach /init, and guest user mode cannot run here yet," >&2
-  echo "demo: so the VM ends when the kernel gives up on /init (panic, reboot). See shared/PLATFORM.md." >&2
+  echo "demo: this host has no hardware virtualization; KVM emulates the guest kernel (~1.5 M instructions/s)," >&2
+  echo "demo: so the kernel needs about two minutes to reach /init (user mode then runs natively)." >&2
 fi
 echo "demo: booting $kernel" >&2
 target/release/ignite vmm run --kernel "$kernel" --initrd "$work/initramfs.cpio" \
