@@ -1,6 +1,8 @@
 //! Helpers for ignite's end-to-end tests: locating the `ignite` binary and the guest kernel, and
 //! building guest initramfs images. The tests themselves live in `tests/`.
 
+pub mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

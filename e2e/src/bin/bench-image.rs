@@ -22,6 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ignite_e2e::bench::{median, print_table, Row};
 use image_store::pull::{pull_blocking, PullOptions};
 use image_store::snapshot::{DmSnapshotter, FileSnapshotter, HostOps, LinuxHostOps, Snapshotter};
 use image_store::{build_base_rootfs, remove_base_rootfs, ImageRecord, PullProgress, StorePaths};
@@ -66,49 +67,10 @@ fn main() {
         allocated_bytes(&base) as f64 / (1 << 20) as f64
     );
     disk_rows(dir.path(), &store, &base, runs, &mut rows);
-    print_table(&rows);
+    print_table("by hand", &rows);
 }
 
 /// One line of the result table: ignite's median and the by-hand median, in `unit`.
-struct Row {
-    name: String,
-    unit: &'static str,
-    ours: Option<f64>,
-    theirs: Option<f64>,
-    /// Shown instead of the figures when set (e.g. a snapshotter this host lacks).
-    note: Option<String>,
-}
-
-impl Row {
-    fn ms(name: &str, ours: Option<f64>, theirs: Option<f64>) -> Row {
-        Row { name: name.into(), unit: "ms", ours, theirs, note: None }
-    }
-}
-
-fn print_table(rows: &[Row]) {
-    println!("\n{:<56} {:>12} {:>12} {:>18}", "metric", "ignite", "by hand", "ratio hand/ignite");
-    let fmt = |v: Option<f64>, unit: &str| v.map_or("n/a".to_string(), |v| format!("{v:.1} {unit}"));
-    for row in rows {
-        if let Some(note) = &row.note {
-            println!("{:<56} {note}", row.name);
-            continue;
-        }
-        let ratio = match (row.ours, row.theirs) {
-            (Some(o), Some(t)) if o > 0.0 => format!("{:.2}x", t / o),
-            _ => "n/a".into(),
-        };
-        println!("{:<56} {:>12} {:>12} {:>18}", row.name, fmt(row.ours, row.unit), fmt(row.theirs, row.unit), ratio);
-    }
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
-}
-
 fn ms_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }

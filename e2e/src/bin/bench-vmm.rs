@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use ignite_e2e::bench::{median, print_table, Row};
 use ignite_e2e::{guest_kernel, ignite_bin, tiny_initramfs};
 
 const GUEST_MIB: u64 = 128;
@@ -70,45 +71,13 @@ fn main() {
         unit: "MiB",
         ours: our_mem,
         theirs: their_mem,
+        note: None,
     });
 
     if !skip_linux {
         linux_rows(dir.path(), have_qemu, &mut rows);
     }
-    print_table(&rows);
-}
-
-struct Row {
-    name: String,
-    unit: &'static str,
-    ours: Option<f64>,
-    theirs: Option<f64>,
-}
-
-impl Row {
-    fn ms(name: &str, ours: Option<f64>, theirs: Option<f64>) -> Row {
-        Row { name: name.into(), unit: "ms", ours, theirs }
-    }
-}
-
-fn print_table(rows: &[Row]) {
-    println!("\n{:<52} {:>14} {:>14} {:>18}", "metric", "ignite", "qemu microvm", "ratio qemu/ignite");
-    let fmt = |v: Option<f64>, unit: &str| v.map_or("n/a".to_string(), |v| format!("{v:.1} {unit}"));
-    for row in rows {
-        let ratio = match (row.ours, row.theirs) {
-            (Some(o), Some(t)) if o > 0.0 => format!("{:.2}x", t / o),
-            _ => "n/a".into(),
-        };
-        println!("{:<52} {:>14} {:>14} {:>18}", row.name, fmt(row.ours, row.unit), fmt(row.theirs, row.unit), ratio);
-    }
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(v[v.len() / 2])
+    print_table("qemu", &rows);
 }
 
 fn assemble_pvh(dir: &Path, name: &str, halt: bool) -> PathBuf {
