@@ -14,7 +14,7 @@ _start:
     mov eax, 1                      /* write(1, marker) */
     mov edi, 1
     lea rsi, [rip + marker]
-    mov edx, marker_len
+    mov edx, OFFSET marker_len  /* OFFSET: the constant, not a load from it */
     syscall
     mov eax, 2                      /* open("/dev/vda", O_RDONLY) */
     lea rdi, [rip + vda]
