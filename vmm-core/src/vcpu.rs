@@ -247,6 +247,9 @@ enum Fixup {
     Clac,
     /// `STAC`: set RFLAGS.AC.
     Stac,
+    /// `FWAIT`: waits for pending unmasked x87 exceptions; with them masked (as Linux leaves the FPU) it
+    /// does nothing. Linux runs it in `fpu__drop()` whenever a task that used the FPU exits.
+    Fwait,
 }
 
 const RFLAGS_AC: u64 = 1 << 18;
@@ -265,12 +268,13 @@ fn fixup_for(bytes: &[u8]) -> Option<(Fixup, u64)> {
         [0xCC, ..] => Some((Fixup::Int3, 1)),
         [0x0F, 0x01, 0xCA, ..] => Some((Fixup::Clac, 3)),
         [0x0F, 0x01, 0xCB, ..] => Some((Fixup::Stac, 3)),
+        [0x9B, ..] => Some((Fixup::Fwait, 1)),
         _ => None,
     }
 }
 
 /// Handles `KVM_EXIT_INTERNAL_ERROR`: on emulated hosts, steps over the instructions listed in
-/// PLATFORM.md; anything else is a crash described by its instruction bytes and RIP.
+/// PLATFORM.md (and FWAIT, found by booting busybox); anything else is a crash described by its instruction bytes and RIP.
 fn step_over_emulation_failure(vcpu: &mut VcpuFd, mode: VirtMode, counters: &Counters) -> Result<(), String> {
     let run = vcpu.get_kvm_run();
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the `internal` member of the union.
@@ -290,7 +294,7 @@ fn step_over_emulation_failure(vcpu: &mut VcpuFd, mode: VirtMode, counters: &Cou
     match kind {
         Fixup::Clac => regs.rflags &= !RFLAGS_AC,
         Fixup::Stac => regs.rflags |= RFLAGS_AC,
-        Fixup::Int3 => {}
+        Fixup::Int3 | Fixup::Fwait => {}
     }
     vcpu.set_regs(&regs).map_err(|e| format!("set_regs: {e}"))?;
     if kind == Fixup::Int3 {
@@ -325,6 +329,7 @@ mod tests {
         assert_eq!(fixup_for(&[0xCC]), Some((Fixup::Int3, 1)));
         assert_eq!(fixup_for(&[0x0F, 0x01, 0xCA]), Some((Fixup::Clac, 3)));
         assert_eq!(fixup_for(&[0x0F, 0x01, 0xCB, 0x90]), Some((Fixup::Stac, 3)));
+        assert_eq!(fixup_for(&[0x9B, 0x65, 0x48]), Some((Fixup::Fwait, 1)));
         assert_eq!(fixup_for(&[0x0F, 0xAE, 0x2F]), None); // xrstor
         assert_eq!(fixup_for(&[]), None);
     }

@@ -133,6 +133,29 @@ fn virtio_blk_round_trip_through_the_mmio_transport() {
 }
 
 #[test]
+fn fwait_runs_or_is_stepped_over() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    // A software-emulated KVM cannot run FWAIT; the VMM steps over it there (Linux runs it whenever a
+    // task that used the FPU exits). On hardware it simply runs.
+    let source = "
+.global _start
+_start:
+    fninit
+    fwait
+    power_off 9
+";
+    let config = common::tiny_config(dir.path(), common::assemble(dir.path(), "fwait", source));
+    let handle = Vm::start(&config).unwrap();
+    assert!(handle.wait_timeout(TIMEOUT).is_some(), "the guest did not finish");
+    let exit = handle.wait();
+    assert_eq!(exit.reason, ExitReason::PowerOff { code: 9 });
+    if vmm_core::VirtMode::detect() == vmm_core::VirtMode::Emulated {
+        assert_eq!(exit.counters.emulation_fixups, 1, "FWAIT was stepped over once");
+    }
+}
+
+#[test]
 fn a_file_that_is_not_a_kernel_is_rejected_with_its_path() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
