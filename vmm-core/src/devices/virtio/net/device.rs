@@ -120,34 +120,30 @@ impl Net {
 
     /// Sends every available TX chain to the tap.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
-        let mut used = false;
-        while let Some(chain) = active.queues[TX_QUEUE].pop_descriptor_chain(&active.mem) {
+        let Net { active, tap, tx_buf, counters, .. } = self;
+        let Some(active) = active.as_mut() else { return };
+        active.serve(TX_QUEUE, |mem, chain| {
             let head = chain.head_index();
-            match read_tx_frame(chain, &active.mem, &mut self.tx_buf) {
-                Ok(()) => match self.tap.write_frame(&self.tx_buf) {
-                    Ok(n) if n == self.tx_buf.len() => self.counters.tx_frames += 1,
+            match read_tx_frame(chain, mem, tx_buf) {
+                Ok(()) => match tap.write_frame(tx_buf) {
+                    Ok(n) if n == tx_buf.len() => counters.tx_frames += 1,
                     Ok(n) => {
-                        tracing::debug!(tap = self.tap.name(), n, len = self.tx_buf.len(), "tap took part of a frame");
-                        self.counters.tx_dropped += 1;
+                        tracing::debug!(tap = tap.name(), n, len = tx_buf.len(), "tap took part of a frame");
+                        counters.tx_dropped += 1;
                     }
                     Err(err) => {
                         // A full tap queue (WouldBlock) or a tap that is down: like a NIC, drop.
-                        tracing::debug!(tap = self.tap.name(), %err, "tx frame dropped: tap write failed");
-                        self.counters.tx_dropped += 1;
+                        tracing::debug!(tap = tap.name(), %err, "tx frame dropped: tap write failed");
+                        counters.tx_dropped += 1;
                     }
                 },
                 Err(reason) => {
-                    tracing::debug!(tap = self.tap.name(), head, reason, "tx frame dropped");
-                    self.counters.tx_dropped += 1;
+                    tracing::debug!(tap = tap.name(), head, reason, "tx frame dropped");
+                    counters.tx_dropped += 1;
                 }
             }
-            active.add_used(TX_QUEUE, head, 0);
-            used = true;
-        }
-        if used {
-            active.notify(TX_QUEUE);
-        }
+            0
+        });
     }
 
     /// Moves frames from the tap into RX chains until the tap is empty or the guest has no buffer.

@@ -51,23 +51,19 @@ impl Vsock {
 
     /// Hands every available TX packet to the muxer.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
-        let mut used = false;
-        while let Some(chain) = active.queues[TX_QUEUE].pop_descriptor_chain(&active.mem) {
+        let Vsock { active, muxer, payload, .. } = self;
+        let Some(active) = active.as_mut() else { return };
+        active.serve(TX_QUEUE, |mem, chain| {
             let head = chain.head_index();
-            match chain.reader(&active.mem) {
-                Ok(mut reader) => match read_packet(&mut reader, &mut self.payload) {
-                    Ok(hdr) => self.muxer.handle_guest_packet(&hdr, &self.payload),
+            match chain.reader(mem) {
+                Ok(mut reader) => match read_packet(&mut reader, payload) {
+                    Ok(hdr) => muxer.handle_guest_packet(&hdr, payload),
                     Err(err) => tracing::debug!(head, %err, "vsock tx packet dropped"),
                 },
                 Err(err) => tracing::debug!(head, %err, "vsock tx chain outside guest memory"),
             }
-            active.add_used(TX_QUEUE, head, 0);
-            used = true;
-        }
-        if used {
-            active.notify(TX_QUEUE);
-        }
+            0
+        });
     }
 
     /// Fills RX chains with what the muxer has for the guest.
