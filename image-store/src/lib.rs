@@ -20,6 +20,8 @@ pub mod pull;
 pub mod reference;
 pub mod rootfs;
 pub mod snapshot;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod unpack;
 pub mod whiteout;
 

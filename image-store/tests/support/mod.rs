@@ -1,8 +1,7 @@
 //! Shared support for the registry integration tests: a real `docker-registry` and fixture images.
 #![allow(dead_code)]
 
-pub mod fixtures;
-pub mod registry;
+pub use image_store::testing::{fixtures, registry};
 
 /// The error and all its sources, joined with ": " (what the CLI prints).
 pub fn chain(e: &dyn std::error::Error) -> String {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use image_store::Digest;
+use crate::Digest;
 
 const BINARY: &str = "/usr/bin/docker-registry";
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use flate2::write::GzEncoder;
-use image_store::Digest;
+use crate::Digest;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -84,10 +84,15 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// A fixture image: manifest, config and layer blobs (layers as pushed, `tars` uncompressed).
 #[derive(Clone)]
 pub struct Image {
+    /// The manifest JSON bytes.
     pub manifest: Vec<u8>,
+    /// The config JSON bytes.
     pub config: Vec<u8>,
+    /// The layer blobs as pushed (possibly compressed).
     pub layers: Vec<Vec<u8>>,
+    /// The uncompressed layer tars.
     pub tars: Vec<Vec<u8>>,
+    /// The layers' media type.
     pub layer_media_type: String,
 }
 
