@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use flate2::write::GzEncoder;
 use crate::Digest;
+use flate2::write::GzEncoder;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -17,6 +17,8 @@ pub enum Entry<'a> {
     Dir(&'a str),
     /// A regular file with content.
     File(&'a str, &'a [u8]),
+    /// An executable regular file (mode 0755).
+    Exec(&'a str, &'a [u8]),
     /// A symlink `path -> target`.
     Symlink(&'a str, &'a str),
     /// A hardlink `path` to the earlier entry `target`.
@@ -38,9 +40,9 @@ pub fn tar(entries: &[Entry]) -> Vec<u8> {
                 h.set_size(0);
                 b.append_data(&mut h, p, &[][..]).unwrap();
             }
-            Entry::File(p, data) => {
+            Entry::File(p, data) | Entry::Exec(p, data) => {
                 h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o644);
+                h.set_mode(if matches!(e, Entry::Exec(..)) { 0o755 } else { 0o644 });
                 h.set_size(data.len() as u64);
                 b.append_data(&mut h, p, *data).unwrap();
             }
@@ -116,11 +118,23 @@ pub fn image(tars: Vec<Vec<u8>>, arch: &str) -> Image {
 
 /// An image with explicit layer blobs and media type.
 pub fn image_with(tars: Vec<Vec<u8>>, layers: Vec<Vec<u8>>, arch: &str, media_type: &str) -> Image {
+    let config = json!({"Entrypoint": ["/bin/hello"], "Env": ["PATH=/bin"], "WorkingDir": "/"});
+    image_with_config(tars, layers, arch, media_type, config)
+}
+
+/// An image with explicit layers and image configuration (`Entrypoint`, `Cmd`, `Env`...).
+pub fn image_with_config(
+    tars: Vec<Vec<u8>>,
+    layers: Vec<Vec<u8>>,
+    arch: &str,
+    media_type: &str,
+    image_config: serde_json::Value,
+) -> Image {
     let diff_ids: Vec<String> = tars.iter().map(|t| Digest::of_bytes(t).to_string()).collect();
     let config = serde_json::to_vec(&json!({
         "architecture": arch,
         "os": "linux",
-        "config": {"Entrypoint": ["/bin/hello"], "Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "config": image_config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }))
     .unwrap();
@@ -266,4 +280,36 @@ pub fn write_docker_save(path: &Path, image: &Image, repo_tag: &str) {
         add(name, t);
     }
     b.finish().unwrap();
+}
+
+/// Where Debian's `busybox-static` installs its static binary.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// The applets linked in [`busybox_image`].
+pub const BUSYBOX_APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "ls", "sleep", "mount", "umount", "ip", "ifconfig", "hostname", "nc", "httpd", "ps", "kill",
+    "mkdir", "rm", "touch", "true", "false", "env", "id", "poweroff", "reboot", "wget", "stat", "uname", "dmesg",
+];
+
+/// A bootable busybox image without an init of its own: `/bin/busybox` (read from the host's
+/// `busybox-static`), applet symlinks in `/bin`, `/etc/passwd`, and the given `Cmd`. `None` when
+/// busybox-static is not installed.
+pub fn busybox_image(cmd: &[&str]) -> Option<Image> {
+    let busybox = std::fs::read(BUSYBOX).ok()?;
+    let links: Vec<String> = BUSYBOX_APPLETS.iter().map(|a| format!("bin/{a}")).collect();
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::Exec("bin/busybox", &busybox),
+        Entry::Dir("etc"),
+        Entry::File("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        Entry::File("etc/group", b"root:x:0:\nnogroup:x:65534:\n"),
+        Entry::Dir("root"),
+        Entry::Dir("www"),
+        Entry::File("www/index.html", b"hello from an ignite microVM\n"),
+    ];
+    entries.extend(links.iter().map(|l| Entry::Symlink(l, "/bin/busybox")));
+    let tars = vec![tar(&entries)];
+    let layers = tars.iter().map(|t| gzip(t)).collect();
+    let config = json!({"Cmd": cmd, "Env": ["PATH=/bin:/sbin:/usr/bin:/usr/sbin"], "WorkingDir": "/"});
+    Some(image_with_config(tars, layers, "amd64", "application/vnd.oci.image.layer.v1.tar+gzip", config))
 }
