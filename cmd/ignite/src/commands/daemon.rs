@@ -1,0 +1,132 @@
+//! `ignite daemon`: the controller process. Follows git repositories or directories of VM
+//! manifests and converges the fleet; VMs survive a restart of the daemon and are re-adopted.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use controller::daemon::{Daemon, DaemonConfig};
+use controller::host::{DefaultKernel, HostConfig};
+use controller::net::{NetConfig, Subnet};
+use controller::reconcile::ReconcilerConfig;
+use controller::source::{DirSpec, GitRef, GitSpec, SourceKind, SourceSpec};
+
+/// Flags of `ignite daemon`.
+#[derive(Args)]
+#[command(after_help = "Examples:\n  \
+    ignite daemon --gitops https://git.example.com/fleet.git --branch main --path vms --kernel 6.1\n  \
+    ignite daemon --dir ./examples/fleet --kernel /var/cache/ignite/kernel/vmlinux")]
+pub struct DaemonArgs {
+    /// Git repository of VM manifests to follow (file://, git://, https://, ssh:// or a path).
+    #[arg(long, value_name = "URL")]
+    gitops: Option<String>,
+    /// Branch to follow (default: main).
+    #[arg(long, conflicts_with_all = ["tag", "commit"], requires = "gitops")]
+    branch: Option<String>,
+    /// Tag to pin.
+    #[arg(long, conflicts_with = "commit", requires = "gitops")]
+    tag: Option<String>,
+    /// Commit to pin.
+    #[arg(long, requires = "gitops")]
+    commit: Option<String>,
+    /// Subdirectory of the repository holding the manifests.
+    #[arg(long, default_value = "", requires = "gitops")]
+    path: String,
+    /// A local directory of VM manifests to follow instead of (or besides) git.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// How often sources are polled (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Kernel for VMs that name none: a file, or the name of an imported kernel.
+    #[arg(long)]
+    kernel: Option<String>,
+    /// The static guest init placed in every root disk (default: ignite-init next to this binary).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Host bridge the VMs' taps join.
+    #[arg(long, default_value = "ignite0")]
+    bridge: String,
+    /// Subnet VMs get their addresses from; the bridge takes the first address.
+    #[arg(long, default_value = "10.61.0.0/24")]
+    subnet: Subnet,
+    /// Run VMs without a network interface (no bridge, taps or port forwards).
+    #[arg(long)]
+    no_network: bool,
+    /// Masquerade the VMs' outbound traffic behind the host.
+    #[arg(long)]
+    masquerade: bool,
+    /// How many VMs are worked on at once.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Reach every registry over plain HTTP (loopback registries always are).
+    #[arg(long)]
+    insecure_registries: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30s, 2m, 1h)"))
+}
+
+fn default_init() -> Option<PathBuf> {
+    let candidate = std::env::current_exe().ok()?.with_file_name("ignite-init");
+    candidate.is_file().then_some(candidate)
+}
+
+fn default_kernel(kernel: Option<String>) -> DefaultKernel {
+    match kernel {
+        None => DefaultKernel::None,
+        Some(k) if Path::new(&k).is_absolute() || Path::new(&k).exists() => DefaultKernel::Path(PathBuf::from(k)),
+        Some(name) => DefaultKernel::Stored(name),
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(args: DaemonArgs, root: &Path) -> anyhow::Result<()> {
+    let mut sources = Vec::new();
+    if let Some(url) = args.gitops {
+        let reference = match (args.tag, args.commit) {
+            (Some(tag), _) => GitRef::Tag(tag),
+            (None, Some(commit)) => GitRef::Commit(commit),
+            (None, None) => GitRef::Branch(args.branch.unwrap_or_else(|| "main".into())),
+        };
+        let git = GitSpec { url, reference, path: args.path, interval: args.interval };
+        sources.push(SourceSpec { name: "gitops".into(), kind: SourceKind::Git(git) });
+    }
+    if let Some(path) = args.dir {
+        let path = std::fs::canonicalize(&path).with_context(|| format!("manifest directory {}", path.display()))?;
+        sources.push(SourceSpec { name: "dir".into(), kind: SourceKind::Directory(DirSpec { path, interval: args.interval }) });
+    }
+    let init_bin = args.init.or_else(default_init);
+    if init_bin.is_none() {
+        tracing::warn!("no ignite-init found next to this binary: images must bring their own /sbin/ignite-init");
+    }
+    let host = HostConfig {
+        root: root.to_path_buf(),
+        init_bin,
+        default_kernel: default_kernel(args.kernel),
+        net: (!args.no_network).then(|| NetConfig { bridge: args.bridge, subnet: args.subnet, masquerade: args.masquerade }),
+        insecure_registries: args.insecure_registries,
+        virt_mode: vmm_core::VirtModeConfig::Auto,
+    };
+    let config = DaemonConfig {
+        root: root.to_path_buf(),
+        sources,
+        host,
+        reconciler: ReconcilerConfig { workers: args.workers, ..Default::default() },
+        ignite_bin: std::env::current_exe().context("locating the ignite binary")?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async {
+        let daemon = Daemon::start(config).await.context("starting the daemon")?;
+        eprintln!("ignite daemon: running on {} (Ctrl-C stops the daemon; VMs keep running)", root.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        daemon.shutdown().await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,93 @@
+//! The observed state of a VM. It lives in the controller's store only, never in git.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Accepted, nothing created yet.
+    #[default]
+    Pending,
+    /// Image, disk and network are being prepared.
+    Creating,
+    /// The VM process is running.
+    Running,
+    /// Resources exist, no process runs (desired `Stopped`, or ended with restart policy `Never`).
+    Stopped,
+    /// Creation or start failed; retried with backoff.
+    Failed,
+    /// Being removed.
+    Deleting,
+}
+
+/// kstatus-style condition types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ConditionType {
+    /// The VM matches its spec and runs (or is stopped as asked).
+    Ready,
+    /// The controller is working towards the spec.
+    Reconciling,
+    /// The controller cannot make progress without a change (bad image, failing boot...).
+    Stalled,
+}
+
+/// Truth value of a condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ConditionStatus {
+    /// The condition holds.
+    True,
+    /// The condition does not hold.
+    False,
+    /// Not known yet.
+    Unknown,
+}
+
+/// One condition with its reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Which condition.
+    #[serde(rename = "type")]
+    pub type_: ConditionType,
+    /// Whether it holds.
+    pub status: ConditionStatus,
+    /// A CamelCase machine-readable reason (`ImagePullFailed`, `Booted`...).
+    pub reason: String,
+    /// A human-readable message.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed, RFC 3339.
+    pub last_transition_time: String,
+}
+
+/// Everything the controller observed about one VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    /// Current phase.
+    pub phase: Phase,
+    /// Ready / Reconciling / Stalled.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The guest's IPv4 address.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// The guest's MAC address.
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The source revision (git commit) the running VM was built from.
+    #[serde(default)]
+    pub observed_revision: Option<String>,
+    /// The object generation the running VM was built from.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// When the current VM process started, RFC 3339.
+    #[serde(default)]
+    pub boot_time: Option<String>,
+    /// How many times the supervisor restarted the VM.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The last error, for humans.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}

@@ -1,0 +1,212 @@
+//! The desired-state types of the VM API. Every struct rejects unknown fields; defaults are the
+//! ones documented on each field (and in the generated schema under `manifests/`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::quantity::{PortMapping, Quantity};
+
+/// The only API version this controller serves.
+pub const API_VERSION: &str = "ignite.dev/v1alpha1";
+/// The kind of a VM document.
+pub const KIND_VM: &str = "VM";
+
+/// One microVM, as declared by a user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Vm {
+    /// Always [`API_VERSION`].
+    pub api_version: String,
+    /// Always [`KIND_VM`].
+    pub kind: String,
+    /// Name, labels and annotations.
+    pub metadata: ObjectMeta,
+    /// What the VM should be.
+    pub spec: VmSpec,
+}
+
+/// Identity and free-form metadata of an object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// Unique name on this host: a DNS label (lowercase letters, digits, `-`, at most 63 characters).
+    pub name: String,
+    /// Labels, used for selection.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations, never interpreted by the controller.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The desired state of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VmSpec {
+    /// OCI image reference of the root filesystem (e.g. `127.0.0.1:5000/busybox:1.36`).
+    pub image: String,
+    /// Which kernel boots the VM; defaults to the host's default kernel.
+    #[serde(default, skip_serializing_if = "KernelSpec::is_default")]
+    pub kernel: KernelSpec,
+    /// Number of vCPUs (default 1).
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    /// Guest memory, a quantity such as `512Mi` (default `512Mi`).
+    #[serde(default = "default_memory")]
+    pub memory: Quantity,
+    /// Size of the writable root disk, such as `4Gi` (default `4Gi`).
+    #[serde(default = "default_disk_size")]
+    pub disk_size: Quantity,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's cmd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// Environment variables added to (or overriding) the image's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Network settings.
+    #[serde(default, skip_serializing_if = "NetworkSpec::is_default")]
+    pub network: NetworkSpec,
+    /// Host files copied into the guest before its entrypoint starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copy_files: Vec<CopyFile>,
+    /// SSH access.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<SshSpec>,
+    /// What to do when the VM's main process ends (default `Always`).
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Whether the VM should be running (default `Running`).
+    #[serde(default)]
+    pub state: DesiredState,
+    /// Reserved for Kubernetes nodes: how the guest joins a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
+}
+
+fn default_cpus() -> u8 {
+    1
+}
+fn default_memory() -> Quantity {
+    Quantity::from_bytes(512 << 20)
+}
+fn default_disk_size() -> Quantity {
+    Quantity::from_bytes(4 << 30)
+}
+
+/// Which kernel boots the VM: an OCI kernel image or a file on the host, and its command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KernelSpec {
+    /// A kernel imported into the store (`ignite kernel import`), by name, or an OCI image holding one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// A kernel file on the host (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended to the controller's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+impl KernelSpec {
+    fn is_default(&self) -> bool {
+        self == &KernelSpec::default()
+    }
+}
+
+/// One environment variable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EnvVar {
+    /// Variable name.
+    pub name: String,
+    /// Value (may be empty).
+    #[serde(default)]
+    pub value: String,
+}
+
+/// Network settings of a VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkSpec {
+    /// Ports forwarded from the host to the guest, `"HOST:GUEST[/tcp|udp]"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+}
+
+impl NetworkSpec {
+    fn is_default(&self) -> bool {
+        self.ports.is_empty()
+    }
+}
+
+/// A host file copied into the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CopyFile {
+    /// Absolute path of the file on the host.
+    pub source: PathBuf,
+    /// Absolute path inside the guest.
+    pub destination: String,
+}
+
+/// SSH access to the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SshSpec {
+    /// Public keys written to root's `authorized_keys`.
+    #[serde(default)]
+    pub authorized_keys: Vec<String>,
+}
+
+/// What the supervisor does when a VM's main process ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    /// Restart whatever the exit status.
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit status or a crash.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// Whether the VM should run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DesiredState {
+    /// The VM should be running.
+    #[default]
+    Running,
+    /// The VM should exist (disk, network lease) but not run.
+    Stopped,
+}
+
+/// How a VM joins a cluster when it boots (issue "Kubernetes").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    /// Join a Kubernetes cluster with kubeadm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesBootstrap>,
+}
+
+/// kubeadm join parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesBootstrap {
+    /// API server endpoint, `host:port`.
+    pub api_server_endpoint: String,
+    /// CA certificate hash, `sha256:<hex>`.
+    pub ca_cert_hash: String,
+    /// Name of a Secret in `kube-system` holding a bootstrap token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<String>,
+    /// Let the controller create a bootstrap token.
+    #[serde(default)]
+    pub create_token: bool,
+}

@@ -1,0 +1,252 @@
+//! The controller process (`ignite daemon`): opens the store, recovers what a previous run left
+//! (disks, VM processes, taps), starts the reconciler's workers, follows the sources and the
+//! supervisor's exit notifications, and stops cleanly on request. VMs keep running when the
+//! daemon stops; the next daemon re-adopts them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::host::{HostConfig, HostRuntime};
+use crate::net::{HostNet, LinuxHostNet};
+use crate::reconcile::{
+    apply_revision, error_chain, now_rfc3339, parse_revision, ApplyError, Reconciler, ReconcilerConfig, Runtime,
+};
+use crate::source::{self, SourceSpec, SyncOutcome};
+use crate::store::{Event, EventKind, SourceState, Store, StoreError};
+use crate::supervisor::{Supervisor, SupervisorConfig};
+
+/// Everything `ignite daemon` needs.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// The ignite root (`--root`).
+    pub root: PathBuf,
+    /// Where desired state comes from (git repositories, directories).
+    pub sources: Vec<SourceSpec>,
+    /// The real runtime's settings.
+    pub host: HostConfig,
+    /// Reconciler tunables.
+    pub reconciler: ReconcilerConfig,
+    /// The `ignite` binary that runs each VM (`ignite vmm run --config`).
+    pub ignite_bin: PathBuf,
+}
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The store could not be opened (another daemon may be running on the same root).
+    #[error("opening the state store under {root}")]
+    Store {
+        /// The root.
+        root: PathBuf,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The snapshotter could not be chosen or recovered.
+    #[error("preparing the disk snapshotter")]
+    Snapshotter(#[source] image_store::SnapshotError),
+    /// The supervisor could not start or adopt VM processes.
+    #[error("re-adopting VM processes under {0}")]
+    Supervisor(PathBuf, #[source] crate::supervisor::SupervisorError),
+    /// The reconciler failed at start-up.
+    #[error("queueing the fleet")]
+    Reconcile(#[from] crate::reconcile::ReconcileError),
+}
+
+/// A running daemon: the reconciler with its workers, and the background tasks.
+pub struct Daemon {
+    store: Store,
+    reconciler: Reconciler,
+    runtime: Arc<HostRuntime>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    triggers: Vec<(String, mpsc::Sender<()>)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Recovers and starts everything. Must run inside a tokio runtime.
+    pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
+        let store =
+            Store::open(&config.root).map_err(|source| DaemonError::Store { root: config.root.clone(), source })?;
+        let paths = image_store::StorePaths::new(&config.root);
+        let snapshotter = image_store::choose_snapshotter(&paths, None).map_err(DaemonError::Snapshotter)?;
+        let recovered = snapshotter.recover().map_err(DaemonError::Snapshotter)?;
+        if !recovered.removed.is_empty() {
+            info!(removed = ?recovered.removed, "removed half-made disks left by a crash");
+        }
+        let run_dir = config.root.join("vms");
+        let supervisor = Supervisor::new(SupervisorConfig { run_dir: run_dir.clone(), ignite_bin: config.ignite_bin.clone() })
+            .map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
+        let adopted = supervisor.adopt().map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
+        info!(adopted = adopted.adopted.len(), exited = adopted.exited.len(), "re-adopted VM processes");
+        let net: Arc<dyn HostNet> = Arc::new(LinuxHostNet::new());
+        let runtime = Arc::new(HostRuntime::new(config.host.clone(), store.clone(), snapshotter, net, supervisor));
+        let known: Vec<String> =
+            store.list_vms().map_err(|source| DaemonError::Store { root: config.root.clone(), source })?
+                .into_iter()
+                .map(|r| r.vm.metadata.name)
+                .collect();
+        for removed in runtime.sweep_network_orphans(&known) {
+            info!(removed, "removed a network orphan");
+        }
+
+        let reconciler = Reconciler::new(store.clone(), runtime.clone() as Arc<dyn Runtime>, config.reconciler.clone());
+        let queued = reconciler.enqueue_all()?;
+        info!(queued, "reconciling the fleet");
+        let workers = reconciler.spawn_workers();
+
+        let mut daemon = Daemon { store, reconciler, runtime, workers, triggers: Vec::new(), tasks: Vec::new() };
+        daemon.watch_exits();
+        for spec in config.sources {
+            daemon.follow(spec, &config.root);
+        }
+        Ok(daemon)
+    }
+
+    /// The store (status, events).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The reconciler (queue, suspend/resume).
+    pub fn reconciler(&self) -> &Reconciler {
+        &self.reconciler
+    }
+
+    /// Asks the source `name` to sync now. False if there is no such source.
+    pub async fn trigger(&self, name: &str) -> bool {
+        match self.triggers.iter().find(|(n, _)| n == name) {
+            Some((_, tx)) => tx.send(()).await.is_ok(),
+            None => false,
+        }
+    }
+
+    fn watch_exits(&mut self) {
+        let mut exits = self.runtime.supervisor().exits();
+        let queue = self.reconciler.queue().clone();
+        let store = self.store.clone();
+        self.tasks.push(tokio::spawn(async move {
+            while let Some(exit) = exits.recv().await {
+                let kind = EventKind::Warning;
+                let event = Event {
+                    object: exit.name.clone(),
+                    kind,
+                    reason: "Exited".into(),
+                    message: exit.describe(),
+                    time: now_rfc3339(),
+                };
+                if let Err(e) = store.append_event(&event) {
+                    warn!(error = %e, "cannot record an exit event");
+                }
+                queue.add(&exit.name);
+            }
+        }));
+    }
+
+    fn follow(&mut self, spec: SourceSpec, root: &std::path::Path) {
+        let (trigger_tx, trigger_rx) = mpsc::channel(4);
+        self.triggers.push((spec.name.clone(), trigger_tx));
+        let source = match source::open(&spec, &root.join("sources")) {
+            Ok(source) => source,
+            Err(e) => {
+                error!(source = spec.name, error = %error_chain(&e), "cannot open source");
+                return;
+            }
+        };
+        let mut outcomes = source::spawn_poller(source, spec.interval(), trigger_rx);
+        let store = self.store.clone();
+        let reconciler = self.reconciler.clone();
+        self.tasks.push(tokio::spawn(async move {
+            while let Some(outcome) = outcomes.recv().await {
+                let store = store.clone();
+                let reconciler = reconciler.clone();
+                let spec = spec.clone();
+                let handled = tokio::task::spawn_blocking(move || handle_sync(&store, &reconciler, &spec, outcome)).await;
+                if let Err(e) = handled {
+                    error!(error = %e, "source handler panicked");
+                }
+            }
+        }));
+    }
+
+    /// Stops the workers and background tasks; VMs keep running.
+    pub async fn shutdown(self) {
+        self.reconciler.queue().shut_down();
+        for task in &self.tasks {
+            task.abort();
+        }
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
+        if let Err(e) = self.store.flush() {
+            warn!(error = %e, "flushing the store");
+        }
+        info!("daemon stopped; VMs keep running and will be re-adopted");
+    }
+}
+
+/// Applies one sync outcome: a valid new revision is applied and its objects queued; an invalid
+/// revision or a fetch error is recorded on the source (and as an event) and changes nothing.
+pub fn handle_sync(store: &Store, reconciler: &Reconciler, spec: &SourceSpec, outcome: SyncOutcome) {
+    let owner = spec.owner();
+    let mut state = store.get_source_state(&spec.name).ok().flatten().unwrap_or_else(|| SourceState {
+        name: spec.name.clone(),
+        url: spec.display_url(),
+        ..Default::default()
+    });
+    state.last_sync = Some(now_rfc3339());
+    let result = match outcome {
+        SyncOutcome::Changed(snapshot) => {
+            let files = snapshot.files.iter().map(|f| (f.path.as_str(), f.text.as_str()));
+            parse_revision(&snapshot.revision, files)
+                .and_then(|docs| apply_revision(store, &owner, &snapshot.revision, &docs))
+                .map(|report| (snapshot.revision.clone(), report))
+                .map_err(|e| apply_error_message(&e))
+        }
+        SyncOutcome::Failed(e) => Err(error_chain(&e)),
+    };
+    match result {
+        Ok((revision, report)) => {
+            for name in report.touched() {
+                reconciler.queue().add(name);
+            }
+            let message = format!(
+                "applied {revision}: {} created, {} updated, {} pruned",
+                report.created.len(),
+                report.updated.len(),
+                report.pruned.len()
+            );
+            info!(source = spec.name, "{message}");
+            record(store, &format!("source/{}", spec.name), EventKind::Normal, "Applied", &message);
+            state.revision = Some(revision);
+            state.last_error = None;
+        }
+        Err(message) => {
+            warn!(source = spec.name, error = %message, "source not applied");
+            record(store, &format!("source/{}", spec.name), EventKind::Warning, "SyncFailed", &message);
+            state.last_error = Some(message);
+        }
+    }
+    if let Err(e) = store.put_source_state(&state) {
+        warn!(error = %e, "cannot record the source state");
+    }
+}
+
+fn apply_error_message(e: &ApplyError) -> String {
+    error_chain(e)
+}
+
+fn record(store: &Store, object: &str, kind: EventKind, reason: &str, message: &str) {
+    let event = Event {
+        object: object.to_string(),
+        kind,
+        reason: reason.to_string(),
+        message: message.to_string(),
+        time: now_rfc3339(),
+    };
+    if let Err(e) = store.append_event(&event) {
+        warn!(error = %e, "cannot record an event");
+    }
+}

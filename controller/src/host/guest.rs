@@ -1,0 +1,44 @@
+//! What the guest gets: its kernel command line, its config drive (settings for `ignite-init`)
+//! and the `VmConfig` its VMM process runs.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+
+use vmm_core::{ConsoleConfig, DiskConfig, NetConfig as VmNetConfig, VirtModeConfig, VmConfig};
+
+use crate::api::Vm;
+
+use super::prepared::PreparedVm;
+
+/// The kernel command line every ignite guest boots with: root disk `/dev/vda`, `ignite-init`
+/// as PID 1, its settings on the read-only config drive `/dev/vdb`.
+pub fn base_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 init=/sbin/ignite-init ignite.config=/dev/vdb"
+        .to_string()
+}
+
+/// Creates `dir` (and parents) readable by root only: it holds secrets (config drive).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// The VMM configuration of a prepared VM.
+pub fn vm_config(vm: &Vm, prepared: &PreparedVm, virt_mode: VirtModeConfig) -> VmConfig {
+    let mut config = VmConfig::new(&prepared.kernel);
+    config.vcpus = vm.spec.cpus;
+    config.memory_mib = u32::try_from(vm.spec.memory.mib()).unwrap_or(u32::MAX);
+    config.cmdline = prepared.cmdline.clone();
+    config.disks = vec![
+        DiskConfig { path: prepared.disk.clone(), read_only: false },
+        DiskConfig { path: prepared.config_drive.clone(), read_only: true },
+    ];
+    if let (Some(tap), Some(mac)) = (&prepared.tap, &prepared.mac) {
+        config.nets.push(VmNetConfig { tap: tap.clone(), mac: mac.clone() });
+    }
+    config.console = ConsoleConfig::Null; // the supervisor points it at the VM's console log
+    config.virt_mode = virt_mode;
+    config
+}

@@ -1,0 +1,278 @@
+//! The real [`Runtime`]: the image store makes root disks, host networking gives each VM a tap,
+//! a lease and its port forwards, a config drive carries the guest settings, and the supervisor
+//! runs one `ignite vmm` process per VM.
+//!
+//! Layout under the root: `runtime/<vm>/` (prepared.json, config drive, mode 0700) and the
+//! supervisor's `vms/<vm>/` (process files, console log). Every step is idempotent; `destroy`
+//! removes whatever exists, in reverse order of creation, so a crash at any point is repaired by
+//! running it again.
+
+pub mod artifacts;
+pub mod guest;
+pub mod prepared;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use image_store::{Snapshotter, StorePaths};
+use tracing::{info, warn};
+
+use crate::api::Vm;
+use crate::net::{self, HostNet, NetConfig};
+use crate::reconcile::{error_chain, Actual, Exit, Prepared, Runtime, RuntimeError, Started};
+use crate::store::Store;
+use crate::supervisor::Supervisor;
+
+pub use artifacts::DefaultKernel;
+pub use prepared::PreparedVm;
+
+/// Configuration of the real runtime.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// The ignite root (`--root`).
+    pub root: PathBuf,
+    /// The static `ignite-init` placed into every root disk (`None`: images bring their own init).
+    pub init_bin: Option<PathBuf>,
+    /// Kernel for VMs that name none.
+    pub default_kernel: DefaultKernel,
+    /// Host networking; `None` runs VMs without a network interface.
+    pub net: Option<NetConfig>,
+    /// Reach every registry over plain HTTP (loopback registries always are).
+    pub insecure_registries: bool,
+    /// vmm virtualization mode passed to every VM.
+    pub virt_mode: vmm_core::VirtModeConfig,
+}
+
+/// See the module docs.
+pub struct HostRuntime {
+    config: HostConfig,
+    paths: StorePaths,
+    store: Store,
+    snapshotter: Box<dyn Snapshotter>,
+    net: Arc<dyn HostNet>,
+    supervisor: Supervisor,
+}
+
+fn transient(reason: &'static str, what: String) -> impl FnOnce(&dyn std::error::Error) -> RuntimeError {
+    move |e| RuntimeError::transient(reason, format!("{what}: {}", error_chain(e)))
+}
+
+impl HostRuntime {
+    /// A runtime over the given parts.
+    pub fn new(
+        config: HostConfig,
+        store: Store,
+        snapshotter: Box<dyn Snapshotter>,
+        net: Arc<dyn HostNet>,
+        supervisor: Supervisor,
+    ) -> Self {
+        let paths = StorePaths::new(&config.root);
+        HostRuntime { config, paths, store, snapshotter, net, supervisor }
+    }
+
+    /// The supervisor (for exit notifications and control).
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    fn runtime_dir(&self) -> PathBuf {
+        self.config.root.join("runtime")
+    }
+
+    fn load(&self, name: &str) -> Result<Option<PreparedVm>, RuntimeError> {
+        prepared::load(&self.runtime_dir(), name)
+            .map_err(|e| transient("StateCorrupt", format!("reading the prepared state of VM {name:?}"))(&e))
+    }
+
+    /// Removes taps and port forwards whose VM is unknown (left by a crash). Returns what went.
+    pub fn sweep_network_orphans(&self, known: &[String]) -> Vec<String> {
+        let mut removed = Vec::new();
+        if self.config.net.is_none() {
+            return removed;
+        }
+        let wanted: Vec<String> = known.iter().map(|n| net::tap_name(n)).collect();
+        match self.net.list_taps() {
+            Ok(taps) => {
+                for tap in taps.into_iter().filter(|t| !wanted.contains(t)) {
+                    match self.net.delete_tap(&tap) {
+                        Ok(()) => removed.push(format!("tap {tap}")),
+                        Err(e) => warn!(tap, error = %error_chain(&e), "cannot remove an orphan tap"),
+                    }
+                }
+            }
+            Err(e) => warn!(error = %error_chain(&e), "cannot list taps"),
+        }
+        match self.net.list_port_forwards() {
+            Ok(forwards) => {
+                for vm in forwards.into_iter().map(|f| f.vm).filter(|vm| !known.contains(vm)) {
+                    if self.net.remove_port_forwards(&vm).is_ok() {
+                        removed.push(format!("port forwards of {vm}"));
+                    }
+                }
+            }
+            Err(e) => warn!(error = %error_chain(&e), "cannot list port forwards"),
+        }
+        removed.dedup();
+        removed
+    }
+}
+
+impl Runtime for HostRuntime {
+    fn inspect(&self, name: &str) -> Result<Actual, RuntimeError> {
+        let prepared = self.load(name)?;
+        let running = self.supervisor.is_running(name);
+        let last_exit = if running { None } else { self.supervisor.last_exit(name).map(exit_of) };
+        let mut leftovers = Vec::new();
+        if prepared.is_none() {
+            if prepared::dir(&self.runtime_dir(), name).exists() {
+                leftovers.push("runtime directory".to_string());
+            }
+            if self.snapshotter.list().map(|d| d.iter().any(|d| d.vm_id == name)).unwrap_or(false) {
+                leftovers.push("disk".to_string());
+            }
+            if self.store.list_leases().map(|l| l.iter().any(|l| l.vm == name)).unwrap_or(false) {
+                leftovers.push("lease".to_string());
+            }
+            if self.supervisor.has_run_dir(name) {
+                leftovers.push("run directory".to_string());
+            }
+        }
+        Ok(Actual { prepared: prepared.map(|p| p.fingerprint), running, last_exit, leftovers })
+    }
+
+    fn create(&self, vm: &Vm, fingerprint: &str) -> Result<Prepared, RuntimeError> {
+        let name = vm.metadata.name.as_str();
+        let spec = &vm.spec;
+        let image = artifacts::resolve_image(&self.paths, &spec.image, self.config.insecure_registries)?;
+        let base = artifacts::base_rootfs(&self.paths, &image, self.config.init_bin.as_deref())?;
+        let kernel = artifacts::resolve_kernel(&self.paths, &spec.kernel, &self.config.default_kernel)?;
+        let dir = prepared::dir(&self.runtime_dir(), name);
+        guest::create_private_dir(&dir).map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;
+
+        // A previous attempt may have left a disk: start from scratch.
+        self.snapshotter.remove(name).map_err(|e| transient("DiskFailed", format!("VM {name:?}: old disk"))(&e))?;
+        let disk = self.snapshotter.create(name, &base, spec.disk_size.bytes()).map_err(|e| {
+            let message = format!("VM {name:?}: root disk of {}: {}", spec.disk_size, error_chain(&e));
+            match e {
+                image_store::SnapshotError::SizeTooSmall { .. } => RuntimeError::permanent("DiskTooSmall", message),
+                _ => RuntimeError::transient("DiskFailed", message),
+            }
+        })?;
+
+        let mut cmdline = guest::base_cmdline();
+        let (mut tap, mut mac, mut ip) = (None, None, None);
+        if let Some(netcfg) = &self.config.net {
+            let lease = self
+                .store
+                .allocate_lease(name, netcfg.subnet.hosts(), &net::mac_for(name))
+                .map_err(|e| RuntimeError::transient("NetworkFailed", format!("VM {name:?}: IP lease: {}", error_chain(&e))))?;
+            let net_err = |what: &str| transient("NetworkFailed", format!("VM {name:?}: {what}"));
+            self.net.ensure_bridge(netcfg).map_err(|e| net_err("bridge")(&e))?;
+            let tap_name = net::tap_name(name);
+            self.net.create_tap(&tap_name, &netcfg.bridge).map_err(|e| net_err("tap")(&e))?;
+            self.net.remove_port_forwards(name).map_err(|e| net_err("port forwards")(&e))?;
+            for port in &spec.network.ports {
+                let forward = net::PortForward {
+                    vm: name.to_string(),
+                    host_port: port.host_port,
+                    guest_ip: lease.ip,
+                    guest_port: port.guest_port,
+                    protocol: port.protocol,
+                };
+                self.net.add_port_forward(&forward).map_err(|e| net_err(&format!("port {port}"))(&e))?;
+            }
+            cmdline.push(' ');
+            cmdline.push_str(&net::kernel_ip_arg(lease.ip, &netcfg.subnet, name));
+            tap = Some(tap_name);
+            mac = Some(lease.mac.clone());
+            ip = Some(lease.ip.to_string());
+        }
+        if let Some(extra) = &spec.kernel.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let config_drive = dir.join("config.img");
+        let guest_config = guest::guest_config(vm, self.config.net.as_ref())
+            .map_err(|e| RuntimeError::permanent("CopyFileFailed", format!("VM {name:?}: {e}")))?;
+        guest::write_drive(&config_drive, &guest_config)
+            .map_err(|e| transient("ConfigDriveFailed", format!("VM {name:?}: config drive"))(&e))?;
+
+        let record = PreparedVm {
+            fingerprint: fingerprint.to_string(),
+            image_digest: image.manifest_digest.to_string(),
+            disk: disk.path,
+            config_drive,
+            kernel,
+            cmdline,
+            tap,
+            mac: mac.clone(),
+            ip: ip.clone(),
+        };
+        prepared::save(&self.runtime_dir(), name, &record)
+            .map_err(|e| transient("StateFailed", format!("VM {name:?}: saving prepared state"))(&e))?;
+        info!(vm = name, image = %image.manifest_digest, "prepared");
+        Ok(Prepared { ip, mac, image_digest: Some(image.manifest_digest.to_string()) })
+    }
+
+    fn start(&self, vm: &Vm) -> Result<Started, RuntimeError> {
+        let name = vm.metadata.name.as_str();
+        let prepared = self
+            .load(name)?
+            .ok_or_else(|| RuntimeError::transient("NotPrepared", format!("VM {name:?} is not prepared")))?;
+        let config = guest::vm_config(vm, &prepared, self.config.virt_mode);
+        let info = self.supervisor.spawn(name, &config).map_err(|e| {
+            RuntimeError::transient("StartFailed", format!("VM {name:?}: starting its VMM: {}", error_chain(&e)))
+        })?;
+        Ok(Started { pid: info.pid })
+    }
+
+    fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {
+        if self.supervisor.is_running(name) {
+            self.supervisor
+                .stop(name, grace)
+                .map_err(|e| transient("StopFailed", format!("VM {name:?}: stopping"))(&e))?;
+        }
+        // A deliberate stop is not an exit the restart policy should see.
+        self.supervisor.cleanup(name).map_err(|e| transient("StopFailed", format!("VM {name:?}: run directory"))(&e))
+    }
+
+    fn destroy(&self, name: &str, keep_lease: bool) -> Result<(), RuntimeError> {
+        let fail = |what: &str| transient("DeleteFailed", format!("VM {name:?}: removing its {what}"));
+        if self.supervisor.is_running(name) {
+            self.supervisor.kill(name).map_err(|e| fail("VMM process")(&e))?;
+        }
+        self.supervisor.cleanup(name).map_err(|e| fail("run directory")(&e))?;
+        if self.config.net.is_some() {
+            self.net.remove_port_forwards(name).map_err(|e| fail("port forwards")(&e))?;
+            self.net.delete_tap(&net::tap_name(name)).map_err(|e| fail("tap")(&e))?;
+        }
+        self.snapshotter.remove(name).map_err(|e| fail("disk")(&e))?;
+        prepared::remove(&self.runtime_dir(), name).map_err(|e| fail("runtime directory")(&e))?;
+        if !keep_lease {
+            self.store.release_lease(name).map_err(|e| fail("IP lease")(&e))?;
+        }
+        info!(vm = name, keep_lease, "destroyed");
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        let mut names = prepared::list(&self.runtime_dir())
+            .map_err(|e| transient("StateFailed", "listing runtime directories".into())(&e))?;
+        names.extend(self.supervisor.list_run_dirs());
+        if let Ok(disks) = self.snapshotter.list() {
+            names.extend(disks.into_iter().map(|d| d.vm_id));
+        }
+        if let Ok(leases) = self.store.list_leases() {
+            names.extend(leases.into_iter().map(|l| l.vm));
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
+
+fn exit_of(exit: crate::supervisor::VmExit) -> Exit {
+    let _ = &exit;
+    Exit::default()
+}

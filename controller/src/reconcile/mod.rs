@@ -1,0 +1,18 @@
+//! The reconciler: level-triggered, idempotent convergence of the store's desired VMs with what
+//! runs on the host. [`decide`] is the pure decision, [`Reconciler`] runs it on worker threads
+//! with backoff, [`apply`] turns a source revision into desired objects.
+
+pub mod apply;
+pub mod conditions;
+pub mod decide;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
+pub mod queue;
+pub mod reconciler;
+pub mod runtime;
+
+pub use apply::{apply_revision, parse_revision, ApplyError, ApplyReport};
+pub use decide::{decide, DesiredView, Settled, Step};
+pub use queue::{Backoff, WorkQueue};
+pub use reconciler::{error_chain, now_rfc3339, Outcome, ReconcileError, Reconciler, ReconcilerConfig};
+pub use runtime::{Actual, Exit, Prepared, Runtime, RuntimeError, Started};
