@@ -1,6 +1,9 @@
 //! The ignite controller: API types and validation, the sled store, desired-state sources (git,
-//! directory, Kubernetes), the reconciler, the VM supervisor, host networking and the gRPC server.
+//! directory), the reconciler, the VM supervisor, host networking and the daemon that ties them
+//! together.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod reconcile;
+pub mod store;

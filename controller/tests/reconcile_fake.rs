@@ -32,6 +32,7 @@ fn env() -> Env {
         backoff_base: Duration::from_millis(5),
         backoff_max: Duration::from_millis(50),
         resync: Duration::from_secs(3600),
+        stable_after: Duration::from_secs(3600),
     };
     let reconciler = Reconciler::new(store.clone(), runtime.clone(), config);
     Env { _dir: dir, store, runtime, reconciler }
@@ -91,7 +92,12 @@ fn a_spec_change_recreates_and_a_state_change_only_stops() {
     env.reconcile("web");
     assert_eq!(
         env.runtime.calls(),
-        [Call::Stop("web".into()), Call::Destroy("web".into(), true), Call::Create("web".into()), Call::Start("web".into())]
+        [
+            Call::Stop("web".into()),
+            Call::Destroy("web".into(), true),
+            Call::Create("web".into()),
+            Call::Start("web".into())
+        ]
     );
     assert_eq!(env.status("web").observed_revision.as_deref(), Some("rev2"));
     assert_eq!(env.status("web").observed_generation, 2);
@@ -140,7 +146,11 @@ fn an_object_owned_by_another_source_is_refused_before_anything_is_written() {
     let env = env();
     env.apply("api", "api", &[("web.yaml", &manifest("web", "64Mi", ""))]).unwrap();
     let err = env
-        .apply("git:fleet", "rev1", &[("db.yaml", &manifest("db", "64Mi", "")), ("web.yaml", &manifest("web", "64Mi", ""))])
+        .apply(
+            "git:fleet",
+            "rev1",
+            &[("db.yaml", &manifest("db", "64Mi", "")), ("web.yaml", &manifest("web", "64Mi", ""))],
+        )
         .unwrap_err();
     assert!(matches!(err, ApplyError::OwnerConflict { ref owner, .. } if owner == "api"), "{err}");
     assert!(err.to_string().contains("web.yaml"), "{err}");
@@ -187,11 +197,20 @@ fn a_crash_loop_backs_off_instead_of_restarting_at_once() {
     env.runtime.exit("web", crash());
     assert_eq!(env.reconcile("web"), Outcome::Settled, "the first restart is immediate");
     env.runtime.exit("web", crash());
-    match env.reconcile("web") {
-        Outcome::RequeueAfter(d) => assert!(d > Duration::ZERO),
+    env.runtime.clear_calls();
+    let wait = match env.reconcile("web") {
+        Outcome::RequeueAfter(d) => d,
         other => panic!("expected a backoff, got {other:?}"),
-    }
+    };
+    assert!(wait > Duration::ZERO);
+    assert!(env.runtime.calls().is_empty(), "not restarted during the backoff");
     assert_eq!(env.status("web").phase, Phase::Failed);
+    let reconciling = env.status("web").conditions.into_iter().find(|c| c.type_ == ConditionType::Reconciling).unwrap();
+    assert_eq!(reconciling.reason, "BackOff");
+    std::thread::sleep(wait);
+    env.reconcile("web");
+    assert_eq!(env.runtime.calls(), [Call::Start("web".into())], "restarted once the backoff passed");
+    assert_eq!(env.status("web").restarts, 2);
 }
 
 #[test]
@@ -239,7 +258,8 @@ fn suspended_vms_are_left_alone_until_resumed() {
     assert!(env.runtime.calls().is_empty());
     env.reconciler.resume("web");
     assert_eq!(env.reconcile("web"), Outcome::Settled);
-    let annotated = manifest("web", "64Mi", "").replace("metadata:\n", "metadata:\n  annotations:\n    ignite.dev/suspend: \"true\"\n");
+    let annotated = manifest("web", "64Mi", "")
+        .replace("metadata:\n", "metadata:\n  annotations:\n    ignite.dev/suspend: \"true\"\n");
     env.apply("git:fleet", "rev2", &[("web.yaml", &annotated)]).unwrap();
     env.apply("git:fleet", "rev3", &[("web.yaml", &annotated.replace("64Mi", "128Mi"))]).unwrap();
     env.runtime.clear_calls();

@@ -2,10 +2,7 @@
 //! docker-registry), an image built with umoci from busybox-static and pushed with skopeo, and a real
 //! store under a temporary `--root`.
 
-#[path = "../../../image-store/tests/support/registry.rs"]
-#[allow(dead_code)]
-mod registry;
-
+use image_store::testing::registry;
 use std::path::Path;
 use std::process::{Command, Output};
 

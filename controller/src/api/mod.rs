@@ -1,10 +1,17 @@
 //! The VM API: the `ignite.dev/v1alpha1` `VM` document shared by git manifests, `ignite apply`
 //! and the Kubernetes custom resource, plus the status the controller keeps in its store.
 
+pub mod errors;
+mod lines;
+pub mod load;
 pub mod quantity;
+pub mod schema;
 pub mod status;
 pub mod types;
+pub mod validate;
 
+pub use errors::{ManifestError, ManifestErrors};
+pub use load::{check_unique_names, parse_manifests};
 pub use quantity::{PortMapping, Protocol, Quantity, QuantityError};
 pub use status::{Condition, ConditionStatus, ConditionType, Phase, VmStatus};
 pub use types::*;

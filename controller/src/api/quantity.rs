@@ -154,3 +154,59 @@ impl<'de> Deserialize<'de> for PortMapping {
         String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
+
+impl schemars::JsonSchema for Quantity {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Quantity".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A size: a number of bytes with an optional suffix Ki, Mi, Gi, Ti (powers of 1024) or k, M, G, T (powers of 1000), e.g. 512Mi.",
+            "anyOf": [
+                {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"},
+                {"type": "integer", "minimum": 0}
+            ]
+        })
+    }
+}
+
+impl schemars::JsonSchema for PortMapping {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortMapping".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A host port forwarded to a guest port: \"HOST:GUEST\" or \"HOST:GUEST/tcp|udp\" (TCP by default).",
+            "type": "string",
+            "pattern": "^[0-9]{1,5}:[0-9]{1,5}(/(tcp|udp))?$"
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_parse_print_and_reject_garbage() {
+        let q = |s: &str| s.parse::<Quantity>().map(Quantity::bytes);
+        assert_eq!(q("512Mi"), Ok(512 << 20));
+        assert_eq!(q("1G"), Ok(1_000_000_000));
+        assert_eq!(q("65536"), Ok(65536));
+        assert!(matches!(q("lots"), Err(QuantityError::Syntax(_))));
+        assert!(matches!(q("1.5Gi"), Err(QuantityError::Syntax(_))));
+        assert!(matches!(q("99999999999Ti"), Err(QuantityError::Overflow(_))));
+        assert_eq!(Quantity::from_bytes(4 << 30).to_string(), "4Gi");
+        assert_eq!(Quantity::from_bytes(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn port_mappings_parse_and_print() {
+        let p: PortMapping = "8080:80".parse().unwrap();
+        assert_eq!((p.host_port, p.guest_port, p.protocol), (8080, 80, Protocol::Tcp));
+        assert_eq!("53:53/udp".parse::<PortMapping>().unwrap().to_string(), "53:53/udp");
+        for bad in ["80", "0:80", "70000:80", "80:80/sctp", "a:b"] {
+            assert!(bad.parse::<PortMapping>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,9 +1,10 @@
 //! The observed state of a VM. It lives in the controller's store only, never in git.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Where a VM is in its life.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum Phase {
     /// Accepted, nothing created yet.
     #[default]
@@ -21,7 +22,7 @@ pub enum Phase {
 }
 
 /// kstatus-style condition types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum ConditionType {
     /// The VM matches its spec and runs (or is stopped as asked).
     Ready,
@@ -32,7 +33,7 @@ pub enum ConditionType {
 }
 
 /// Truth value of a condition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum ConditionStatus {
     /// The condition holds.
     True,
@@ -43,7 +44,7 @@ pub enum ConditionStatus {
 }
 
 /// One condition with its reason.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// Which condition.
@@ -61,7 +62,7 @@ pub struct Condition {
 }
 
 /// Everything the controller observed about one VM.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VmStatus {
     /// Current phase.
@@ -75,6 +76,9 @@ pub struct VmStatus {
     /// The guest's MAC address.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The source revision (git commit) that last declared this object.
+    #[serde(default)]
+    pub source_revision: Option<String>,
     /// The source revision (git commit) the running VM was built from.
     #[serde(default)]
     pub observed_revision: Option<String>,

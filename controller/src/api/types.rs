@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::quantity::{PortMapping, Quantity};
@@ -14,12 +15,12 @@ pub const API_VERSION: &str = "ignite.dev/v1alpha1";
 pub const KIND_VM: &str = "VM";
 
 /// One microVM, as declared by a user.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Vm {
-    /// Always [`API_VERSION`].
+    /// Always `ignite.dev/v1alpha1`.
     pub api_version: String,
-    /// Always [`KIND_VM`].
+    /// Always `VM`.
     pub kind: String,
     /// Name, labels and annotations.
     pub metadata: ObjectMeta,
@@ -28,7 +29,7 @@ pub struct Vm {
 }
 
 /// Identity and free-form metadata of an object.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectMeta {
     /// Unique name on this host: a DNS label (lowercase letters, digits, `-`, at most 63 characters).
@@ -42,7 +43,7 @@ pub struct ObjectMeta {
 }
 
 /// The desired state of a VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct VmSpec {
     /// OCI image reference of the root filesystem (e.g. `127.0.0.1:5000/busybox:1.36`).
@@ -99,7 +100,7 @@ fn default_disk_size() -> Quantity {
 }
 
 /// Which kernel boots the VM: an OCI kernel image or a file on the host, and its command line.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KernelSpec {
     /// A kernel imported into the store (`ignite kernel import`), by name, or an OCI image holding one.
@@ -120,7 +121,7 @@ impl KernelSpec {
 }
 
 /// One environment variable.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct EnvVar {
     /// Variable name.
@@ -131,7 +132,7 @@ pub struct EnvVar {
 }
 
 /// Network settings of a VM.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkSpec {
     /// Ports forwarded from the host to the guest, `"HOST:GUEST[/tcp|udp]"`.
@@ -146,7 +147,7 @@ impl NetworkSpec {
 }
 
 /// A host file copied into the guest.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CopyFile {
     /// Absolute path of the file on the host.
@@ -156,7 +157,7 @@ pub struct CopyFile {
 }
 
 /// SSH access to the guest.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SshSpec {
     /// Public keys written to root's `authorized_keys`.
@@ -165,7 +166,7 @@ pub struct SshSpec {
 }
 
 /// What the supervisor does when a VM's main process ends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum RestartPolicy {
     /// Restart whatever the exit status.
     #[default]
@@ -177,7 +178,7 @@ pub enum RestartPolicy {
 }
 
 /// Whether the VM should run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum DesiredState {
     /// The VM should be running.
     #[default]
@@ -187,7 +188,7 @@ pub enum DesiredState {
 }
 
 /// How a VM joins a cluster when it boots (issue "Kubernetes").
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BootstrapSpec {
     /// Join a Kubernetes cluster with kubeadm.
@@ -196,7 +197,7 @@ pub struct BootstrapSpec {
 }
 
 /// kubeadm join parameters.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KubernetesBootstrap {
     /// API server endpoint, `host:port`.
@@ -209,4 +210,31 @@ pub struct KubernetesBootstrap {
     /// Let the controller create a bootstrap token.
     #[serde(default)]
     pub create_token: bool,
+}
+
+impl Vm {
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+}
+
+impl VmSpec {
+    /// A digest of everything that shapes the VM as built: image, kernel, sizes, command,
+    /// environment, network, files, keys and bootstrap. `state` and `restartPolicy` are left out:
+    /// changing them stops, starts or restarts the VM without rebuilding it. A VM whose
+    /// fingerprint changed is recreated.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let mut shaped = self.clone();
+        shaped.state = DesiredState::default();
+        shaped.restart_policy = RestartPolicy::default();
+        let json = serde_json::to_vec(&shaped).expect("a VM spec serializes to JSON");
+        hex::encode(sha2::Sha256::digest(json))
+    }
+
+    /// Whether going from `self` to `other` needs the VM to be rebuilt (see [`VmSpec::fingerprint`]).
+    pub fn needs_recreate(&self, other: &VmSpec) -> bool {
+        self.fingerprint() != other.fingerprint()
+    }
 }

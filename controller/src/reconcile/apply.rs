@@ -125,6 +125,13 @@ pub fn apply_revision(
             report.pruned.push(name);
         }
     }
-    info!(owner, revision, created = report.created.len(), updated = report.updated.len(), pruned = report.pruned.len(), "applied revision");
+    info!(
+        owner,
+        revision,
+        created = report.created.len(),
+        updated = report.updated.len(),
+        pruned = report.pruned.len(),
+        "applied revision"
+    );
     Ok(report)
 }

@@ -189,7 +189,7 @@ mod tests {
         assert_eq!(q.get().as_deref(), Some("a"));
         q.add("a"); // changed while in flight: comes back after done
         assert_eq!(q.get().as_deref(), Some("b"));
-        assert_eq!(q.len(), (0, 0, 1));
+        assert_eq!(q.len(), (0, 0, 2));
         q.done("a");
         assert_eq!(q.get().as_deref(), Some("a"));
         q.done("a");

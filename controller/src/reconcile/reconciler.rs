@@ -38,6 +38,8 @@ pub struct ReconcilerConfig {
     pub backoff_max: Duration,
     /// How often a settled VM is checked again (drift detection).
     pub resync: Duration,
+    /// A VM that stays up this long is no longer crash-looping: its restart backoff resets.
+    pub stable_after: Duration,
 }
 
 impl Default for ReconcilerConfig {
@@ -48,6 +50,7 @@ impl Default for ReconcilerConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             resync: Duration::from_secs(60),
+            stable_after: Duration::from_secs(60),
         }
     }
 }
@@ -315,9 +318,11 @@ impl Reconciler {
             Settled::Completed(exit) if exit.succeeded() => {
                 Summary::new(Phase::Stopped, ConditionType::Ready, "Completed", exit.detail.clone())
             }
-            Settled::Completed(exit) => Summary::new(Phase::Failed, ConditionType::Stalled, "Exited", exit.detail.clone()),
+            Settled::Completed(exit) => {
+                Summary::new(Phase::Failed, ConditionType::Stalled, "Exited", exit.detail.clone())
+            }
         };
-        if settled == Settled::Running {
+        if settled == Settled::Running && record.is_some_and(|r| self.up_for(r) >= self.ctx.config.stable_after) {
             self.ctx.restart_backoff.reset(name);
         }
         let changed = self.summarize(name, summary.clone())?;
@@ -328,23 +333,36 @@ impl Reconciler {
         Ok(Outcome::Settled)
     }
 
-    /// `Some(wait)` while a crash-looping VM must wait before its next restart.
+    /// `Some(wait)` while a crash-looping VM must wait before its next restart: the first
+    /// restart is immediate, later ones back off exponentially until the VM stays up for
+    /// [`ReconcilerConfig::stable_after`].
     fn restart_wait(&self, name: &str) -> Option<Duration> {
         let mut not_before = self.ctx.restart_not_before.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        if let Some(at) = not_before.get(name) {
-            if *at > now {
-                return Some(*at - now);
-            }
+        if let Some(at) = not_before.remove(name) {
+            return (at > now).then(|| {
+                not_before.insert(name.to_string(), at);
+                at - now
+            });
         }
-        let delay = if self.ctx.restart_backoff.failures(name) == 0 {
+        if self.ctx.restart_backoff.failures(name) == 0 {
             self.ctx.restart_backoff.next(name);
-            Duration::ZERO
-        } else {
-            self.ctx.restart_backoff.next(name)
-        };
+            return None;
+        }
+        let delay = self.ctx.restart_backoff.next(name);
         not_before.insert(name.to_string(), now + delay);
-        None
+        Some(delay)
+    }
+
+    /// How long the VM's current process has been running, from its status.
+    fn up_for(&self, record: &VmRecord) -> Duration {
+        record
+            .status
+            .boot_time
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default()
     }
 
     fn forget(&self, name: &str) {

@@ -1,0 +1,158 @@
+//! Parsing manifests: multi-document YAML into [`Vm`]s, every problem reported with file, line
+//! and field, and nothing returned unless the whole file is valid.
+
+use std::collections::HashMap;
+
+use super::errors::{ManifestError, ManifestErrors};
+use super::lines::field_line;
+use super::types::Vm;
+use super::validate::validate;
+
+/// One YAML document of a file: its text and the line it starts on (0-based).
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 0;
+    for (i, line) in text.lines().enumerate() {
+        let marker = line.trim_end();
+        if marker == "---" || marker.starts_with("--- ") || marker == "..." {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 1;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs
+}
+
+fn is_empty_document(doc: &str) -> bool {
+    doc.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#')
+    })
+}
+
+/// Splits `a.b[1].c` into `["a", "b[1]", "c"]`.
+fn split_path(field: &str) -> Vec<String> {
+    field.split('.').filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+/// serde_yaml messages start with the field path (`spec.memory: invalid...`); split it off.
+fn path_and_message(msg: &str) -> (String, String) {
+    let msg = match msg.rsplit_once(" at line ") {
+        Some((m, _)) => m,
+        None => msg,
+    };
+    match msg.split_once(": ") {
+        Some((path, rest))
+            if !path.contains(' ') && path.chars().all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c)) =>
+        {
+            (path.to_string(), rest.to_string())
+        }
+        _ => (String::new(), msg.to_string()),
+    }
+}
+
+/// Parses every VM in `text` (the file named `file`). All documents are checked, and every
+/// problem is returned if any is found.
+pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors> {
+    let mut vms = Vec::new();
+    let mut errors = ManifestErrors::default();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    for (offset, doc) in documents(text) {
+        if is_empty_document(&doc) {
+            continue;
+        }
+        let parsed: Result<Vm, _> = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&doc));
+        match parsed {
+            Ok(vm) => {
+                let mut problems = validate(&vm);
+                let name_line = field_line(&doc, &split_path("metadata.name")).unwrap_or(1) + offset;
+                if let Some(first) = names.insert(vm.metadata.name.clone(), name_line) {
+                    problems
+                        .push(("metadata.name".into(), format!("duplicate VM name: also declared at line {first}")));
+                }
+                for (field, message) in problems {
+                    let line = field_line(&doc, &split_path(&field))
+                        .or_else(|| doc.lines().position(|l| !l.trim().is_empty()).map(|l| l + 1));
+                    errors.push(ManifestError {
+                        file: file.to_string(),
+                        line: line.map(|l| l + offset),
+                        column: None,
+                        field,
+                        object: Some(vm.metadata.name.clone()),
+                        message,
+                    });
+                }
+                vms.push(vm);
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                let e = e.into_inner();
+                let (prefix, message) = path_and_message(&e.to_string());
+                // The path of the innermost field; for unknown fields that is the map holding it.
+                let field = if path == "." || path.is_empty() { prefix } else { path };
+                let field = if message.starts_with("unknown field") {
+                    field.rsplit_once('.').map(|(parent, _)| parent.to_string()).unwrap_or_default()
+                } else {
+                    field
+                };
+                let location = if message.starts_with("unknown field") || message.contains("at line") {
+                    e.location()
+                } else {
+                    None
+                };
+                let location = location.or_else(|| if field.is_empty() { e.location() } else { None });
+                let name = serde_yaml::from_str::<serde_yaml::Value>(&doc).ok().and_then(|v| {
+                    v.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).map(String::from)
+                });
+                let line = location.as_ref().map(|l| l.line()).or_else(|| field_line(&doc, &split_path(&field)));
+                errors.push(ManifestError {
+                    file: file.to_string(),
+                    line: line.map(|l| l + offset),
+                    column: location.map(|l| l.column()),
+                    field,
+                    object: name,
+                    message,
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(vms)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Checks that no two documents (in any of the files) declare the same VM name; reports both
+/// places.
+pub fn check_unique_names(docs: &[(String, Vm)]) -> Result<(), ManifestErrors> {
+    let mut first: HashMap<&str, &str> = HashMap::new();
+    let mut errors = ManifestErrors::default();
+    for (file, vm) in docs {
+        let name = vm.metadata.name.as_str();
+        if let Some(other) = first.insert(name, file) {
+            errors.push(ManifestError {
+                file: file.clone(),
+                line: None,
+                column: None,
+                field: "metadata.name".into(),
+                object: Some(name.to_string()),
+                message: format!("duplicate VM name: also declared in {other}"),
+            });
+            first.insert(name, other);
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+#[path = "load_tests.rs"]
+mod tests;

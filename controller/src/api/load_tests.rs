@@ -1,0 +1,164 @@
+//! Manifest parsing: good documents, and every kind of bad input with its file, line and field.
+
+use super::*;
+use crate::api::{DesiredState, Quantity, RestartPolicy};
+
+const GOOD: &str = "# fleet
+apiVersion: ignite.dev/v1alpha1
+kind: VM
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  image: 127.0.0.1:5000/busybox:1.36
+  cpus: 2
+  memory: 256Mi
+  diskSize: 1Gi
+  command: [/bin/httpd, -f]
+  env:
+    - name: GREETING
+      value: hi
+  network:
+    ports: [\"8080:80\", \"53:53/udp\"]
+  restartPolicy: OnFailure
+---
+---
+apiVersion: ignite.dev/v1alpha1
+kind: VM
+metadata:
+  name: db
+spec:
+  image: busybox
+";
+
+fn errors(text: &str) -> Vec<ManifestError> {
+    parse_manifests("fleet/web.yaml", text).expect_err("invalid").0
+}
+
+fn one_error(text: &str) -> ManifestError {
+    let errs = errors(text);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    errs.into_iter().next().unwrap()
+}
+
+fn with_spec(extra: &str) -> String {
+    format!("apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: web\nspec:\n  image: busybox\n{extra}")
+}
+
+#[test]
+fn parses_multi_document_files_with_defaults() {
+    let vms = parse_manifests("fleet.yaml", GOOD).unwrap();
+    assert_eq!(vms.len(), 2);
+    let web = &vms[0].spec;
+    assert_eq!((web.cpus, web.memory.mib(), web.disk_size.bytes()), (2, 256, 1 << 30));
+    assert_eq!(web.network.ports[1].to_string(), "53:53/udp");
+    assert_eq!(web.restart_policy, RestartPolicy::OnFailure);
+    let db = &vms[1].spec;
+    assert_eq!((db.cpus, db.memory.mib(), db.disk_size.bytes()), (1, 512, 4 << 30));
+    assert_eq!((db.state, db.restart_policy), (DesiredState::Running, RestartPolicy::Always));
+    let yaml = serde_yaml::to_string(&vms[0]).unwrap();
+    assert_eq!(parse_manifests("again.yaml", &yaml).unwrap()[0], vms[0], "round trip:\n{yaml}");
+    assert!(parse_manifests("empty.yaml", "# nothing\n---\n").unwrap().is_empty());
+}
+
+#[test]
+fn malformed_yaml_names_file_and_line() {
+    let e = one_error("apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: [web\n");
+    assert_eq!(e.file, "fleet/web.yaml");
+    assert!(e.line.is_some(), "{e}");
+    assert!(e.to_string().starts_with("fleet/web.yaml:"), "{e}");
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_line_even_deep_down() {
+    let e = one_error(&with_spec("  network:\n    ports: []\n    bandwidth: 10M\n"));
+    assert_eq!(e.line, Some(9), "{e}");
+    assert!(e.message.contains("unknown field `bandwidth`"), "{e}");
+    assert_eq!(e.field, "spec.network", "{e}");
+    let top = one_error(&with_spec("  memroy: 1Gi\n"));
+    assert!(top.message.contains("memroy") && top.line == Some(7), "{top}");
+}
+
+#[test]
+fn bad_quantities_and_ports_name_the_field() {
+    let e = one_error(&with_spec("  memory: lots\n"));
+    assert_eq!((e.field.as_str(), e.line), ("spec.memory", Some(7)), "{e}");
+    assert!(e.message.contains("invalid quantity"), "{e}");
+    let e = one_error(&with_spec("  network:\n    ports:\n      - \"8080:80\"\n      - \"80\"\n"));
+    assert!(e.message.contains("invalid port mapping \"80\""), "{e}");
+    assert_eq!(e.line, Some(10), "{e}");
+}
+
+#[test]
+fn impossible_sizes_and_counts_are_reported_together() {
+    let errs = errors(&with_spec("  cpus: 64\n  memory: 1Ki\n  diskSize: 1Mi\n"));
+    let fields: Vec<(&str, Option<usize>)> = errs.iter().map(|e| (e.field.as_str(), e.line)).collect();
+    assert_eq!(fields, [("spec.cpus", Some(7)), ("spec.memory", Some(8)), ("spec.diskSize", Some(9))]);
+    assert!(errs.iter().all(|e| e.object.as_deref() == Some("web")));
+}
+
+#[test]
+fn invalid_references_names_and_kinds() {
+    let e = one_error(
+        "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: web\nspec:\n  image: \"UPPER/Case::bad\"\n",
+    );
+    assert_eq!((e.field.as_str(), e.line), ("spec.image", Some(6)), "{e}");
+    let e = one_error("apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: Web_1\nspec:\n  image: busybox\n");
+    assert_eq!((e.field.as_str(), e.line), ("metadata.name", Some(4)), "{e}");
+    let errs = errors("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  image: busybox\n");
+    assert_eq!((errs[0].field.as_str(), errs[0].line), ("apiVersion", Some(1)), "{errs:#?}");
+    let errs = errors("apiVersion: ignite.dev/v1alpha1\nkind: Pod\nmetadata:\n  name: web\nspec:\n  image: busybox\n");
+    assert_eq!(errs[0].field, "kind");
+    assert_eq!(errs[0].line, Some(2));
+}
+
+#[test]
+fn kernel_env_files_keys_and_bootstrap_are_checked() {
+    let errs = errors(&with_spec(
+        "  kernel:\n    image: k1\n    path: vmlinux\n  env:\n    - name: A\n    - name: A\n    - name: 1B\n  copyFiles:\n    - source: rel\n      destination: /etc/x\n  ssh:\n    authorizedKeys: [\"not a key\"]\n  bootstrap:\n    kubernetes:\n      apiServerEndpoint: nope\n      caCertHash: md5:00\n",
+    ));
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.kernel",
+            "spec.kernel.path",
+            "spec.env[1].name",
+            "spec.env[2].name",
+            "spec.copyFiles[0].source",
+            "spec.ssh.authorizedKeys[0]",
+            "spec.bootstrap.kubernetes.apiServerEndpoint",
+            "spec.bootstrap.kubernetes.caCertHash",
+            "spec.bootstrap.kubernetes",
+        ],
+        "{errs:#?}"
+    );
+    let lines: Vec<Option<usize>> = errs.iter().map(|e| e.line).collect();
+    assert_eq!(lines[..5], [Some(7), Some(9), Some(12), Some(13), Some(15)], "{errs:#?}");
+}
+
+#[test]
+fn duplicate_names_are_caught_in_one_file_and_across_files() {
+    let doc = with_spec("");
+    let e = one_error(&format!("{doc}---\n{doc}"));
+    assert!(e.message.contains("duplicate VM name: also declared at line 4"), "{e}");
+    assert_eq!(e.line, Some(11), "{e}");
+    let a = parse_manifests("a.yaml", &doc).unwrap().remove(0);
+    let b = a.clone();
+    let err = check_unique_names(&[("a.yaml".into(), a), ("b.yaml".into(), b)]).unwrap_err();
+    assert_eq!(err.0[0].file, "b.yaml");
+    assert!(err.to_string().contains("also declared in a.yaml"), "{err}");
+}
+
+#[test]
+fn fingerprint_ignores_state_and_restart_policy_only() {
+    let base = parse_manifests("a.yaml", &with_spec("")).unwrap().remove(0).spec;
+    let mut stopped = base.clone();
+    stopped.state = DesiredState::Stopped;
+    stopped.restart_policy = RestartPolicy::Never;
+    assert!(!base.needs_recreate(&stopped));
+    let mut bigger = base.clone();
+    bigger.memory = Quantity::from_bytes(1 << 30);
+    assert!(base.needs_recreate(&bigger));
+    assert_eq!(base.fingerprint().len(), 64);
+}

@@ -1,0 +1,256 @@
+//! VM records: put (with ownership and generations), status updates, deletion.
+
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::Transactional;
+
+use crate::api::{Vm, VmStatus};
+
+use super::records::{PutOutcome, VmChanges, VmRecord};
+use super::{decode, decode_u64, encode, Store, StoreError, KEY_REVISION, META, VMS};
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn bump_revision(meta: &TransactionalTree) -> TxResult<u64> {
+    let current = match meta.get(KEY_REVISION)? {
+        Some(v) => match decode_u64(META, KEY_REVISION, &v) {
+            Ok(n) => n,
+            Err(e) => return abort(e),
+        },
+        None => 0,
+    };
+    meta.insert(KEY_REVISION, &(current + 1).to_be_bytes())?;
+    Ok(current + 1)
+}
+
+fn read(vms: &TransactionalTree, name: &str) -> TxResult<Option<VmRecord>> {
+    match vms.get(name.as_bytes())? {
+        Some(v) => match decode(VMS, name.as_bytes(), &v) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => abort(e),
+        },
+        None => Ok(None),
+    }
+}
+
+impl Store {
+    /// Stores the declared `vm` for `owner`. The generation moves only when metadata or spec
+    /// change; status is kept. Refuses an object owned by another source unless `force_owner`.
+    /// Durable on return.
+    pub fn put_vm(&self, vm: &Vm, owner: &str, force_owner: bool) -> Result<PutOutcome, StoreError> {
+        let name = vm.metadata.name.as_str();
+        let outcome = (&self.vms, &self.meta).transaction(|(vms, meta)| {
+            let existing = read(vms, name)?;
+            let (record, outcome) = match existing {
+                Some(old) if old.owner != owner && !force_owner => {
+                    return abort(StoreError::OwnerConflict {
+                        name: name.to_string(),
+                        owner: old.owner,
+                        requested: owner.to_string(),
+                    })
+                }
+                Some(old) => {
+                    let changed = old.vm != *vm || old.deletion_requested || old.owner != owner;
+                    let generation = if old.vm != *vm { old.generation + 1 } else { old.generation };
+                    let record = VmRecord {
+                        vm: vm.clone(),
+                        owner: owner.to_string(),
+                        generation,
+                        deletion_requested: false,
+                        ..old
+                    };
+                    (record, PutOutcome { generation, changed, created: false })
+                }
+                None => {
+                    let record = VmRecord {
+                        vm: vm.clone(),
+                        owner: owner.to_string(),
+                        generation: 1,
+                        status: VmStatus::default(),
+                        deletion_requested: false,
+                        created_at: crate::reconcile::now_rfc3339(),
+                    };
+                    (record, PutOutcome { generation: 1, changed: true, created: true })
+                }
+            };
+            if outcome.changed {
+                vms.insert(name.as_bytes(), encode(&record))?;
+                bump_revision(meta)?;
+            }
+            Ok(outcome)
+        })?;
+        if outcome.changed {
+            self.flush()?;
+        }
+        Ok(outcome)
+    }
+
+    /// The record of `name`, if any.
+    pub fn get_vm(&self, name: &str) -> Result<Option<VmRecord>, StoreError> {
+        match self.vms.get(name.as_bytes())? {
+            Some(v) => decode(VMS, name.as_bytes(), &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record, sorted by name.
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.vms.iter().map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode(VMS, &k, &v))).collect()
+    }
+
+    /// The records owned by `owner`.
+    pub fn vms_owned_by(&self, owner: &str) -> Result<Vec<VmRecord>, StoreError> {
+        Ok(self.list_vms()?.into_iter().filter(|r| r.owner == owner).collect())
+    }
+
+    /// Changes the status of `name` with `update` (re-run on a concurrent write, so no update is
+    /// lost). Returns the new record.
+    pub fn update_status(&self, name: &str, update: impl FnMut(&mut VmStatus)) -> Result<VmRecord, StoreError> {
+        // sled may run the transaction closure again on a conflict, and wants an `Fn`.
+        let update = std::cell::RefCell::new(update);
+        let record = (&self.vms, &self.meta).transaction(|(vms, meta)| {
+            let Some(mut record) = read(vms, name)? else {
+                return abort(StoreError::NotFound { name: name.to_string() });
+            };
+            let before = record.status.clone();
+            (update.borrow_mut())(&mut record.status);
+            if record.status != before {
+                vms.insert(name.as_bytes(), encode(&record))?;
+                bump_revision(meta)?;
+            }
+            Ok(record)
+        })?;
+        Ok(record)
+    }
+
+    /// Marks `name` for deletion (its source no longer declares it). Durable on return.
+    pub fn mark_deletion(&self, name: &str) -> Result<(), StoreError> {
+        (&self.vms, &self.meta).transaction(|(vms, meta)| {
+            let Some(mut record) = read(vms, name)? else {
+                return abort(StoreError::NotFound { name: name.to_string() });
+            };
+            if !record.deletion_requested {
+                record.deletion_requested = true;
+                vms.insert(name.as_bytes(), encode(&record))?;
+                bump_revision(meta)?;
+            }
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    /// Removes the record of `name` and its lease, in one transaction. Missing is fine.
+    /// Durable on return.
+    pub fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
+        (&self.vms, &self.meta, &self.leases_by_vm, &self.leases_by_ip).transaction(|(vms, meta, by_vm, by_ip)| {
+            if vms.remove(name.as_bytes())?.is_some() {
+                bump_revision(meta)?;
+            }
+            super::leases::release_in(by_vm, by_ip, name)?;
+            Ok(())
+        })?;
+        self.flush()
+    }
+
+    /// Every later change to VM records (blocking iterator; see [`super::Store::revision`] to
+    /// resume after a reconnect).
+    pub fn watch_vms(&self) -> VmChanges {
+        VmChanges { subscriber: self.vms.watch_prefix(b"") }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Phase;
+
+    fn vm(name: &str, memory: &str) -> Vm {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "ignite.dev/v1alpha1",
+            "kind": "VM",
+            "metadata": {"name": name},
+            "spec": {"image": "busybox", "memory": memory},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn generations_move_only_on_change_and_status_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let created = store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        assert_eq!(created, PutOutcome { generation: 1, changed: true, created: true });
+        store.update_status("web", |s| s.phase = Phase::Running).unwrap();
+        let same = store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        assert_eq!(same, PutOutcome { generation: 1, changed: false, created: false });
+        let changed = store.put_vm(&vm("web", "128Mi"), "git:a", false).unwrap();
+        assert_eq!(changed, PutOutcome { generation: 2, changed: true, created: false });
+        let record = store.get_vm("web").unwrap().unwrap();
+        assert_eq!(record.status.phase, Phase::Running);
+        assert_eq!(record.generation, 2);
+    }
+
+    #[test]
+    fn ownership_is_enforced_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        let err = store.put_vm(&vm("web", "64Mi"), "api", false).unwrap_err();
+        assert!(matches!(err, StoreError::OwnerConflict { ref owner, .. } if owner == "git:a"), "{err}");
+        store.put_vm(&vm("web", "64Mi"), "api", true).unwrap();
+        assert_eq!(store.get_vm("web").unwrap().unwrap().owner, "api");
+        assert_eq!(store.vms_owned_by("api").unwrap().len(), 1);
+        assert!(store.vms_owned_by("git:a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn deletion_is_marked_then_removal_takes_the_lease_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        store.allocate_lease("web", ["10.0.0.2".parse().unwrap()], "02:00:00:00:00:02").unwrap();
+        store.mark_deletion("web").unwrap();
+        assert!(store.get_vm("web").unwrap().unwrap().deletion_requested);
+        let revision = store.revision().unwrap();
+        store.remove_vm("web").unwrap();
+        assert!(store.get_vm("web").unwrap().is_none());
+        assert!(store.list_leases().unwrap().is_empty());
+        assert!(store.revision().unwrap() > revision);
+        store.remove_vm("web").unwrap();
+        assert!(matches!(store.update_status("web", |_| {}), Err(StoreError::NotFound { .. })));
+    }
+
+    #[test]
+    fn concurrent_status_updates_are_never_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        store.update_status("web", |s| s.restarts += 1).unwrap();
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(store.get_vm("web").unwrap().unwrap().status.restarts, 400);
+    }
+
+    #[test]
+    fn watchers_see_writes_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut changes = store.watch_vms();
+        store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        store.remove_vm("web").unwrap();
+        let first = changes.next().unwrap();
+        assert_eq!((first.name.as_str(), first.record.map(|r| r.generation)), ("web", Some(1)));
+        assert_eq!(changes.next().unwrap().record, None);
+    }
+}
