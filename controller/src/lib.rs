@@ -5,5 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod net;
 pub mod reconcile;
 pub mod store;

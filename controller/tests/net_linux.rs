@@ -1,0 +1,137 @@
+//! The real host network ([`LinuxHostNet`]) inside network namespaces the tests create: a bridge,
+//! taps, and port forwards answered by a stand-in guest (a second namespace on a veth pair in
+//! place of a VM's tap). Nothing outside the namespaces is touched or addressed.
+
+mod support;
+
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use controller::api::Protocol;
+use controller::net::{tap_name, HostNet, LinuxHostNet, NetConfig, PortForward};
+use support::netns::{run_inside, sh_in, Netns};
+
+fn config() -> NetConfig {
+    NetConfig { bridge: "ignbr-test".into(), subnet: "10.99.0.0/24".parse().unwrap(), masquerade: true }
+}
+
+#[test]
+fn bridge_and_taps_are_idempotent_and_listed() {
+    if !run_inside("ignite-test-net-taps", "bridge_and_taps_are_idempotent_and_listed") {
+        return;
+    }
+    let net = LinuxHostNet::new();
+    net.ensure_bridge(&config()).unwrap();
+    net.ensure_bridge(&config()).unwrap();
+    let addr = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    assert_eq!(addr.trim(), "1");
+    let tap = tap_name("web");
+    net.create_tap(&tap, "ignbr-test").unwrap();
+    net.create_tap(&tap, "ignbr-test").unwrap();
+    assert_eq!(net.list_taps().unwrap(), [tap.clone()]);
+    let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+    assert!(master.ends_with("ignbr-test"), "{master:?}");
+    net.delete_tap(&tap).unwrap();
+    net.delete_tap(&tap).unwrap();
+    assert!(net.list_taps().unwrap().is_empty());
+    let rules = std::process::Command::new("iptables").args(["-t", "nat", "-S"]).output().unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(rules.matches("-j IGNITE-DNAT").count() == 2, "one jump from PREROUTING and one from OUTPUT:\n{rules}");
+}
+
+/// Serves a TCP greeting on port 80 and a UDP echo on port 53 in the stand-in guest namespace,
+/// in its own process group so the whole server can be killed.
+const GUEST_SERVERS: &str = r#"
+import socket, threading
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 53))
+    while True:
+        data, peer = s.recvfrom(1500); s.sendto(data, peer)
+threading.Thread(target=udp, daemon=True).start()
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(("0.0.0.0", 80)); t.listen(8)
+while True:
+    c, _ = t.accept(); c.sendall(b"guest-says-hi\n"); c.close()
+"#;
+
+struct Servers(std::process::Child);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_guest_servers(guest_ns: &str) -> Servers {
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", guest_ns, "python3", "-c", GUEST_SERVERS])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Servers(child)
+}
+
+fn tcp_answer(addr: (Ipv4Addr, u16)) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn port_forwards_reach_the_guest_from_the_host_and_are_removed() {
+    if !run_inside("ignite-test-net-fwd", "port_forwards_reach_the_guest_from_the_host_and_are_removed") {
+        return;
+    }
+    let net = LinuxHostNet::new();
+    let cfg = config();
+    net.ensure_bridge(&cfg).unwrap();
+    // The stand-in guest: its own namespace, linked to the bridge by a veth pair.
+    let guest = Netns::create("ignite-test-net-guest");
+    let guest_ip = Ipv4Addr::new(10, 99, 0, 2);
+    sh_in("ignite-test-net-fwd", "ip link add ignveth-h type veth peer name ignveth-g");
+    sh_in("ignite-test-net-fwd", &format!("ip link set ignveth-g netns {}", guest.0));
+    sh_in("ignite-test-net-fwd", "ip link set ignveth-h master ignbr-test && ip link set ignveth-h up");
+    sh_in(
+        &guest.0,
+        &format!(
+            "ip addr add {guest_ip}/24 dev ignveth-g && ip link set ignveth-g up && ip route add default via 10.99.0.1"
+        ),
+    );
+    let _servers = start_guest_servers(&guest.0);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let tcp = PortForward { vm: "web".into(), host_port: 8080, guest_ip, guest_port: 80, protocol: Protocol::Tcp };
+    let udp = PortForward { vm: "web".into(), host_port: 5353, guest_ip, guest_port: 53, protocol: Protocol::Udp };
+    let other = PortForward { vm: "db".into(), host_port: 9090, guest_ip, guest_port: 90, protocol: Protocol::Tcp };
+    for f in [&tcp, &tcp, &udp, &other] {
+        net.add_port_forward(f).unwrap();
+    }
+    let mut listed = net.list_port_forwards().unwrap();
+    listed.sort();
+    assert_eq!(listed, [other.clone(), udp.clone(), tcp.clone()], "no duplicates");
+
+    assert_eq!(tcp_answer((cfg.subnet.gateway(), 8080)).unwrap().trim(), "guest-says-hi", "via the bridge address");
+    assert_eq!(tcp_answer((Ipv4Addr::LOCALHOST, 8080)).unwrap().trim(), "guest-says-hi", "via 127.0.0.1");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    sock.send_to(b"ping", "127.0.0.1:5353").unwrap();
+    let mut buf = [0u8; 16];
+    let (n, _) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ping", "UDP echoed by the guest");
+
+    net.remove_port_forwards("web").unwrap();
+    net.remove_port_forwards("web").unwrap();
+    assert_eq!(net.list_port_forwards().unwrap(), [other.clone()], "only web's rules went");
+    assert!(tcp_answer((Ipv4Addr::LOCALHOST, 8080)).is_err(), "nothing answers once the forward is gone");
+    net.remove_port_forwards("db").unwrap();
+    let rules = String::from_utf8_lossy(
+        &std::process::Command::new("iptables").args(["-t", "nat", "-S"]).output().unwrap().stdout,
+    )
+    .into_owned();
+    assert!(!rules.contains("ignite:"), "no tagged rule remains:\n{rules}");
+}
