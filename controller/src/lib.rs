@@ -7,4 +7,5 @@
 pub mod api;
 pub mod net;
 pub mod reconcile;
+pub mod source;
 pub mod store;

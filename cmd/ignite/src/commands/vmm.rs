@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use vmm_core::control::{self, Action, ControlServer, ExitRecord};
 use vmm_core::{ConsoleConfig, DiskConfig, ExitReason, NetConfig, VirtModeConfig, Vm, VmConfig, VsockConfig};
 
 use super::{EXIT_GUEST_CRASH, EXIT_STOPPED, EXIT_VMM_ERROR};
@@ -22,15 +23,26 @@ pub enum VmmCommand {
     /// kernel, missing file, no /dev/kvm); 126 when the guest crashes; 130 when stopped by Ctrl-C.
     ///
     /// Example: ignite vmm run --kernel vmlinux --initrd initrd.cpio --disk rootfs.ext4,ro --memory 256
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Arguments of `ignite vmm run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// Kernel image: an uncompressed ELF vmlinux (64-bit or PVH entry) or a bzImage.
+    /// A serialized `VmConfig` (JSON) instead of the device flags.
+    #[arg(long, value_name = "FILE.json", conflicts_with_all = [
+        "kernel", "initrd", "disks", "nets", "vsock", "cmdline", "cpus", "memory", "console", "no_rng", "virt_mode"
+    ])]
+    config: Option<PathBuf>,
+    /// Serve the JSON-lines control protocol (status, pause, resume, stop, kill) on this unix socket.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    control_socket: Option<PathBuf>,
+    /// Write how the VM ended (reason and exit code, JSON) to this file, atomically, before exiting.
+    #[arg(long, value_name = "PATH")]
+    exit_file: Option<PathBuf>,
+    /// Kernel image: an uncompressed ELF vmlinux (64-bit or PVH entry) or a bzImage.
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed if the kernel supports it).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -110,43 +122,119 @@ fn parse_virt_mode(s: &str) -> Result<VirtModeConfig, String> {
 /// Runs an engine subcommand.
 pub fn run(cmd: VmmCommand, process_start: Instant) -> anyhow::Result<ExitCode> {
     match cmd {
-        VmmCommand::Run(args) => run_foreground(args, process_start),
+        VmmCommand::Run(args) => run_foreground(*args, process_start),
+    }
+}
+
+fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        return serde_json::from_str(&text).with_context(|| format!("invalid vm config {}", path.display()));
+    }
+    Ok(VmConfig {
+        vcpus: args.cpus,
+        memory_mib: args.memory,
+        kernel: args.kernel.clone().context("--kernel or --config is required")?,
+        initrd: args.initrd.clone(),
+        cmdline: args.cmdline.clone(),
+        disks: args.disks.clone(),
+        nets: args.nets.clone(),
+        vsock: args.vsock.clone(),
+        rng: !args.no_rng,
+        console: args.console.clone(),
+        virt_mode: args.virt_mode,
+    })
+}
+
+fn exit_code(reason: &ExitReason) -> u8 {
+    match reason {
+        ExitReason::PowerOff { code } => *code,
+        ExitReason::Reset => 0,
+        ExitReason::Stopped => EXIT_STOPPED,
+        ExitReason::Crash { .. } => EXIT_GUEST_CRASH,
+        ExitReason::Error { .. } => EXIT_VMM_ERROR,
+    }
+}
+
+fn write_exit_file(path: Option<&std::path::Path>, exit: ExitReason, code: u8) {
+    if let Some(path) = path {
+        let record = ExitRecord { exit, exit_code: i32::from(code) };
+        if let Err(err) = record.write_atomic(path) {
+            eprintln!("error: cannot write the exit file {}: {err}", path.display());
+        }
     }
 }
 
 fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitCode> {
-    let config = VmConfig {
-        vcpus: args.cpus,
-        memory_mib: args.memory,
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        disks: args.disks,
-        nets: args.nets,
-        vsock: args.vsock,
-        rng: !args.no_rng,
-        console: args.console,
-        virt_mode: args.virt_mode,
+    let config = match vm_config(&args) {
+        Ok(config) => config,
+        Err(err) => {
+            let detail = format!("{err:#}");
+            write_exit_file(args.exit_file.as_deref(), ExitReason::Error { detail }, EXIT_VMM_ERROR);
+            return Err(err);
+        }
     };
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, interrupted.clone()).context("cannot install the signal handler")?;
     }
     let vm_started = process_start.elapsed();
-    let handle =
-        Vm::start(&config).with_context(|| format!("cannot start a vm with kernel {}", config.kernel.display()))?;
-    // Wait in short steps so Ctrl-C is noticed promptly.
-    while handle.wait_timeout(Duration::from_millis(100)).is_none() {
+    let handle = match Vm::start(&config) {
+        Ok(handle) => handle,
+        Err(err) => {
+            let err =
+                anyhow::Error::new(err).context(format!("cannot start a vm with kernel {}", config.kernel.display()));
+            let detail = format!("{err:#}");
+            write_exit_file(args.exit_file.as_deref(), ExitReason::Error { detail }, EXIT_VMM_ERROR);
+            return Err(err);
+        }
+    };
+    let control = match args.control_socket.as_deref().map(|path| (path, ControlServer::bind(path))) {
+        None => None,
+        Some((_, Ok(server))) => Some(server),
+        Some((path, Err(err))) => {
+            let err = anyhow::Error::new(err).context(format!("cannot serve the control socket {}", path.display()));
+            let exit = handle.kill();
+            write_exit_file(
+                args.exit_file.as_deref(),
+                ExitReason::Error { detail: format!("{err:#}") },
+                EXIT_VMM_ERROR,
+            );
+            tracing::debug!(reason = %exit.reason, "vm stopped");
+            return Err(err);
+        }
+    };
+    let mut paused = false;
+    let mut action = Action::Continue;
+    // Wait in short steps so Ctrl-C and control requests are noticed promptly.
+    while handle.exit_reason().is_none() && action == Action::Continue {
         if interrupted.load(Ordering::Relaxed) {
             eprintln!("ignite: stopping the guest (waiting up to {}s)", args.stop_timeout);
+            action = Action::Stop(Duration::from_secs(args.stop_timeout));
             break;
         }
+        let Some((_, requests)) = &control else {
+            handle.wait_timeout(Duration::from_millis(100));
+            continue;
+        };
+        match requests.recv_timeout(Duration::from_millis(100)) {
+            Ok(cmd) => {
+                let (reply, next) = control::apply(&handle, &mut paused, &cmd.request);
+                // The requester may have gone away; the VM does not care.
+                let _ = cmd.reply.send(reply);
+                action = next;
+            }
+            Err(_) => continue,
+        }
     }
-    let exit = if interrupted.load(Ordering::Relaxed) && handle.exit_reason().is_none() {
-        handle.stop(Duration::from_secs(args.stop_timeout))
-    } else {
-        handle.wait()
+    let exit = match action {
+        Action::Stop(grace) if handle.exit_reason().is_none() => handle.stop(grace),
+        Action::Kill => handle.kill(),
+        _ => handle.wait(),
     };
+    let code = exit_code(&exit.reason);
+    write_exit_file(args.exit_file.as_deref(), exit.reason.clone(), code);
+    drop(control);
     if args.timings {
         let report = serde_json::json!({
             "exit": exit.reason,
@@ -156,19 +244,12 @@ fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitC
         });
         eprintln!("{report}");
     }
-    Ok(match exit.reason {
-        ExitReason::PowerOff { code } => ExitCode::from(code),
-        ExitReason::Reset => ExitCode::SUCCESS,
-        ExitReason::Stopped => ExitCode::from(EXIT_STOPPED),
-        ExitReason::Crash { detail } => {
-            eprintln!("error: the guest crashed: {detail}");
-            ExitCode::from(EXIT_GUEST_CRASH)
-        }
-        ExitReason::Error { detail } => {
-            eprintln!("error: the vmm failed: {detail}");
-            ExitCode::from(EXIT_VMM_ERROR)
-        }
-    })
+    match &exit.reason {
+        ExitReason::Crash { detail } => eprintln!("error: the guest crashed: {detail}"),
+        ExitReason::Error { detail } => eprintln!("error: the vmm failed: {detail}"),
+        _ => {}
+    }
+    Ok(ExitCode::from(code))
 }
 
 #[cfg(test)]
@@ -184,5 +265,34 @@ mod tests {
         assert_eq!(parse_vsock("3:/x").unwrap().guest_cid, 3);
         assert!(parse_vsock("x:/x").unwrap_err().contains("`x`"));
         assert!(parse_virt_mode("fast").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: VmmCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        use clap::Parser;
+        let Cli { cmd: VmmCommand::Run(args) } = Cli::try_parse_from([&["ignite", "run"], args].concat())?;
+        Ok(*args)
+    }
+
+    #[test]
+    fn a_config_file_excludes_the_device_flags_and_is_read_as_json() {
+        assert!(parse(&["--config", "c.json", "--kernel", "k"]).is_err());
+        assert!(parse(&["--config", "c.json", "--memory", "64"]).is_err());
+        assert!(parse(&[]).is_err(), "a kernel or a config is required");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        let mut config = VmConfig::new("/k");
+        config.memory_mib = 64;
+        std::fs::write(&path, serde_json::to_string(&config).unwrap()).unwrap();
+        let args = parse(&["--config", path.to_str().unwrap(), "--control-socket", "/s", "--exit-file", "/e"]).unwrap();
+        assert_eq!(vm_config(&args).unwrap(), config);
+        std::fs::write(&path, "{\"vcpuz\":1}").unwrap();
+        assert!(format!("{:#}", vm_config(&args).unwrap_err()).contains("vcpuz"));
+        assert_eq!(vm_config(&parse(&["--kernel", "/k2"]).unwrap()).unwrap().kernel, PathBuf::from("/k2"));
     }
 }

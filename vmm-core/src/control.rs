@@ -1,0 +1,267 @@
+//! The per-VM control channel: a unix socket speaking JSON lines, served by a thread that forwards
+//! each request to the loop owning the [`VmHandle`], plus the exit record a VMM process leaves behind.
+//!
+//! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"stop","graceMs":N}`,
+//! `{"op":"kill"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`, one line each.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::{ExitReason, VmHandle};
+
+/// One control request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase", deny_unknown_fields)]
+pub enum Request {
+    /// State, uptime and counters.
+    Status,
+    /// Park every vCPU.
+    Pause,
+    /// Let parked vCPUs run again.
+    Resume,
+    /// Ctrl-Alt-Del, then force after `grace_ms`.
+    Stop {
+        /// Milliseconds the guest gets to shut down.
+        #[serde(rename = "graceMs", default)]
+        grace_ms: u64,
+    },
+    /// Stop at once.
+    Kill,
+}
+
+/// A request received on the socket, with the channel its reply goes to.
+pub struct Command {
+    /// What was asked.
+    pub request: Request,
+    /// Where the reply goes: `Ok(fields)` becomes `{"ok":true,...fields}`, `Err(msg)` an error reply.
+    pub reply: Sender<Result<Value, String>>,
+}
+
+/// What the owner of the VM must do after answering a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Keep running.
+    Continue,
+    /// Stop gracefully within the grace period.
+    Stop(Duration),
+    /// Stop at once.
+    Kill,
+}
+
+/// Answers `request` for `vm` (whose pause state is tracked in `paused`) and says what to do next.
+pub fn apply(vm: &VmHandle, paused: &mut bool, request: &Request) -> (Result<Value, String>, Action) {
+    match request {
+        Request::Status => {
+            let counters = vm.counters();
+            let state = if *paused { "paused" } else { "running" };
+            let uptime_ms = u64::try_from(counters.uptime.as_millis()).unwrap_or(u64::MAX);
+            (Ok(json!({"state": state, "uptimeMs": uptime_ms, "counters": counters})), Action::Continue)
+        }
+        Request::Pause => match vm.pause() {
+            Ok(()) => {
+                *paused = true;
+                (Ok(json!({"state": "paused"})), Action::Continue)
+            }
+            Err(err) => (Err(err.to_string()), Action::Continue),
+        },
+        Request::Resume => match vm.resume() {
+            Ok(()) => {
+                *paused = false;
+                (Ok(json!({"state": "running"})), Action::Continue)
+            }
+            Err(err) => (Err(err.to_string()), Action::Continue),
+        },
+        Request::Stop { grace_ms } => {
+            (Ok(json!({"state": "stopping"})), Action::Stop(Duration::from_millis(*grace_ms)))
+        }
+        Request::Kill => (Ok(json!({"state": "stopping"})), Action::Kill),
+    }
+}
+
+/// The control socket server. Dropping it stops the thread and removes the socket file.
+pub struct ControlServer {
+    path: PathBuf,
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How long a connection waits for the VM loop to answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket file) and serves it; requests arrive on the receiver.
+    pub fn bind(path: &Path) -> std::io::Result<(ControlServer, Receiver<Command>)> {
+        match std::fs::remove_file(path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+        let listener = UnixListener::bind(path)?;
+        let (tx, rx) = mpsc::channel();
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let stop = shutdown.clone();
+        let thread =
+            std::thread::Builder::new().name("vmm-control".into()).spawn(move || accept_loop(listener, tx, stop))?;
+        Ok((ControlServer { path: path.to_owned(), shutdown, thread: Some(thread) }, rx))
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        drop(UnixStream::connect(&self.path));
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the control thread panicked");
+            }
+        }
+        if let Err(err) = std::fs::remove_file(&self.path) {
+            tracing::warn!(%err, path = %self.path.display(), "control socket not removed");
+        }
+    }
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<Command>, shutdown: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if shutdown.load(Ordering::SeqCst) {
+            return;
+        }
+        match conn {
+            Ok(stream) => {
+                let tx = tx.clone();
+                if let Err(err) = std::thread::Builder::new().name("vmm-control-conn".into()).spawn(move || {
+                    if let Err(err) = serve(stream, &tx) {
+                        tracing::debug!(%err, "control connection ended");
+                    }
+                }) {
+                    tracing::warn!(%err, "cannot serve a control connection");
+                }
+            }
+            Err(err) => tracing::warn!(%err, "control accept failed"),
+        }
+    }
+}
+
+fn serve(stream: UnixStream, tx: &Sender<Command>) -> std::io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    for line in BufReader::new(stream).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let result = match serde_json::from_str::<Request>(&line) {
+            Err(err) => Err(format!("bad request: {err}")),
+            Ok(request) => {
+                let (reply_tx, reply_rx) = mpsc::channel();
+                if tx.send(Command { request, reply: reply_tx }).is_err() {
+                    Err("the vm is exiting".to_string())
+                } else {
+                    reply_rx.recv_timeout(REPLY_TIMEOUT).unwrap_or_else(|_| Err("the vm did not answer".to_string()))
+                }
+            }
+        };
+        let mut line = reply_json(result).to_string();
+        line.push('\n');
+        writer.write_all(line.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The wire form of a reply.
+pub fn reply_json(result: Result<Value, String>) -> Value {
+    match result {
+        Ok(Value::Object(mut fields)) => {
+            fields.insert("ok".into(), Value::Bool(true));
+            Value::Object(fields)
+        }
+        Ok(_) => json!({"ok": true}),
+        Err(error) => json!({"ok": false, "error": error}),
+    }
+}
+
+/// What a VMM process records about its end in its exit file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitRecord {
+    /// Why the VM ended.
+    pub exit: ExitReason,
+    /// The process's exit status.
+    pub exit_code: i32,
+}
+
+impl ExitRecord {
+    /// Writes the record to `path` atomically (a temporary file in the same directory, then rename).
+    pub fn write_atomic(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(serde_json::to_string(self).map_err(std::io::Error::other)?.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(stream: &mut BufReader<UnixStream>, line: &str) -> Value {
+        stream.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
+        let mut reply = String::new();
+        stream.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap()
+    }
+
+    #[test]
+    fn requests_reach_the_owner_and_replies_come_back_as_json_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let (server, rx) = ControlServer::bind(&path).unwrap();
+        let owner = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for cmd in rx.iter().take(3) {
+                let reply = match &cmd.request {
+                    Request::Status => Ok(json!({"state": "running"})),
+                    Request::Pause => Err("cannot pause".to_string()),
+                    _ => Ok(Value::Null),
+                };
+                seen.push(cmd.request.clone());
+                cmd.reply.send(reply).unwrap();
+            }
+            seen
+        });
+        let mut client = BufReader::new(UnixStream::connect(&path).unwrap());
+        assert_eq!(ask(&mut client, r#"{"op":"status"}"#), json!({"ok": true, "state": "running"}));
+        assert_eq!(ask(&mut client, r#"{"op":"pause"}"#), json!({"ok": false, "error": "cannot pause"}));
+        let bad = ask(&mut client, r#"{"op":"explode"}"#);
+        assert_eq!(bad["ok"], false);
+        assert!(bad["error"].as_str().unwrap().contains("explode"), "{bad}");
+        assert_eq!(ask(&mut client, r#"{"op":"stop","graceMs":250}"#), json!({"ok": true}));
+        assert_eq!(owner.join().unwrap(), [Request::Status, Request::Pause, Request::Stop { grace_ms: 250 }]);
+        drop(server);
+        assert!(!path.exists(), "socket removed on drop");
+    }
+
+    #[test]
+    fn exit_records_round_trip_and_replace_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exit.json");
+        let record = ExitRecord { exit: ExitReason::PowerOff { code: 7 }, exit_code: 7 };
+        record.write_atomic(&path).unwrap();
+        ExitRecord { exit: ExitReason::Stopped, exit_code: 130 }.write_atomic(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, r#"{"exit":{"reason":"stopped"},"exitCode":130}"#);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+        let back: ExitRecord = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.exit, ExitReason::Stopped);
+        assert_ne!(back, record);
+    }
+}
