@@ -78,17 +78,35 @@ impl Daemon {
             info!(removed = ?recovered.removed, "removed half-made disks left by a crash");
         }
         let run_dir = config.root.join("vms");
-        let supervisor = Supervisor::new(SupervisorConfig { run_dir: run_dir.clone(), ignite_bin: config.ignite_bin.clone() })
-            .map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
+        let supervisor =
+            Supervisor::new(SupervisorConfig { run_dir: run_dir.clone(), ignite_bin: config.ignite_bin.clone() })
+                .map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
         let adopted = supervisor.adopt().map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
         info!(adopted = adopted.adopted.len(), exited = adopted.exited.len(), "re-adopted VM processes");
+        let exits = supervisor.exits().expect("a new supervisor has its exit stream");
         let net: Arc<dyn HostNet> = Arc::new(LinuxHostNet::new());
         let runtime = Arc::new(HostRuntime::new(config.host.clone(), store.clone(), snapshotter, net, supervisor));
-        let known: Vec<String> =
-            store.list_vms().map_err(|source| DaemonError::Store { root: config.root.clone(), source })?
-                .into_iter()
-                .map(|r| r.vm.metadata.name)
-                .collect();
+        // VMs that ended while no daemon watched: their exits count for the restart policy.
+        for exit in &adopted.exited {
+            runtime.record_exit(exit);
+        }
+        for name in &adopted.stale {
+            runtime.record_exit(&crate::supervisor::VmExit {
+                name: name.clone(),
+                reason: vmm_core::ExitReason::Crash {
+                    detail: "the VM process was gone when the daemon started".into(),
+                },
+                code: None,
+                signal: None,
+                console_tail: String::new(),
+            });
+        }
+        let known: Vec<String> = store
+            .list_vms()
+            .map_err(|source| DaemonError::Store { root: config.root.clone(), source })?
+            .into_iter()
+            .map(|r| r.vm.metadata.name)
+            .collect();
         for removed in runtime.sweep_network_orphans(&known) {
             info!(removed, "removed a network orphan");
         }
@@ -99,7 +117,7 @@ impl Daemon {
         let workers = reconciler.spawn_workers();
 
         let mut daemon = Daemon { store, reconciler, runtime, workers, triggers: Vec::new(), tasks: Vec::new() };
-        daemon.watch_exits();
+        daemon.watch_exits(exits);
         for spec in config.sources {
             daemon.follow(spec, &config.root);
         }
@@ -124,23 +142,19 @@ impl Daemon {
         }
     }
 
-    fn watch_exits(&mut self) {
-        let mut exits = self.runtime.supervisor().exits();
+    /// Records every VM process exit and queues the VM, so its restart policy is applied.
+    fn watch_exits(&mut self, mut exits: tokio::sync::mpsc::UnboundedReceiver<crate::supervisor::VmExit>) {
         let queue = self.reconciler.queue().clone();
         let store = self.store.clone();
+        let runtime = self.runtime.clone();
         self.tasks.push(tokio::spawn(async move {
             while let Some(exit) = exits.recv().await {
-                let kind = EventKind::Warning;
-                let event = Event {
-                    object: exit.name.clone(),
-                    kind,
-                    reason: "Exited".into(),
-                    message: exit.describe(),
-                    time: now_rfc3339(),
-                };
-                if let Err(e) = store.append_event(&event) {
-                    warn!(error = %e, "cannot record an exit event");
+                let summary = crate::host::exits::exit_of(&exit);
+                if !runtime.record_exit(&exit) {
+                    continue;
                 }
+                let kind = if summary.succeeded() { EventKind::Normal } else { EventKind::Warning };
+                record(&store, &exit.name, kind, "Exited", &summary.detail);
                 queue.add(&exit.name);
             }
         }));
@@ -164,7 +178,8 @@ impl Daemon {
                 let store = store.clone();
                 let reconciler = reconciler.clone();
                 let spec = spec.clone();
-                let handled = tokio::task::spawn_blocking(move || handle_sync(&store, &reconciler, &spec, outcome)).await;
+                let handled =
+                    tokio::task::spawn_blocking(move || handle_sync(&store, &reconciler, &spec, outcome)).await;
                 if let Err(e) = handled {
                     error!(error = %e, "source handler panicked");
                 }

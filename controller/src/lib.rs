@@ -5,7 +5,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod daemon;
+pub mod host;
 pub mod net;
 pub mod reconcile;
 pub mod source;
 pub mod store;
+pub mod supervisor;

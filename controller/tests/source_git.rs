@@ -158,3 +158,22 @@ async fn the_poller_reports_changes_and_errors_once_and_syncs_on_demand() {
     trigger.send(()).await.unwrap();
     assert!(matches!(next(outcomes.recv().await), SyncOutcome::Failed(SourceError::RemoteUnreachable { .. })));
 }
+
+#[test]
+fn plain_paths_work_symlinks_are_skipped_and_binary_manifests_are_named() {
+    let repo = Repo::new();
+    std::os::unix::fs::symlink("/etc/passwd", repo.work.join("escape.yaml")).unwrap();
+    let c1 = repo.commit(&[("a.yaml", Some("a\n"))], "one");
+    let cache = tempfile::tempdir().unwrap();
+    let plain = repo.remote.to_str().unwrap();
+    let source = GitSource::new(spec(plain, branch(), ""), cache.path()).unwrap();
+    let s1 = source.sync().unwrap();
+    assert_eq!((s1.revision.as_str(), paths(&s1)), (c1.as_str(), vec!["a.yaml"]), "the symlink is not followed");
+
+    std::fs::write(repo.work.join("bin.yaml"), [0xff, 0xfe, 0x00]).unwrap();
+    let c2 = repo.commit(&[], "binary");
+    let err = source.sync().unwrap_err();
+    let SourceError::NotUtf8 { ref file, ref revision } = err else { panic!("{err:?}") };
+    assert_eq!((file.as_str(), revision.as_str()), ("bin.yaml", c2.as_str()));
+    assert!(err.to_string().contains("bin.yaml") && err.to_string().contains(&c2), "{err}");
+}

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod control;
 pub mod devices;
 mod event_loop;
 pub mod exit;

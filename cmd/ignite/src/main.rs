@@ -32,6 +32,9 @@ enum Command {
     /// Import, list and remove guest kernels.
     #[command(subcommand)]
     Kernel(commands::kernel::KernelCommand),
+    /// Run the controller: follow git repositories or directories of VM manifests and converge
+    /// the fleet. VMs keep running when the daemon stops and are re-adopted when it starts.
+    Daemon(commands::daemon::DaemonArgs),
     /// Run the embedded KVM engine directly, without the daemon.
     #[command(subcommand)]
     Vmm(commands::vmm::VmmCommand),
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Image(cmd) => commands::image::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
+        Command::Daemon(args) => commands::daemon::run(args, &cli.root).map(|()| ExitCode::SUCCESS),
         Command::Vmm(cmd) => commands::vmm::run(cmd, process_start),
     };
     match result {

@@ -34,6 +34,16 @@ fn is_empty_document(doc: &str) -> bool {
     })
 }
 
+/// The line of `field`, or of its nearest ancestor that can be found (flow-style YAML), or of
+/// the document's first content line.
+fn best_line(doc: &str, field: &str) -> Option<usize> {
+    let path = split_path(field);
+    (1..=path.len())
+        .rev()
+        .find_map(|n| field_line(doc, &path[..n]))
+        .or_else(|| doc.lines().position(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).map(|l| l + 1))
+}
+
 /// Splits `a.b[1].c` into `["a", "b[1]", "c"]`.
 fn split_path(field: &str) -> Vec<String> {
     field.split('.').filter(|s| !s.is_empty()).map(String::from).collect()
@@ -75,8 +85,7 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors
                         .push(("metadata.name".into(), format!("duplicate VM name: also declared at line {first}")));
                 }
                 for (field, message) in problems {
-                    let line = field_line(&doc, &split_path(&field))
-                        .or_else(|| doc.lines().position(|l| !l.trim().is_empty()).map(|l| l + 1));
+                    let line = best_line(&doc, &field);
                     errors.push(ManifestError {
                         file: file.to_string(),
                         line: line.map(|l| l + offset),
@@ -108,7 +117,7 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors
                 let name = serde_yaml::from_str::<serde_yaml::Value>(&doc).ok().and_then(|v| {
                     v.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).map(String::from)
                 });
-                let line = location.as_ref().map(|l| l.line()).or_else(|| field_line(&doc, &split_path(&field)));
+                let line = location.as_ref().map(|l| l.line()).or_else(|| best_line(&doc, &field));
                 errors.push(ManifestError {
                     file: file.to_string(),
                     line: line.map(|l| l + offset),

@@ -50,7 +50,8 @@ pub fn resolve_image(paths: &StorePaths, reference: &str, insecure: bool) -> Res
 /// The image's base ext4 with `init` injected.
 pub fn base_rootfs(paths: &StorePaths, image: &ImageRecord, init: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     image_store::build_base_rootfs(paths, image, init).map_err(|e| {
-        let message = format!("building the root filesystem of {}: {}", image.manifest_digest, crate::reconcile::error_chain(&e));
+        let message =
+            format!("building the root filesystem of {}: {}", image.manifest_digest, crate::reconcile::error_chain(&e));
         RuntimeError::transient("RootfsFailed", message)
     })
 }
@@ -78,7 +79,10 @@ pub fn resolve_kernel(paths: &StorePaths, spec: &KernelSpec, default: &DefaultKe
         }
     };
     if !path.is_file() {
-        return Err(RuntimeError::permanent("KernelNotFound", format!("kernel file {} does not exist", path.display())));
+        return Err(RuntimeError::permanent(
+            "KernelNotFound",
+            format!("kernel file {} does not exist", path.display()),
+        ));
     }
     Ok(path)
 }

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
+use ignite_init::config::{CopiedFile, GuestConfig};
 use vmm_core::{ConsoleConfig, DiskConfig, NetConfig as VmNetConfig, VirtModeConfig, VmConfig};
 
 use crate::api::Vm;
@@ -41,4 +42,39 @@ pub fn vm_config(vm: &Vm, prepared: &PreparedVm, virt_mode: VirtModeConfig) -> V
     config.console = ConsoleConfig::Null; // the supervisor points it at the VM's console log
     config.virt_mode = virt_mode;
     config
+}
+
+/// The settings `ignite-init` reads from the config drive: hostname, command overrides,
+/// environment, SSH keys and the copied files (read from the host now, so the guest gets the
+/// content as of this create).
+pub fn guest_config(vm: &Vm) -> Result<GuestConfig, String> {
+    let spec = &vm.spec;
+    let mut files = Vec::new();
+    for (i, copy) in spec.copy_files.iter().enumerate() {
+        let bytes = fs::read(&copy.source)
+            .map_err(|e| format!("spec.copyFiles[{i}].source: cannot read {}: {e}", copy.source.display()))?;
+        let mode = fs::metadata(&copy.source).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+        files.push(CopiedFile {
+            path: copy.destination.clone(),
+            mode,
+            content: ignite_init::config::encode_content(&bytes),
+        });
+    }
+    Ok(GuestConfig {
+        hostname: vm.metadata.name.clone(),
+        command: spec.command.clone(),
+        args: spec.args.clone(),
+        env: spec.env.iter().map(|e| (e.name.clone(), e.value.clone())).collect(),
+        working_dir: None,
+        user: None,
+        dns: Vec::new(),
+        authorized_keys: spec.ssh.as_ref().map(|s| s.authorized_keys.clone()).unwrap_or_default(),
+        files,
+        join: None,
+    })
+}
+
+/// Writes the config drive (mode 0600: it may hold keys and secrets).
+pub fn write_drive(path: &Path, config: &GuestConfig) -> Result<(), ignite_init::config::ConfigDriveError> {
+    ignite_init::config::write_config_drive(path, config)
 }

@@ -8,11 +8,13 @@
 //! running it again.
 
 pub mod artifacts;
+pub mod exits;
 pub mod guest;
 pub mod prepared;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use image_store::{Snapshotter, StorePaths};
@@ -20,9 +22,9 @@ use tracing::{info, warn};
 
 use crate::api::Vm;
 use crate::net::{self, HostNet, NetConfig};
-use crate::reconcile::{error_chain, Actual, Exit, Prepared, Runtime, RuntimeError, Started};
+use crate::reconcile::{error_chain, Actual, Prepared, Runtime, RuntimeError, Started};
 use crate::store::Store;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Supervisor, VmExit};
 
 pub use artifacts::DefaultKernel;
 pub use prepared::PreparedVm;
@@ -52,6 +54,8 @@ pub struct HostRuntime {
     snapshotter: Box<dyn Snapshotter>,
     net: Arc<dyn HostNet>,
     supervisor: Supervisor,
+    /// VMs being stopped on purpose: their exit is not one the restart policy should see.
+    stopping: Mutex<HashSet<String>>,
 }
 
 fn transient(reason: &'static str, what: String) -> impl FnOnce(&dyn std::error::Error) -> RuntimeError {
@@ -68,7 +72,7 @@ impl HostRuntime {
         supervisor: Supervisor,
     ) -> Self {
         let paths = StorePaths::new(&config.root);
-        HostRuntime { config, paths, store, snapshotter, net, supervisor }
+        HostRuntime { config, paths, store, snapshotter, net, supervisor, stopping: Mutex::new(HashSet::new()) }
     }
 
     /// The supervisor (for exit notifications and control).
@@ -83,6 +87,25 @@ impl HostRuntime {
     fn load(&self, name: &str) -> Result<Option<PreparedVm>, RuntimeError> {
         prepared::load(&self.runtime_dir(), name)
             .map_err(|e| transient("StateCorrupt", format!("reading the prepared state of VM {name:?}"))(&e))
+    }
+
+    /// Records how a VM process ended (from the supervisor's exit stream or its adopt report),
+    /// unless the VM was stopped on purpose or a newer process already runs. Returns whether the
+    /// exit counts (the restart policy will see it).
+    pub fn record_exit(&self, exit: &VmExit) -> bool {
+        let deliberate = self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(&exit.name);
+        if deliberate || self.supervisor.is_running(&exit.name) {
+            return false;
+        }
+        let dir = prepared::dir(&self.runtime_dir(), &exit.name);
+        if let Err(e) = exits::save(&dir, &exits::exit_of(exit)) {
+            warn!(vm = exit.name, error = %e, "cannot record the VM's exit");
+        }
+        true
+    }
+
+    fn mark_stopping(&self, name: &str) {
+        self.stopping.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
     }
 
     /// Removes taps and port forwards whose VM is unknown (left by a crash). Returns what went.
@@ -122,10 +145,11 @@ impl Runtime for HostRuntime {
     fn inspect(&self, name: &str) -> Result<Actual, RuntimeError> {
         let prepared = self.load(name)?;
         let running = self.supervisor.is_running(name);
-        let last_exit = if running { None } else { self.supervisor.last_exit(name).map(exit_of) };
+        let dir = prepared::dir(&self.runtime_dir(), name);
+        let last_exit = if running { None } else { exits::load(&dir) };
         let mut leftovers = Vec::new();
         if prepared.is_none() {
-            if prepared::dir(&self.runtime_dir(), name).exists() {
+            if dir.exists() {
                 leftovers.push("runtime directory".to_string());
             }
             if self.snapshotter.list().map(|d| d.iter().any(|d| d.vm_id == name)).unwrap_or(false) {
@@ -134,7 +158,7 @@ impl Runtime for HostRuntime {
             if self.store.list_leases().map(|l| l.iter().any(|l| l.vm == name)).unwrap_or(false) {
                 leftovers.push("lease".to_string());
             }
-            if self.supervisor.has_run_dir(name) {
+            if self.supervisor.vm_dir(name).exists() {
                 leftovers.push("run directory".to_string());
             }
         }
@@ -148,7 +172,8 @@ impl Runtime for HostRuntime {
         let base = artifacts::base_rootfs(&self.paths, &image, self.config.init_bin.as_deref())?;
         let kernel = artifacts::resolve_kernel(&self.paths, &spec.kernel, &self.config.default_kernel)?;
         let dir = prepared::dir(&self.runtime_dir(), name);
-        guest::create_private_dir(&dir).map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;
+        guest::create_private_dir(&dir)
+            .map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;
 
         // A previous attempt may have left a disk: start from scratch.
         self.snapshotter.remove(name).map_err(|e| transient("DiskFailed", format!("VM {name:?}: old disk"))(&e))?;
@@ -163,10 +188,9 @@ impl Runtime for HostRuntime {
         let mut cmdline = guest::base_cmdline();
         let (mut tap, mut mac, mut ip) = (None, None, None);
         if let Some(netcfg) = &self.config.net {
-            let lease = self
-                .store
-                .allocate_lease(name, netcfg.subnet.hosts(), &net::mac_for(name))
-                .map_err(|e| RuntimeError::transient("NetworkFailed", format!("VM {name:?}: IP lease: {}", error_chain(&e))))?;
+            let lease = self.store.allocate_lease(name, netcfg.subnet.hosts(), &net::mac_for(name)).map_err(|e| {
+                RuntimeError::transient("NetworkFailed", format!("VM {name:?}: IP lease: {}", error_chain(&e)))
+            })?;
             let net_err = |what: &str| transient("NetworkFailed", format!("VM {name:?}: {what}"));
             self.net.ensure_bridge(netcfg).map_err(|e| net_err("bridge")(&e))?;
             let tap_name = net::tap_name(name);
@@ -193,7 +217,7 @@ impl Runtime for HostRuntime {
             cmdline.push_str(extra);
         }
         let config_drive = dir.join("config.img");
-        let guest_config = guest::guest_config(vm, self.config.net.as_ref())
+        let guest_config = guest::guest_config(vm)
             .map_err(|e| RuntimeError::permanent("CopyFileFailed", format!("VM {name:?}: {e}")))?;
         guest::write_drive(&config_drive, &guest_config)
             .map_err(|e| transient("ConfigDriveFailed", format!("VM {name:?}: config drive"))(&e))?;
@@ -221,25 +245,32 @@ impl Runtime for HostRuntime {
             .load(name)?
             .ok_or_else(|| RuntimeError::transient("NotPrepared", format!("VM {name:?} is not prepared")))?;
         let config = guest::vm_config(vm, &prepared, self.config.virt_mode);
+        exits::clear(&prepared::dir(&self.runtime_dir(), name))
+            .map_err(|e| transient("StartFailed", format!("VM {name:?}: clearing its last exit"))(&e))?;
+        self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
         let info = self.supervisor.spawn(name, &config).map_err(|e| {
             RuntimeError::transient("StartFailed", format!("VM {name:?}: starting its VMM: {}", error_chain(&e)))
         })?;
-        Ok(Started { pid: info.pid })
+        Ok(Started { pid: u32::try_from(info.pid).unwrap_or_default() })
     }
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {
         if self.supervisor.is_running(name) {
+            self.mark_stopping(name);
             self.supervisor
                 .stop(name, grace)
                 .map_err(|e| transient("StopFailed", format!("VM {name:?}: stopping"))(&e))?;
         }
         // A deliberate stop is not an exit the restart policy should see.
+        exits::clear(&prepared::dir(&self.runtime_dir(), name))
+            .map_err(|e| transient("StopFailed", format!("VM {name:?}: clearing its last exit"))(&e))?;
         self.supervisor.cleanup(name).map_err(|e| transient("StopFailed", format!("VM {name:?}: run directory"))(&e))
     }
 
     fn destroy(&self, name: &str, keep_lease: bool) -> Result<(), RuntimeError> {
         let fail = |what: &str| transient("DeleteFailed", format!("VM {name:?}: removing its {what}"));
         if self.supervisor.is_running(name) {
+            self.mark_stopping(name);
             self.supervisor.kill(name).map_err(|e| fail("VMM process")(&e))?;
         }
         self.supervisor.cleanup(name).map_err(|e| fail("run directory")(&e))?;
@@ -259,7 +290,9 @@ impl Runtime for HostRuntime {
     fn list(&self) -> Result<Vec<String>, RuntimeError> {
         let mut names = prepared::list(&self.runtime_dir())
             .map_err(|e| transient("StateFailed", "listing runtime directories".into())(&e))?;
-        names.extend(self.supervisor.list_run_dirs());
+        if let Ok(orphans) = self.supervisor.list_orphans(&[]) {
+            names.extend(orphans.dirs);
+        }
         if let Ok(disks) = self.snapshotter.list() {
             names.extend(disks.into_iter().map(|d| d.vm_id));
         }
@@ -270,9 +303,4 @@ impl Runtime for HostRuntime {
         names.dedup();
         Ok(names)
     }
-}
-
-fn exit_of(exit: crate::supervisor::VmExit) -> Exit {
-    let _ = &exit;
-    Exit::default()
 }

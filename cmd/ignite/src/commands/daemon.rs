@@ -96,7 +96,10 @@ pub fn run(args: DaemonArgs, root: &Path) -> anyhow::Result<()> {
     }
     if let Some(path) = args.dir {
         let path = std::fs::canonicalize(&path).with_context(|| format!("manifest directory {}", path.display()))?;
-        sources.push(SourceSpec { name: "dir".into(), kind: SourceKind::Directory(DirSpec { path, interval: args.interval }) });
+        sources.push(SourceSpec {
+            name: "dir".into(),
+            kind: SourceKind::Directory(DirSpec { path, interval: args.interval }),
+        });
     }
     let init_bin = args.init.or_else(default_init);
     if init_bin.is_none() {
@@ -106,7 +109,11 @@ pub fn run(args: DaemonArgs, root: &Path) -> anyhow::Result<()> {
         root: root.to_path_buf(),
         init_bin,
         default_kernel: default_kernel(args.kernel),
-        net: (!args.no_network).then(|| NetConfig { bridge: args.bridge, subnet: args.subnet, masquerade: args.masquerade }),
+        net: (!args.no_network).then_some(NetConfig {
+            bridge: args.bridge,
+            subnet: args.subnet,
+            masquerade: args.masquerade,
+        }),
         insecure_registries: args.insecure_registries,
         virt_mode: vmm_core::VirtModeConfig::Auto,
     };

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod daemon;
 pub mod image;
 pub mod kernel;
 pub mod table;
