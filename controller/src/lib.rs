@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod daemon;
+pub mod failpoint;
 pub mod host;
 pub mod net;
 pub mod reconcile;

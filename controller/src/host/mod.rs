@@ -185,6 +185,7 @@ impl Runtime for HostRuntime {
             }
         })?;
 
+        crate::failpoint::hit("create:after-disk");
         let mut cmdline = guest::base_cmdline();
         let (mut tap, mut mac, mut ip) = (None, None, None);
         if let Some(netcfg) = &self.config.net {
@@ -212,6 +213,7 @@ impl Runtime for HostRuntime {
             mac = Some(lease.mac.clone());
             ip = Some(lease.ip.to_string());
         }
+        crate::failpoint::hit("create:after-network");
         if let Some(extra) = &spec.kernel.cmdline {
             cmdline.push(' ');
             cmdline.push_str(extra);
@@ -222,6 +224,7 @@ impl Runtime for HostRuntime {
         guest::write_drive(&config_drive, &guest_config)
             .map_err(|e| transient("ConfigDriveFailed", format!("VM {name:?}: config drive"))(&e))?;
 
+        crate::failpoint::hit("create:after-config-drive");
         let record = PreparedVm {
             fingerprint: fingerprint.to_string(),
             image_digest: image.manifest_digest.to_string(),
@@ -251,6 +254,7 @@ impl Runtime for HostRuntime {
         let info = self.supervisor.spawn(name, &config).map_err(|e| {
             RuntimeError::transient("StartFailed", format!("VM {name:?}: starting its VMM: {}", error_chain(&e)))
         })?;
+        crate::failpoint::hit("start:after-spawn");
         Ok(Started { pid: u32::try_from(info.pid).unwrap_or_default() })
     }
 
@@ -273,12 +277,14 @@ impl Runtime for HostRuntime {
             self.mark_stopping(name);
             self.supervisor.kill(name).map_err(|e| fail("VMM process")(&e))?;
         }
+        crate::failpoint::hit("delete:after-process");
         self.supervisor.cleanup(name).map_err(|e| fail("run directory")(&e))?;
         if self.config.net.is_some() {
             self.net.remove_port_forwards(name).map_err(|e| fail("port forwards")(&e))?;
             self.net.delete_tap(&net::tap_name(name)).map_err(|e| fail("tap")(&e))?;
         }
         self.snapshotter.remove(name).map_err(|e| fail("disk")(&e))?;
+        crate::failpoint::hit("delete:after-disk");
         prepared::remove(&self.runtime_dir(), name).map_err(|e| fail("runtime directory")(&e))?;
         if !keep_lease {
             self.store.release_lease(name).map_err(|e| fail("IP lease")(&e))?;

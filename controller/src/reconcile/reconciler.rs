@@ -325,7 +325,21 @@ impl Reconciler {
         if settled == Settled::Running && record.is_some_and(|r| self.up_for(r) >= self.ctx.config.stable_after) {
             self.ctx.restart_backoff.reset(name);
         }
+        if let (Settled::Running, Some(record)) = (&settled, record) {
+            // A crash between starting the process and recording it leaves these unset.
+            if record.status.observed_generation != record.generation || record.status.boot_time.is_none() {
+                let generation = record.generation;
+                self.ctx.store.update_status(name, |s| {
+                    s.observed_generation = generation;
+                    s.observed_revision = s.source_revision.clone();
+                    s.boot_time.get_or_insert_with(now_rfc3339);
+                })?;
+            }
+        }
         let changed = self.summarize(name, summary.clone())?;
+        if changed {
+            info!(reason = %summary.reason, "settled");
+        }
         if changed && record.is_some() {
             let kind = if summary.condition == ConditionType::Stalled { EventKind::Warning } else { EventKind::Normal };
             self.event(name, kind, &summary.reason, &summary.message);

@@ -126,11 +126,14 @@ pub fn run(args: DaemonArgs, root: &Path) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
+        // Handlers first: a stop requested while the daemon starts waits for the start to finish.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let daemon = Daemon::start(config).await.context("starting the daemon")?;
         eprintln!("ignite daemon: running on {} (Ctrl-C stops the daemon; VMs keep running)", root.display());
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         daemon.shutdown().await;
