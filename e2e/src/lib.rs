@@ -116,3 +116,31 @@ pub fn tiny_initramfs(dir: &Path) -> PathBuf {
         .expect("write initramfs");
     image
 }
+
+/// Assembles the tiny PVH guest (`guests/pvh-tiny.S`) into `dir/<name>.elf`: it prints `X` on
+/// COM1, then powers off through port 0xf4, or with `halt` idles forever.
+pub fn assemble_pvh(dir: &Path, name: &str, halt: bool) -> PathBuf {
+    let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests");
+    let obj = dir.join(format!("{name}.o"));
+    let elf = dir.join(format!("{name}.elf"));
+    let mut as_cmd = Command::new("as");
+    as_cmd.arg("--64").arg("-o").arg(&obj).arg(guests.join("pvh-tiny.S"));
+    if halt {
+        as_cmd.args(["--defsym", "HALT=1"]);
+    }
+    run_checked(&mut as_cmd);
+    run_checked(
+        Command::new("ld")
+            .args(["-m", "elf_x86_64", "-T"])
+            .arg(guests.join("pvh-tiny.ld"))
+            .arg("-o")
+            .arg(&elf)
+            .arg(&obj),
+    );
+    elf
+}
+
+fn run_checked(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -12,13 +12,13 @@
 //! Usage: bench-vmm [--runs N] [--skip-linux]
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ignite_e2e::bench::{median, print_table, Row};
-use ignite_e2e::{guest_kernel, ignite_bin, tiny_initramfs};
+use ignite_e2e::{assemble_pvh, guest_kernel, ignite_bin, tiny_initramfs};
 
 const GUEST_MIB: u64 = 128;
 const QEMU: &str = "qemu-system-x86_64";
@@ -78,32 +78,6 @@ fn main() {
         linux_rows(dir.path(), have_qemu, &mut rows);
     }
     print_table("qemu", &rows);
-}
-
-fn assemble_pvh(dir: &Path, name: &str, halt: bool) -> PathBuf {
-    let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests");
-    let obj = dir.join(format!("{name}.o"));
-    let elf = dir.join(format!("{name}.elf"));
-    let mut as_cmd = Command::new("as");
-    as_cmd.arg("--64").arg("-o").arg(&obj).arg(guests.join("pvh-tiny.S"));
-    if halt {
-        as_cmd.args(["--defsym", "HALT=1"]);
-    }
-    check(&mut as_cmd);
-    check(
-        Command::new("ld")
-            .args(["-m", "elf_x86_64", "-T"])
-            .arg(guests.join("pvh-tiny.ld"))
-            .arg("-o")
-            .arg(&elf)
-            .arg(&obj),
-    );
-    elf
-}
-
-fn check(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn ignite_cmd(kernel: &Path, extra: &[&str]) -> Command {
