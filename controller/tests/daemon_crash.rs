@@ -67,6 +67,7 @@ fn sigkill_of_the_daemon_and_of_vms_while_it_is_down_converges() {
     repo.commit(&commit, "three VMs");
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
+    let _guard = support::daemon::KillVmsOnDrop(r);
 
     let mut daemon = DaemonProcess::start(r, &repo.url(), &["--no-network"], &[]);
     wait_for("a, b and c up", CONVERGE, || {
@@ -120,6 +121,8 @@ fn a_crash_at_every_point_of_create_start_and_delete_is_repaired() {
         );
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
+        let _guard = support::daemon::KillVmsOnDrop(r);
+        let _guard = support::daemon::KillVmsOnDrop(r);
         if point.starts_with("delete:") {
             let daemon = DaemonProcess::start(r, &repo.url(), &["--no-network"], &[]);
             wait_for("web up", CONVERGE, || vm_up(r, "web"));

@@ -52,6 +52,7 @@ fn vms_get_taps_leases_and_port_forwards_that_go_with_them() {
     std::fs::write(fleet.path().join("web.yaml"), manifest("8080:80", &image)).unwrap();
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
+    let _guard = support::daemon::KillVmsOnDrop(r);
     let net = NetConfig { bridge: "ignbr-e2e".into(), subnet: "10.98.0.0/24".parse().unwrap(), masquerade: false };
     let config = DaemonConfig {
         root: r.into(),

@@ -106,6 +106,7 @@ fn git_commits_drive_real_vm_processes() {
     let daemon = runtime.block_on(Daemon::start(config)).unwrap();
     let store = daemon.store().clone();
     let r = root.path();
+    let _guard = support::daemon::KillVmsOnDrop(r);
     let status = |name: &str| store.get_vm(name).unwrap().map(|rec| rec.status);
 
     // Commit a VM: it runs, its console shows the guest, its status names the commit.

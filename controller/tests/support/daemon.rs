@@ -136,3 +136,17 @@ pub fn vm_files(root: &Path) -> Vec<PathBuf> {
     found.sort();
     found
 }
+
+/// Kills every VMM process under a test root when dropped, so a failing test leaves no VM
+/// running (VMs outlive their daemon by design).
+pub struct KillVmsOnDrop<'a>(pub &'a Path);
+
+impl Drop for KillVmsOnDrop<'_> {
+    fn drop(&mut self) {
+        for pid in vmm_processes(self.0) {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
