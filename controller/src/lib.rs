@@ -13,3 +13,5 @@ pub mod reconcile;
 pub mod source;
 pub mod store;
 pub mod supervisor;
+#[cfg(feature = "test-utils")]
+pub mod testing;

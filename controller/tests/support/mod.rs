@@ -1,7 +1,6 @@
 //! Shared support for the controller's integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod daemon;
-pub mod git;
-pub mod netns;
+pub use controller::testing::{git, netns};
 pub mod tiny_guest;

@@ -27,6 +27,7 @@ pub struct Repo {
     pub remote: PathBuf,
 }
 
+#[allow(clippy::new_without_default)] // creating one touches the disk: not a default value
 impl Repo {
     /// An empty work tree and bare remote (branch `main`).
     pub fn new() -> Repo {
