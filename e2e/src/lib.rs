@@ -6,17 +6,41 @@ pub mod bench;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The `ignite` binary of this build (`$IGNITE_BIN`, else next to the test executable's `deps/`).
-pub fn ignite_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("IGNITE_BIN") {
+/// A binary of this build: `$env` if set, else `name` next to the test executable (tests run from
+/// `target/<profile>/deps/`, programs from `target/<profile>/`: both are searched).
+fn build_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(bin) = std::env::var_os(env) {
         return bin.into();
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // Tests run from target/<profile>/deps/, programs from target/<profile>/: look in both.
-    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|dir| dir.join("ignite")).collect();
+    let candidates: Vec<PathBuf> = exe.ancestors().skip(1).take(2).map(|dir| dir.join(name)).collect();
     let found = candidates.iter().find(|bin| bin.exists()).cloned();
     found
-        .unwrap_or_else(|| panic!("{:?} missing: run `cargo build -p ignite` first (scripts/test.sh does)", candidates))
+        .unwrap_or_else(|| panic!("{candidates:?} missing: run `cargo build --workspace` first (scripts/test.sh does)"))
+}
+
+/// The `ignite` binary of this build (`$IGNITE_BIN` overrides).
+pub fn ignite_bin() -> PathBuf {
+    build_binary("ignite", "IGNITE_BIN")
+}
+
+/// The static guest init of this build (`$IGNITE_INIT_BIN` overrides).
+pub fn ignite_init_bin() -> PathBuf {
+    build_binary("ignite-init", "IGNITE_INIT_BIN")
+}
+
+/// Fills `root` with a minimal busybox userland: the host's static `/bin/busybox` (package
+/// `busybox-static`) with `applets` linked to it in `/bin`, plus `/etc/passwd` and `/etc/group` for root.
+pub fn busybox_root(root: &Path, applets: &[&str]) {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("create bin");
+    std::fs::create_dir_all(root.join("etc")).expect("create etc");
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("copy /bin/busybox (install busybox-static)");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("link a busybox applet");
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("write passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("write group");
 }
 
 /// The cached guest kernel: `$IGNITE_GUEST_KERNEL`, else what `e2e/guest-kernel.sh` prints (building it

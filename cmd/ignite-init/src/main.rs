@@ -1,9 +1,66 @@
-//! `ignite-init`: PID 1 inside every ignite guest (mounts, network, the image's entrypoint, reaping,
-//! power-off through the ignite power port, vsock agent).
-//!
-//! Not written yet (issue "controller"): it refuses to run rather than pretend to be an init.
+//! `ignite-init`: PID 1 inside every ignite guest. Mounts the pseudo filesystems, reads the VM's config
+//! drive, sets hostname and name resolution, writes ssh keys and copied files, runs the image's entrypoint
+//! (merged with the VM's overrides) as a child, reaps children, forwards signals, then reports the main
+//! process's exit on the console (`ignite-init: exit status=N` or `signal=S`) and powers the VM off
+//! through the ignite power port (0xf4), falling back to a reset.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("ignite-init: not implemented yet; guests must bring their own /init for now");
-    std::process::ExitCode::FAILURE
+mod setup;
+mod supervise;
+mod sys;
+
+use ignite_init::spec;
+
+/// Writes one `ignite-init:`-prefixed line to the console.
+fn log(msg: &str) {
+    eprintln!("ignite-init: {msg}");
+}
+
+fn main() {
+    if std::process::id() != 1 {
+        log("must run as PID 1 (the kernel's init=) inside an ignite guest");
+        std::process::exit(2);
+    }
+    let code = match run() {
+        Ok(exit) => {
+            match exit {
+                sys::Exit::Status(s) => log(&format!("exit status={s}")),
+                sys::Exit::Signal(s) => log(&format!("exit signal={s}")),
+            }
+            exit.code()
+        }
+        Err((msg, code)) => {
+            log(&format!("error: {msg}"));
+            log(&format!("exit status={code}"));
+            code
+        }
+    };
+    sys::sync();
+    let err = sys::power_off(code);
+    log(&format!("cannot power off: {err}"));
+    // PID 1 must never exit (the kernel would panic); wait for the host to end the VM.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
+/// Everything up to the main process's end; errors carry the status to report.
+fn run() -> Result<sys::Exit, (String, u8)> {
+    let fail = |msg: String| (msg, 127);
+    sys::mask_handled(true).map_err(|e| fail(format!("cannot block signals: {e}")))?;
+    setup::mount_pseudo_filesystems().map_err(fail)?;
+    if let Err(e) = sys::disable_ctrl_alt_del() {
+        log(&format!("cannot route Ctrl-Alt-Del to init: {e}"));
+    }
+    let vm = setup::load_guest_config().map_err(fail)?;
+    let image = setup::load_image_config().map_err(fail)?;
+    let spec = spec::merge(&image, &vm).map_err(|e| fail(e.to_string()))?;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let user = spec::resolve_user(&spec.user, &passwd, &group).map_err(|e| fail(e.to_string()))?;
+    let root_home = spec::resolve_user("0", &passwd, &group).map(|u| u.home).unwrap_or_else(|_| "/root".into());
+    setup::network_identity(&vm);
+    setup::write_files(&vm, if root_home == "/" { "/root" } else { &root_home }).map_err(fail)?;
+    log(&format!("starting {:?} as {} in {}", spec.argv, spec.user, spec.working_dir));
+    let main = supervise::spawn(&spec, &user)?;
+    Ok(supervise::supervise(main))
 }

@@ -1,0 +1,163 @@
+//! The system calls PID 1 needs, each wrapped once: mounts, hostname, signals, reaping, power-off.
+
+use std::ffi::CString;
+use std::io;
+use std::time::Duration;
+
+/// Converts a `-1` return into the current `errno`.
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Mounts `fstype` at `target` (created if missing) with `data` options; `EBUSY` (already mounted, e.g. the
+/// kernel's devtmpfs automount) counts as success.
+pub fn mount(fstype: &str, target: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    let source = CString::new(fstype)?;
+    let target_c = CString::new(target)?;
+    let data = CString::new(data)?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let ret = unsafe { libc::mount(source.as_ptr(), target_c.as_ptr(), source.as_ptr(), flags, data.as_ptr().cast()) };
+    match check(ret) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        other => other,
+    }
+}
+
+/// Sets the kernel's hostname.
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// The signals init handles synchronously (all blocked, read with [`wait_signal`]).
+pub const HANDLED: [libc::c_int; 7] =
+    [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGQUIT];
+
+/// The set of [`HANDLED`] signals.
+pub fn handled_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in HANDLED {
+        // SAFETY: `set` is a valid, initialized sigset_t and `sig` a valid signal number.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    set
+}
+
+/// Blocks (`block == true`) or unblocks the [`HANDLED`] signals for the calling thread.
+pub fn mask_handled(block: bool) -> io::Result<()> {
+    let set = handled_set();
+    let how = if block { libc::SIG_BLOCK } else { libc::SIG_UNBLOCK };
+    // SAFETY: `set` is a valid sigset_t; a null old-set pointer is allowed.
+    check(unsafe { libc::sigprocmask(how, &set, std::ptr::null_mut()) })
+}
+
+/// Runs in the main process between fork and exec: unblocks the signals init blocked and starts a new
+/// session, so the program starts like one launched from a shell.
+pub fn in_child() -> io::Result<()> {
+    mask_handled(false)?;
+    // SAFETY: setsid has no memory effects; it fails only if already a group leader, which is harmless.
+    unsafe { libc::setsid() };
+    Ok(())
+}
+
+/// Waits for one of the blocked [`HANDLED`] signals, at most `timeout`; `None` on timeout or interruption.
+pub fn wait_signal(timeout: Option<Duration>) -> Option<libc::c_int> {
+    let set = handled_set();
+    let ts = timeout.map(|t| libc::timespec { tv_sec: t.as_secs() as libc::time_t, tv_nsec: t.subsec_nanos().into() });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `set` is valid, `ts_ptr` is null or points at `ts`, and a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), ts_ptr) };
+    (sig > 0).then_some(sig)
+}
+
+/// How a child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It called exit with this status.
+    Status(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl Exit {
+    /// The byte reported to the host: the status, or 128 + the signal number (shell convention).
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Status(s) => s as u8,
+            Exit::Signal(s) => (128 + s) as u8,
+        }
+    }
+}
+
+/// Reaps one exited child without blocking (`pid == -1`: any child); `None` when none is waiting.
+pub fn reap(pid: libc::pid_t, block: bool) -> Option<(libc::pid_t, Exit)> {
+    let mut status = 0;
+    let flags = if block { 0 } else { libc::WNOHANG };
+    // SAFETY: `status` is a valid out-pointer.
+    let got = unsafe { libc::waitpid(pid, &mut status, flags) };
+    if got <= 0 {
+        return None;
+    }
+    let exit = if libc::WIFSIGNALED(status) {
+        Exit::Signal(libc::WTERMSIG(status))
+    } else {
+        Exit::Status(libc::WEXITSTATUS(status))
+    };
+    Some((got, exit))
+}
+
+/// Sends `sig` to `pid`, ignoring a process that is already gone.
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: kill has no memory effects; a failure (ESRCH) is harmless here.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Makes Ctrl-Alt-Del send SIGINT to init instead of rebooting at once (the VMM's graceful stop).
+pub fn disable_ctrl_alt_del() -> io::Result<()> {
+    // SAFETY: reboot with RB_DISABLE_CAD only changes the kernel's CAD behaviour.
+    check(unsafe { libc::reboot(libc::RB_DISABLE_CAD) })
+}
+
+/// Flushes every filesystem.
+pub fn sync() {
+    // SAFETY: sync has no arguments and no failure mode.
+    unsafe { libc::sync() };
+}
+
+/// The ignite power port: the VMM ends the VM with the byte written here as its exit status.
+const POWER_PORT: u16 = 0xf4;
+
+/// Ends the VM reporting `code`: writes it to the power port from a forked child (user-mode port I/O may
+/// fault under an instruction emulator, and must not take PID 1 down with it), then falls back to a reset,
+/// which the VMM also treats as the end of the VM. Returns the child's fate if even the reset failed.
+pub fn power_off(code: u8) -> io::Error {
+    // SAFETY: init is single-threaded, so the child may run arbitrary code after fork.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: ioperm only changes this process's I/O permission bitmap.
+        let ok = unsafe { libc::ioperm(POWER_PORT.into(), 1, 1) } == 0;
+        if ok {
+            // SAFETY: port 0xf4 is granted above; the write has no effect on this process's memory.
+            unsafe { std::arch::asm!("out dx, al", in("dx") POWER_PORT, in("al") code, options(nomem, nostack)) };
+        }
+        // SAFETY: _exit is always safe to call in the forked child.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    if pid > 0 {
+        match reap(pid, true) {
+            Some((_, exit)) => eprintln!("ignite-init: power port write did not end the VM ({exit:?}); resetting"),
+            None => eprintln!("ignite-init: power port child lost; resetting"),
+        }
+    }
+    // SAFETY: reboot(RB_AUTOBOOT) restarts the machine; the VMM ends the VM on reset.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    io::Error::last_os_error()
+}
