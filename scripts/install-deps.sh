@@ -14,8 +14,12 @@ packages=(
   docker-registry umoci skopeo xfsprogs btrfs-progs apache2-utils
   # the peer VMM for benchmarks
   qemu-system-x86
-  # host networking tests (tap devices in a test network namespace)
-  iproute2
+  # host networking (bridge, taps, port forwards) and its tests in a test network namespace
+  iproute2 iptables python3
+  # GitOps sources: real repositories and `git daemon` remotes in tests
+  git
+  # ignite-init links statically against glibc
+  libc6-dev
 )
 
 missing=()
