@@ -9,24 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use controller::store::Store;
-use image_store::testing::{fixtures, registry::Registry};
 use support::daemon::{pid_of, vm_files, vm_up, vmm_processes, wait_for, DaemonProcess};
+use support::fleet::{manifest, registry_with_image, unavailable};
 use support::git::Repo;
-use support::tiny_guest;
 
 const CONVERGE: Duration = Duration::from_secs(90);
-
-fn unavailable() -> Option<String> {
-    tiny_guest::kvm_unavailable().or_else(|| {
-        (!Path::new("/usr/bin/docker-registry").exists()).then(|| "docker-registry is not installed".to_string())
-    })
-}
-
-fn manifest(name: &str, image: &str, memory: &str) -> String {
-    format!(
-        "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  memory: {memory}\n  diskSize: 64Mi\n"
-    )
-}
 
 fn memory_of(root: &Path, vm: &str) -> Option<u64> {
     let text = std::fs::read_to_string(root.join("vms").join(vm).join("config.json")).ok()?;
@@ -56,12 +43,10 @@ fn sigkill_of_the_daemon_and_of_vms_while_it_is_down_converges() {
         eprintln!("SKIP sigkill_of_the_daemon_and_of_vms_while_it_is_down_converges: {why}");
         return;
     }
-    let registry = Registry::start(None).unwrap();
-    let image = format!("{}/demo/tiny:1", registry.host());
-    fixtures::push_image(&registry.host(), "demo/tiny", "1", &fixtures::whiteout_image(), None);
+    let (_registry, image) = registry_with_image();
     let repo = Repo::new();
     let files: Vec<(String, String)> =
-        ["a", "b", "c"].iter().map(|n| (format!("vms/{n}.yaml"), manifest(n, &image, "64Mi"))).collect();
+        ["a", "b", "c"].iter().map(|n| (format!("vms/{n}.yaml"), manifest(n, &image, "64Mi", ""))).collect();
     let mut commit: Vec<(&str, Option<&str>)> = files.iter().map(|(p, t)| (p.as_str(), Some(t.as_str()))).collect();
     commit.push(("vms/README.md", Some("fleet\n")));
     repo.commit(&commit, "three VMs");
@@ -80,7 +65,7 @@ fn sigkill_of_the_daemon_and_of_vms_while_it_is_down_converges() {
 
     // While no daemon runs: b's VMM dies, c is deleted from git, a gets more memory.
     rustix::process::kill_process(rustix::process::Pid::from_raw(b1).unwrap(), rustix::process::Signal::KILL).unwrap();
-    repo.commit(&[("vms/c.yaml", None), ("vms/a.yaml", Some(&manifest("a", &image, "80Mi")))], "drop c, grow a");
+    repo.commit(&[("vms/c.yaml", None), ("vms/a.yaml", Some(&manifest("a", &image, "80Mi", "")))], "drop c, grow a");
 
     let mut daemon = DaemonProcess::start(r, &repo.url(), &["--no-network"], &[]);
     wait_for("a recreated, b restarted, c gone", CONVERGE, || {
@@ -110,13 +95,11 @@ fn a_crash_at_every_point_of_create_start_and_delete_is_repaired() {
         eprintln!("SKIP a_crash_at_every_point_of_create_start_and_delete_is_repaired: {why}");
         return;
     }
-    let registry = Registry::start(None).unwrap();
-    let image = format!("{}/demo/tiny:1", registry.host());
-    fixtures::push_image(&registry.host(), "demo/tiny", "1", &fixtures::whiteout_image(), None);
+    let (_registry, image) = registry_with_image();
     for point in controller::failpoint::POINTS {
         let repo = Repo::new();
         repo.commit(
-            &[("vms/README.md", Some("fleet\n")), ("vms/web.yaml", Some(&manifest("web", &image, "64Mi")))],
+            &[("vms/README.md", Some("fleet\n")), ("vms/web.yaml", Some(&manifest("web", &image, "64Mi", "")))],
             "web",
         );
         let root = tempfile::tempdir().unwrap();

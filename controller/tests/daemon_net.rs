@@ -9,22 +9,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use controller::api::Phase;
-use controller::daemon::{Daemon, DaemonConfig};
-use controller::host::{DefaultKernel, HostConfig};
+use controller::daemon::Daemon;
 use controller::net::{tap_name, NetConfig};
-use controller::reconcile::ReconcilerConfig;
 use controller::source::{DirSpec, SourceKind, SourceSpec};
-use image_store::testing::{fixtures, registry::Registry};
 use support::daemon::{vm_up, wait_for};
+use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
 use support::netns::run_inside;
-use support::tiny_guest;
 
 const NAME: &str = "vms_get_taps_leases_and_port_forwards_that_go_with_them";
 
-fn manifest(port: &str, image: &str) -> String {
-    format!(
-        "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: web\nspec:\n  image: {image}\n  memory: 64Mi\n  diskSize: 64Mi\n  network:\n    ports: [\"{port}\"]\n"
-    )
+fn web(port: &str, image: &str) -> String {
+    manifest("web", image, "64Mi", &format!("  network:\n    ports: [\"{port}\"]\n"))
 }
 
 fn nat_rules() -> String {
@@ -34,43 +29,25 @@ fn nat_rules() -> String {
 
 #[test]
 fn vms_get_taps_leases_and_port_forwards_that_go_with_them() {
-    if let Some(why) = tiny_guest::kvm_unavailable() {
+    if let Some(why) = unavailable() {
         eprintln!("SKIP {NAME}: {why}");
-        return;
-    }
-    if !Path::new("/usr/bin/docker-registry").exists() {
-        eprintln!("SKIP {NAME}: docker-registry is not installed");
         return;
     }
     if !run_inside("ignite-test-daemon-net", NAME) {
         return;
     }
-    let registry = Registry::start(None).unwrap();
-    let image = format!("{}/demo/tiny:1", registry.host());
-    fixtures::push_image(&registry.host(), "demo/tiny", "1", &fixtures::whiteout_image(), None);
+    let (_registry, image) = registry_with_image();
     let fleet = tempfile::tempdir().unwrap();
-    std::fs::write(fleet.path().join("web.yaml"), manifest("8080:80", &image)).unwrap();
+    std::fs::write(fleet.path().join("web.yaml"), web("8080:80", &image)).unwrap();
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _guard = support::daemon::KillVmsOnDrop(r);
     let net = NetConfig { bridge: "ignbr-e2e".into(), subnet: "10.98.0.0/24".parse().unwrap(), masquerade: false };
-    let config = DaemonConfig {
-        root: r.into(),
-        sources: vec![SourceSpec {
-            name: "local".into(),
-            kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
-        }],
-        host: HostConfig {
-            root: r.into(),
-            init_bin: None,
-            default_kernel: DefaultKernel::Path(tiny_guest::idle_guest().kernel),
-            net: Some(net.clone()),
-            insecure_registries: false,
-            virt_mode: vmm_core::VirtModeConfig::Auto,
-        },
-        reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
-        ignite_bin: tiny_guest::ignite_bin(),
-    };
+    let sources = vec![SourceSpec {
+        name: "local".into(),
+        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
+    }];
+    let config = daemon_config(r, sources, Some(net));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let daemon = runtime.block_on(Daemon::start(config)).unwrap();
     let store = daemon.store().clone();
@@ -91,7 +68,7 @@ fn vms_get_taps_leases_and_port_forwards_that_go_with_them() {
     assert!(forward.contains("ignite:web") && forward.ends_with("--to-destination 10.98.0.2:80"), "{forward}");
 
     // A new port recreates the VM with the same address and moves the forward.
-    std::fs::write(fleet.path().join("web.yaml"), manifest("9090:90", &image)).unwrap();
+    std::fs::write(fleet.path().join("web.yaml"), web("9090:90", &image)).unwrap();
     wait_for("the forward moved", Duration::from_secs(60), || {
         let rules = nat_rules();
         rules.contains("--dport 9090") && !rules.contains("--dport 8080") && vm_up(r, "web")

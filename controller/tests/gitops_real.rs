@@ -5,37 +5,15 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use controller::api::Phase;
-use controller::daemon::{Daemon, DaemonConfig};
-use controller::host::{DefaultKernel, HostConfig};
-use controller::reconcile::ReconcilerConfig;
+use controller::daemon::Daemon;
 use controller::source::{GitRef, GitSpec, SourceKind, SourceSpec};
-use image_store::testing::{fixtures, registry::Registry};
+use support::daemon::wait_for;
+use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
 use support::git::Repo;
 use support::tiny_guest;
-
-/// Why this test cannot run here.
-fn unavailable() -> Option<String> {
-    tiny_guest::kvm_unavailable().or_else(|| {
-        (!Path::new("/usr/bin/docker-registry").exists()).then(|| "docker-registry is not installed".to_string())
-    })
-}
-
-fn manifest(name: &str, image: &str, memory: &str) -> String {
-    format!(
-        "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  memory: {memory}\n  diskSize: 64Mi\n"
-    )
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn pid_of(root: &Path, vm: &str) -> Option<i32> {
     let text = std::fs::read_to_string(root.join("vms").join(vm).join("pid")).ok()?;
@@ -69,16 +47,15 @@ fn git_commits_drive_real_vm_processes() {
         eprintln!("SKIP git_commits_drive_real_vm_processes: {why}");
         return;
     }
-    let registry = Registry::start(None).unwrap();
-    let image = format!("{}/demo/tiny:1", registry.host());
-    fixtures::push_image(&registry.host(), "demo/tiny", "1", &fixtures::whiteout_image(), None);
+    let (_registry, image) = registry_with_image();
     let repo = Repo::new();
     // The README keeps vms/ in the tree once the last manifest is deleted (a path that vanishes
     // entirely is an error, not an order to delete the fleet).
-    let c1 = repo
-        .commit(&[("vms/a.yaml", Some(&manifest("a", &image, "64Mi"))), ("vms/README.md", Some("fleet\n"))], "add a");
+    let c1 = repo.commit(
+        &[("vms/a.yaml", Some(&manifest("a", &image, "64Mi", ""))), ("vms/README.md", Some("fleet\n"))],
+        "add a",
+    );
     let root = tempfile::tempdir().unwrap();
-    let kernel = tiny_guest::idle_guest().kernel;
     let spec = SourceSpec {
         name: "fleet".into(),
         kind: SourceKind::Git(GitSpec {
@@ -88,20 +65,7 @@ fn git_commits_drive_real_vm_processes() {
             interval: Duration::from_millis(300),
         }),
     };
-    let config = DaemonConfig {
-        root: root.path().into(),
-        sources: vec![spec],
-        host: HostConfig {
-            root: root.path().into(),
-            init_bin: None,
-            default_kernel: DefaultKernel::Path(kernel),
-            net: None,
-            insecure_registries: false,
-            virt_mode: vmm_core::VirtModeConfig::Auto,
-        },
-        reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
-        ignite_bin: tiny_guest::ignite_bin(),
-    };
+    let config = daemon_config(root.path(), vec![spec], None);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let daemon = runtime.block_on(Daemon::start(config)).unwrap();
     let store = daemon.store().clone();
@@ -117,7 +81,7 @@ fn git_commits_drive_real_vm_processes() {
     assert_eq!(status("a").unwrap().observed_revision.as_deref(), Some(c1.as_str()));
 
     // Change its memory: it is recreated (a new process) from the new commit.
-    let c2 = repo.commit(&[("vms/a.yaml", Some(&manifest("a", &image, "96Mi")))], "more memory");
+    let c2 = repo.commit(&[("vms/a.yaml", Some(&manifest("a", &image, "96Mi", "")))], "more memory");
     wait_for("VM a recreated", Duration::from_secs(60), || {
         status("a").is_some_and(|s| s.observed_revision.as_deref() == Some(c2.as_str()) && s.phase == Phase::Running)
     });
@@ -137,7 +101,7 @@ fn git_commits_drive_real_vm_processes() {
                     "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata: {name: a}\nspec: {image: x, memory: lots}\n",
                 ),
             ),
-            ("vms/b.yaml", Some(&manifest("b", &image, "64Mi"))),
+            ("vms/b.yaml", Some(&manifest("b", &image, "64Mi", ""))),
         ],
         "broken",
     );

@@ -6,6 +6,14 @@ pub mod bench;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Why real-KVM tests cannot run here (`/dev/kvm` cannot be opened), or `None`.
+pub fn kvm_unavailable() -> Option<String> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => None,
+        Err(err) => Some(format!("/dev/kvm cannot be opened ({err})")),
+    }
+}
+
 /// A binary of this build: `$env` if set, else `name` next to the test executable (tests run from
 /// `target/<profile>/deps/`, programs from `target/<profile>/`: both are searched).
 fn build_binary(name: &str, env: &str) -> PathBuf {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use controller::testing::git::Repo;
 use controller::testing::netns::run_inside;
-use ignite_e2e::{guest_kernel, ignite_bin, ignite_init_bin};
+use ignite_e2e::{guest_kernel, ignite_bin, ignite_init_bin, kvm_unavailable};
 use image_store::testing::{fixtures, registry::Registry};
 
 const NAME: &str = "a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port";
@@ -64,8 +64,8 @@ impl Drop for Daemon {
 
 #[test]
 fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
-    if let Err(err) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("SKIP {NAME}: /dev/kvm cannot be opened ({err})");
+    if let Some(why) = kvm_unavailable() {
+        eprintln!("SKIP {NAME}: {why}");
         return;
     }
     let Some(image) = fixtures::busybox_image(&["/bin/sh"]) else {

@@ -9,12 +9,12 @@
 use std::process::Command;
 use std::time::Instant;
 
-use ignite_e2e::{guest_kernel, ignite_bin, tiny_initramfs};
+use ignite_e2e::{guest_kernel, ignite_bin, kvm_unavailable, tiny_initramfs};
 
 #[test]
 fn guest_kernel_boots_to_init_with_a_virtio_disk() {
-    if let Err(err) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("skipping: /dev/kvm cannot be opened ({err})");
+    if let Some(why) = kvm_unavailable() {
+        eprintln!("SKIP guest_kernel_boots_to_init_with_a_virtio_disk: {why}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -60,8 +60,8 @@ fn guest_kernel_boots_to_init_with_a_virtio_disk() {
 /// minutes on an emulated host, so the test stops there.)
 #[test]
 fn guest_bzimage_starts_its_decompressor() {
-    if let Err(err) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("skipping: /dev/kvm cannot be opened ({err})");
+    if let Some(why) = kvm_unavailable() {
+        eprintln!("SKIP guest_bzimage_starts_its_decompressor: {why}");
         return;
     }
     let bzimage = guest_kernel().with_file_name("bzImage");

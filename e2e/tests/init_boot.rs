@@ -8,13 +8,13 @@
 use std::process::Command;
 use std::time::Instant;
 
-use ignite_e2e::{busybox_root, guest_kernel, ignite_bin, ignite_init_bin};
+use ignite_e2e::{busybox_root, guest_kernel, ignite_bin, ignite_init_bin, kvm_unavailable};
 use ignite_init::config::{encode_content, write_config_drive, CopiedFile, GuestConfig};
 
 #[test]
 fn ignite_init_runs_the_configured_command_and_reports_its_exit() {
-    if let Err(err) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        eprintln!("SKIP ignite_init_runs_the_configured_command_and_reports_its_exit: /dev/kvm ({err})");
+    if let Some(why) = kvm_unavailable() {
+        eprintln!("SKIP ignite_init_runs_the_configured_command_and_reports_its_exit: {why}");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -2,5 +2,6 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod daemon;
+pub mod fleet;
 pub use controller::testing::{git, netns};
 pub mod tiny_guest;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use controller::reconcile::fake::FakeRuntime;
 use controller::reconcile::{apply_revision, parse_revision, Reconciler, ReconcilerConfig};
 use controller::store::Store;
+use controller::testing::git::git;
 use ignite_e2e::bench::{print_table, Row};
 use ignite_e2e::{assemble_pvh, ignite_bin};
 use image_store::testing::{fixtures, registry::Registry};
@@ -28,16 +29,6 @@ use image_store::testing::{fixtures, registry::Registry};
 const IGNITE_POLL_S: f64 = 30.0;
 /// Weave Ignite's published time per `ignite run`.
 const IGNITE_RUN_S: f64 = 2.0;
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(["-c", "user.name=bench", "-c", "user.email=bench@ignite.invalid", "-c", "init.defaultBranch=main"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 fn manifest(name: &str, image: &str) -> String {
     format!("apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  memory: 32Mi\n  diskSize: 64Mi\n")
