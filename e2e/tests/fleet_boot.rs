@@ -127,13 +127,17 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
 
     // Delete the file: the VM, its tap and its forward go away.
     repo.commit(&[("vms/web.yaml", None)], "delete web");
-    wait_for("web removed", Duration::from_secs(120), || !root.path().join("vms/web").exists());
-    let taps: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert!(!taps.iter().any(|t| t.starts_with("ign") && t != "ignbr-e2e"), "a tap is left: {taps:?}");
+    let taps = || -> Vec<String> {
+        let names = std::fs::read_dir("/sys/class/net").unwrap().flatten();
+        names
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|t| t.starts_with("ign") && t != "ignbr-e2e")
+            .collect()
+    };
+    // Removal ends with the disk and the runtime directory, after the process, forwards and tap.
+    wait_for("web and its tap removed", Duration::from_secs(120), || {
+        !root.path().join("vms/web").exists() && !root.path().join("runtime/web").exists() && taps().is_empty()
+    });
     assert!(http_get(8080).is_err(), "the forward is gone");
     drop(daemon);
 }
