@@ -20,6 +20,8 @@ packages=(
   git
   # ignite-init links statically against glibc
   libc6-dev
+  # the gRPC API's code generation (manifests/proto)
+  protobuf-compiler
 )
 
 missing=()

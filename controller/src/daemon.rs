@@ -31,6 +31,8 @@ pub struct DaemonConfig {
     pub reconciler: ReconcilerConfig,
     /// The `ignite` binary that runs each VM (`ignite vmm run --config`).
     pub ignite_bin: PathBuf,
+    /// Where the gRPC API listens (`None`: no API).
+    pub socket: Option<PathBuf>,
 }
 
 /// Why the daemon could not start or stopped with an error.
@@ -54,6 +56,9 @@ pub enum DaemonError {
     /// The reconciler failed at start-up.
     #[error("queueing the fleet")]
     Reconcile(#[from] crate::reconcile::ReconcileError),
+    /// The API socket could not be served.
+    #[error("serving the API on {0}")]
+    Api(PathBuf, #[source] std::io::Error),
 }
 
 /// A running daemon: the reconciler with its workers, and the background tasks.
@@ -64,6 +69,7 @@ pub struct Daemon {
     workers: Vec<std::thread::JoinHandle<()>>,
     triggers: Vec<(String, mpsc::Sender<()>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Daemon {
@@ -116,10 +122,28 @@ impl Daemon {
         info!(queued, "reconciling the fleet");
         let workers = reconciler.spawn_workers();
 
-        let mut daemon = Daemon { store, reconciler, runtime, workers, triggers: Vec::new(), tasks: Vec::new() };
+        let mut daemon =
+            Daemon { store, reconciler, runtime, workers, triggers: Vec::new(), tasks: Vec::new(), api_stop: None };
         daemon.watch_exits(exits);
         for spec in config.sources {
             daemon.follow(spec, &config.root);
+        }
+        if let Some(socket) = &config.socket {
+            let state = crate::grpc::ApiState {
+                store: daemon.store.clone(),
+                queue: daemon.reconciler.queue().clone(),
+                root: config.root.clone(),
+                triggers: daemon.triggers.clone(),
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = crate::grpc::serve(socket, state, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|e| DaemonError::Api(socket.clone(), e))?;
+            daemon.tasks.push(server);
+            daemon.api_stop = Some(stop);
+            info!(socket = %socket.display(), "API listening");
         }
         Ok(daemon)
     }
@@ -188,7 +212,10 @@ impl Daemon {
     }
 
     /// Stops the workers and background tasks; VMs keep running.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.api_stop.take() {
+            let _ = stop.send(());
+        }
         self.reconciler.queue().shut_down();
         for task in &self.tasks {
             task.abort();

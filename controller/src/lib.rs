@@ -7,6 +7,7 @@
 pub mod api;
 pub mod daemon;
 pub mod failpoint;
+pub mod grpc;
 pub mod host;
 pub mod net;
 pub mod reconcile;

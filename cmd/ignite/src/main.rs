@@ -20,12 +20,28 @@ struct Cli {
     #[arg(long, global = true, env = "IGNITE_ROOT", default_value = "/var/lib/ignite")]
     root: std::path::PathBuf,
 
+    /// The daemon's API socket.
+    #[arg(long, global = true, env = "IGNITE_SOCKET", default_value = controller::grpc::DEFAULT_SOCKET)]
+    socket: std::path::PathBuf,
+
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// List VMs: phase, readiness, address, uptime, image, revision, owner and last error.
+    Ps(commands::vms::PsArgs),
+    /// Create or update VMs from manifest files or directories, through the daemon.
+    Apply(commands::vms::ApplyArgs),
+    /// Remove VMs and everything they own.
+    Rm(commands::vms::RmArgs),
+    /// Show a VM's manifest (secrets redacted) and status.
+    Inspect(commands::vms::InspectArgs),
+    /// Show a VM's serial console.
+    Logs(commands::vms::LogsArgs),
+    /// Show what happened to VMs and sources.
+    Events(commands::vms::EventsArgs),
     /// Pull, import, list and remove OCI images.
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
@@ -52,7 +68,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Image(cmd) => commands::image::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
-        Command::Daemon(args) => commands::daemon::run(args, &cli.root).map(|()| ExitCode::SUCCESS),
+        Command::Daemon(args) => commands::daemon::run(args, &cli.root, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Ps(args) => commands::vms::ps(args, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Apply(args) => commands::vms::apply(args, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Rm(args) => commands::vms::rm(args, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Inspect(args) => commands::vms::inspect(args, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Logs(args) => commands::vms::logs(args, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Events(args) => commands::vms::events(args, &cli.socket).map(|()| ExitCode::SUCCESS),
         Command::Vmm(cmd) => commands::vmm::run(cmd, process_start),
     };
     match result {

@@ -135,3 +135,40 @@ pub fn apply_revision(
     );
     Ok(report)
 }
+
+/// Stores objects applied through the API for `owner` without pruning anything (like
+/// `kubectl apply`). Ownership is checked for every object before anything is written; `force`
+/// takes objects over from another owner.
+pub fn apply_objects(
+    store: &Store,
+    owner: &str,
+    docs: &[(String, Vm)],
+    force: bool,
+) -> Result<ApplyReport, ApplyError> {
+    if !force {
+        for (file, vm) in docs {
+            if let Some(existing) = store.get_vm(&vm.metadata.name)? {
+                if existing.owner != owner {
+                    return Err(ApplyError::OwnerConflict {
+                        revision: "api".into(),
+                        name: vm.metadata.name.clone(),
+                        file: file.clone(),
+                        owner: existing.owner,
+                        requested: owner.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    let mut report = ApplyReport { revision: owner.to_string(), ..Default::default() };
+    for (_, vm) in docs {
+        let name = vm.metadata.name.clone();
+        let outcome = store.put_vm(vm, owner, force)?;
+        match (outcome.created, outcome.changed) {
+            (true, _) => report.created.push(name),
+            (false, true) => report.updated.push(name),
+            (false, false) => report.unchanged.push(name),
+        }
+    }
+    Ok(report)
+}

@@ -11,7 +11,7 @@ pub mod queue;
 pub mod reconciler;
 pub mod runtime;
 
-pub use apply::{apply_revision, parse_revision, ApplyError, ApplyReport};
+pub use apply::{apply_objects, apply_revision, parse_revision, ApplyError, ApplyReport};
 pub use decide::{decide, DesiredView, Settled, Step};
 pub use queue::{Backoff, WorkQueue};
 pub use reconciler::{error_chain, now_rfc3339, Outcome, ReconcileError, Reconciler, ReconcilerConfig};

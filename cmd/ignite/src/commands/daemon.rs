@@ -83,7 +83,7 @@ fn default_kernel(kernel: Option<String>) -> DefaultKernel {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub fn run(args: DaemonArgs, root: &Path) -> anyhow::Result<()> {
+pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
     let mut sources = Vec::new();
     if let Some(url) = args.gitops {
         let reference = match (args.tag, args.commit) {
@@ -123,6 +123,7 @@ pub fn run(args: DaemonArgs, root: &Path) -> anyhow::Result<()> {
         host,
         reconciler: ReconcilerConfig { workers: args.workers, ..Default::default() },
         ignite_bin: std::env::current_exe().context("locating the ignite binary")?,
+        socket: Some(socket.to_path_buf()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {

@@ -1,10 +1,12 @@
 //! One module per subcommand.
 
+pub mod client;
 pub mod daemon;
 pub mod image;
 pub mod kernel;
 pub mod table;
 pub mod vmm;
+pub mod vms;
 
 /// Exit status when ignite itself failed (bad arguments, files, KVM): as Docker uses 125.
 pub const EXIT_VMM_ERROR: u8 = 125;

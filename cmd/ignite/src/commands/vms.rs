@@ -1,0 +1,231 @@
+//! `ignite ps`, `apply`, `rm`, `inspect`, `logs` and `events`: clients of the daemon's API.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use controller::grpc::proto;
+
+use super::client;
+use super::table::render;
+
+/// `ignite ps`.
+#[derive(Args)]
+pub struct PsArgs {
+    /// Also show VMs that are not running.
+    #[arg(short, long)]
+    all: bool,
+}
+
+/// `ignite apply`.
+#[derive(Args)]
+#[command(after_help = "Example:\n  ignite apply -f examples/fleet/web.yaml")]
+pub struct ApplyArgs {
+    /// A manifest file, or a directory of *.yaml/*.yml files. Repeatable.
+    #[arg(short, long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// Take over VMs that a git or directory source owns.
+    #[arg(long)]
+    force: bool,
+}
+
+/// `ignite rm`.
+#[derive(Args)]
+pub struct RmArgs {
+    /// The VMs to remove (with their disks, taps, forwards and addresses).
+    #[arg(required = true)]
+    names: Vec<String>,
+    /// Remove VMs a source owns too (the source declares them again on its next sync).
+    #[arg(short, long)]
+    force: bool,
+}
+
+/// Output formats of `ignite inspect`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    /// YAML: the manifest (secrets redacted) and the status.
+    Yaml,
+    /// JSON.
+    Json,
+}
+
+/// `ignite inspect`.
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The VM.
+    name: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "yaml")]
+    output: Format,
+}
+
+/// `ignite logs`.
+#[derive(Args)]
+pub struct LogsArgs {
+    /// The VM whose serial console to show.
+    name: String,
+    /// Keep following the console.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only the last N bytes.
+    #[arg(long, default_value_t = 0)]
+    tail: u64,
+}
+
+/// `ignite events`.
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Keep following new events.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+fn uptime(boot_time: &str) -> String {
+    let Ok(t) = humantime::parse_rfc3339(boot_time) else { return "-".into() };
+    let secs = t.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+}
+
+/// Lists VMs as a table.
+pub fn ps(args: PsArgs, socket: &Path) -> anyhow::Result<()> {
+    let vms = client::runtime()?.block_on(async {
+        let mut c = client::vms(socket).await?;
+        c.list(proto::ListVmsRequest {}).await.map_err(client::status)
+    })?;
+    let rows: Vec<Vec<String>> = vms
+        .into_inner()
+        .vms
+        .into_iter()
+        .filter_map(|vm| {
+            let s = vm.status.clone().unwrap_or_default();
+            if !args.all && s.phase != "Running" {
+                return None;
+            }
+            let ready = s.conditions.iter().find(|c| c.status == "True").map(|c| c.reason.clone()).unwrap_or_default();
+            let revision: String = s.observed_revision.chars().take(12).collect();
+            let up = if s.phase == "Running" { uptime(&s.boot_time) } else { "-".into() };
+            let error = if s.last_error.is_empty() { String::new() } else { s.last_error };
+            Some(vec![vm.name, s.phase, ready, s.ip, up, vm.image, revision, vm.owner, error])
+        })
+        .collect();
+    print!(
+        "{}",
+        render(&["NAME", "PHASE", "REASON", "IP", "UPTIME", "IMAGE", "REVISION", "OWNER", "LAST ERROR"], &rows)
+    );
+    Ok(())
+}
+
+fn collect(path: &Path, out: &mut Vec<proto::ManifestFile>) -> anyhow::Result<()> {
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for entry in entries {
+            if entry.is_dir() || entry.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                collect(&entry, out)?;
+            }
+        }
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    out.push(proto::ManifestFile { path: path.display().to_string(), text });
+    Ok(())
+}
+
+/// Applies manifests through the daemon (all or nothing).
+pub fn apply(args: ApplyArgs, socket: &Path) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    for path in &args.files {
+        collect(path, &mut files)?;
+    }
+    anyhow::ensure!(!files.is_empty(), "no *.yaml or *.yml file found in {:?}", args.files);
+    let report = client::runtime()?.block_on(async {
+        let mut c = client::vms(socket).await?;
+        c.apply(proto::ApplyRequest { files, force: args.force }).await.map_err(client::status)
+    })?;
+    let report = report.into_inner();
+    for (verb, names) in
+        [("created", &report.created), ("configured", &report.updated), ("unchanged", &report.unchanged)]
+    {
+        for name in names {
+            println!("vm/{name} {verb}");
+        }
+    }
+    Ok(())
+}
+
+/// Removes VMs.
+pub fn rm(args: RmArgs, socket: &Path) -> anyhow::Result<()> {
+    client::runtime()?.block_on(async {
+        let mut c = client::vms(socket).await?;
+        for name in &args.names {
+            c.delete(proto::DeleteVmRequest { name: name.clone(), force: args.force }).await.map_err(client::status)?;
+            println!("{name}");
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Shows one VM.
+pub fn inspect(args: InspectArgs, socket: &Path) -> anyhow::Result<()> {
+    let vm = client::runtime()?.block_on(async {
+        let mut c = client::vms(socket).await?;
+        c.get(proto::VmName { name: args.name.clone() }).await.map_err(client::status)
+    })?;
+    let vm = vm.into_inner();
+    let manifest: serde_json::Value = serde_yaml::from_str(&vm.manifest_yaml).context("decoding the manifest")?;
+    let status = vm.status.unwrap_or_default();
+    let doc = serde_json::json!({
+        "manifest": manifest,
+        "owner": vm.owner,
+        "generation": vm.generation,
+        "deletionRequested": vm.deletion_requested,
+        "status": {
+            "phase": status.phase, "ip": status.ip, "mac": status.mac,
+            "sourceRevision": status.source_revision, "observedRevision": status.observed_revision,
+            "observedGeneration": status.observed_generation, "bootTime": status.boot_time,
+            "restarts": status.restarts, "lastError": status.last_error,
+            "conditions": status.conditions.iter().map(|c| serde_json::json!({
+                "type": c.r#type, "status": c.status, "reason": c.reason, "message": c.message,
+                "lastTransitionTime": c.last_transition_time,
+            })).collect::<Vec<_>>(),
+        },
+    });
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Format::Yaml => print!("{}", serde_yaml::to_string(&doc)?),
+    }
+    Ok(())
+}
+
+/// Prints a VM's console.
+pub fn logs(args: LogsArgs, socket: &Path) -> anyhow::Result<()> {
+    client::runtime()?.block_on(async {
+        let mut c = client::vms(socket).await?;
+        let request = proto::LogsRequest { name: args.name.clone(), follow: args.follow, tail_bytes: args.tail };
+        let mut stream = c.logs(request).await.map_err(client::status)?.into_inner();
+        let mut out = std::io::stdout();
+        while let Some(chunk) = stream.message().await.map_err(client::status)? {
+            out.write_all(&chunk.data)?;
+            out.flush()?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Prints events.
+pub fn events(args: EventsArgs, socket: &Path) -> anyhow::Result<()> {
+    client::runtime()?.block_on(async {
+        let mut c = client::events(socket).await?;
+        let request = proto::WatchEventsRequest { after_seq: 0, follow: args.follow };
+        let mut stream = c.watch(request).await.map_err(client::status)?.into_inner();
+        while let Some(e) = stream.message().await.map_err(client::status)? {
+            println!("{}  {:<7} {:<14} {:<16} {}", e.time, e.kind, e.object, e.reason, e.message);
+        }
+        anyhow::Ok(())
+    })
+}

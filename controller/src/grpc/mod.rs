@@ -1,0 +1,30 @@
+//! The daemon's gRPC API (`manifests/proto/ignite.proto`) over a unix socket: the server the
+//! daemon runs, the conversions from store records (secrets redacted), and a client connector.
+
+mod convert;
+mod server;
+
+use std::path::Path;
+
+pub use server::{serve, ApiState};
+
+/// The generated protocol types, clients and servers.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("ignite.v1alpha1");
+}
+
+/// The default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/ignite/ignite.sock";
+
+/// A channel to the daemon listening on the unix socket `path`.
+pub async fn connect(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    tonic::transport::Endpoint::from_static("http://ignite.sock")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { tokio::net::UnixStream::connect(path).await.map(hyper_util::rt::TokioIo::new) }
+        }))
+        .await
+}

@@ -1,0 +1,291 @@
+//! The gRPC services over the store, the reconciler's queue and the sources' triggers.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use super::proto::{self, events_server, host_server, sources_server, vms_server};
+use crate::reconcile::{apply_objects, error_chain, parse_revision, ApplyError, WorkQueue};
+use crate::store::{Store, StoreError};
+
+/// Everything the API serves from. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The state store.
+    pub store: Store,
+    /// The reconciler's queue: applied and deleted objects are queued at once.
+    pub queue: Arc<WorkQueue>,
+    /// The ignite root (console logs live under `vms/<name>/console.log`).
+    pub root: PathBuf,
+    /// On-demand sync triggers of the sources, by name.
+    pub triggers: Vec<(String, mpsc::Sender<()>)>,
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// How often followed logs and events are polled.
+const POLL: Duration = Duration::from_millis(200);
+
+fn internal(e: StoreError) -> Status {
+    Status::internal(error_chain(&e))
+}
+
+fn stream_from<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Stream_<T> {
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl vms_server::Vms for ApiState {
+    async fn list(&self, _: Request<proto::ListVmsRequest>) -> Result<Response<proto::ListVmsResponse>, Status> {
+        let revision = self.store.revision().map_err(internal)?;
+        let vms = self.store.list_vms().map_err(internal)?.iter().map(convert::vm).collect();
+        Ok(Response::new(proto::ListVmsResponse { vms, revision }))
+    }
+
+    async fn get(&self, request: Request<proto::VmName>) -> Result<Response<proto::Vm>, Status> {
+        let name = request.into_inner().name;
+        match self.store.get_vm(&name).map_err(internal)? {
+            Some(record) => Ok(Response::new(convert::vm(&record))),
+            None => Err(Status::not_found(format!("no VM named {name:?} (see `ignite ps -a`)"))),
+        }
+    }
+
+    type WatchStream = Stream_<proto::VmEvent>;
+
+    async fn watch(&self, request: Request<proto::WatchVmsRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let snapshot = request.into_inner().snapshot;
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.store.clone();
+        // Subscribe first, then send the snapshot: no change falls in between.
+        let changes = store.watch_vms();
+        if snapshot {
+            for record in store.list_vms().map_err(internal)? {
+                let event = proto::VmEvent {
+                    kind: proto::vm_event::Kind::Upsert as i32,
+                    name: record.vm.metadata.name.clone(),
+                    vm: Some(convert::vm(&record)),
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        tokio::task::spawn_blocking(move || {
+            for change in changes {
+                let event = match &change.record {
+                    Some(record) => proto::VmEvent {
+                        kind: proto::vm_event::Kind::Upsert as i32,
+                        name: change.name,
+                        vm: Some(convert::vm(record)),
+                    },
+                    None => proto::VmEvent { kind: proto::vm_event::Kind::Delete as i32, name: change.name, vm: None },
+                };
+                if tx.blocking_send(Ok(event)).is_err() {
+                    return; // the client went away
+                }
+            }
+        });
+        Ok(Response::new(stream_from(rx)))
+    }
+
+    async fn apply(&self, request: Request<proto::ApplyRequest>) -> Result<Response<proto::ApplyResponse>, Status> {
+        let request = request.into_inner();
+        let files = request.files.iter().map(|f| (f.path.as_str(), f.text.as_str()));
+        let docs = parse_revision("api", files).map_err(|e| Status::invalid_argument(error_chain(&e)))?;
+        let report = apply_objects(&self.store, "api", &docs, request.force).map_err(|e| match e {
+            ApplyError::OwnerConflict { .. } => {
+                Status::failed_precondition(format!("{e} (or use --force to take it over)"))
+            }
+            other => Status::internal(error_chain(&other)),
+        })?;
+        for name in report.touched() {
+            self.queue.add(name);
+        }
+        Ok(Response::new(proto::ApplyResponse {
+            created: report.created,
+            updated: report.updated,
+            unchanged: report.unchanged,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteVmRequest>,
+    ) -> Result<Response<proto::DeleteVmResponse>, Status> {
+        let request = request.into_inner();
+        let name = request.name;
+        let record = self.store.get_vm(&name).map_err(internal)?;
+        let Some(record) = record else {
+            return Err(Status::not_found(format!("no VM named {name:?}")));
+        };
+        if record.owner != "api" && !request.force {
+            return Err(Status::failed_precondition(format!(
+                "VM {name:?} is owned by {}: remove it from that source, or use --force (the source will declare it again)",
+                record.owner
+            )));
+        }
+        self.store.mark_deletion(&name).map_err(internal)?;
+        self.queue.add(&name);
+        Ok(Response::new(proto::DeleteVmResponse {}))
+    }
+
+    type LogsStream = Stream_<proto::LogChunk>;
+
+    async fn logs(&self, request: Request<proto::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        let request = request.into_inner();
+        if self.store.get_vm(&request.name).map_err(internal)?.is_none() {
+            return Err(Status::not_found(format!("no VM named {:?}", request.name)));
+        }
+        let path = self.root.join("vms").join(&request.name).join("console.log");
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(follow_log(path, request.tail_bytes, request.follow, tx));
+        Ok(Response::new(stream_from(rx)))
+    }
+}
+
+/// Streams `path` from `tail` bytes before its end (0: the start), then its growth if `follow`.
+async fn follow_log(path: PathBuf, tail: u64, follow: bool, tx: mpsc::Sender<Result<proto::LogChunk, Status>>) {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut offset = match tokio::fs::metadata(&path).await {
+        Ok(m) if tail > 0 => m.len().saturating_sub(tail),
+        _ => 0,
+    };
+    loop {
+        if let Ok(mut file) = tokio::fs::File::open(&path).await {
+            let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+            if len < offset {
+                offset = 0; // a new process started a new log
+            }
+            if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                let mut buf = Vec::new();
+                if file.read_to_end(&mut buf).await.is_ok() && !buf.is_empty() {
+                    offset += buf.len() as u64;
+                    if tx.send(Ok(proto::LogChunk { data: buf })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if !follow || tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tonic::async_trait]
+impl events_server::Events for ApiState {
+    type WatchStream = Stream_<proto::Event>;
+
+    async fn watch(&self, request: Request<proto::WatchEventsRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut after = request.after_seq;
+            loop {
+                let batch = match store.events_since(after, 500) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                for (seq, event) in &batch {
+                    after = *seq;
+                    if tx.send(Ok(convert::event(*seq, event))).await.is_err() {
+                        return;
+                    }
+                }
+                if batch.len() < 500 {
+                    if !request.follow || tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        });
+        Ok(Response::new(stream_from(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl sources_server::Sources for ApiState {
+    async fn list(&self, _: Request<proto::Empty>) -> Result<Response<proto::ListSourcesResponse>, Status> {
+        let sources = self.store.list_source_states().map_err(internal)?.iter().map(convert::source).collect();
+        Ok(Response::new(proto::ListSourcesResponse { sources }))
+    }
+
+    async fn sync(&self, request: Request<proto::SourceName>) -> Result<Response<proto::Empty>, Status> {
+        let name = request.into_inner().name;
+        match self.triggers.iter().find(|(n, _)| *n == name) {
+            Some((_, tx)) => {
+                let _ = tx.try_send(()); // a sync already pending is as good
+                Ok(Response::new(proto::Empty {}))
+            }
+            None => Err(Status::not_found(format!("no source named {name:?}"))),
+        }
+    }
+}
+
+fn memory_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+    kib.unwrap_or(0) * 1024
+}
+
+#[tonic::async_trait]
+impl host_server::Host for ApiState {
+    async fn info(&self, _: Request<proto::Empty>) -> Result<Response<proto::HostInfo>, Status> {
+        let vms = self.store.list_vms().map_err(internal)?;
+        let running = vms.iter().filter(|r| r.status.phase == crate::api::Phase::Running).count();
+        Ok(Response::new(proto::HostInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            root: self.root.display().to_string(),
+            virt_mode: format!("{:?}", vmm_core::VirtMode::detect()),
+            cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            memory_bytes: memory_bytes(),
+            vms: vms.len() as u32,
+            running_vms: running as u32,
+        }))
+    }
+}
+
+/// Serves the API on the unix socket `path` (mode 0600: the API can start VMs) until `shutdown`.
+pub async fn serve(
+    path: &Path,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let router = tonic::transport::Server::builder()
+        .add_service(vms_server::VmsServer::new(state.clone()))
+        .add_service(events_server::EventsServer::new(state.clone()))
+        .add_service(sources_server::SourcesServer::new(state.clone()))
+        .add_service(host_server::HostServer::new(state));
+    Ok(tokio::spawn(async move {
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
+            tracing::error!(error = %e, "the API server stopped");
+        }
+    }))
+}

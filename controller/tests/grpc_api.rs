@@ -1,0 +1,142 @@
+//! The daemon's gRPC API and the CLI on top of it, against an in-process daemon running tiny
+//! guests: list/get with secrets redacted, apply (all or nothing, ownership), delete, logs,
+//! events, sources and host info; then the real `ignite` binary's ps/apply/inspect/logs/rm.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use controller::daemon::Daemon;
+use controller::grpc::proto::{
+    self, events_client::EventsClient, host_client::HostClient, sources_client::SourcesClient, vms_client::VmsClient,
+};
+use controller::source::{DirSpec, SourceKind, SourceSpec};
+use support::daemon::{vm_up, wait_for, KillVmsOnDrop};
+use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
+use support::tiny_guest;
+
+const NAME: &str = "the_api_and_the_cli_drive_the_fleet";
+
+fn ignite(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(tiny_guest::ignite_bin()).arg("--socket").arg(socket).args(args).output().unwrap()
+}
+
+#[test]
+fn the_api_and_the_cli_drive_the_fleet() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIP {NAME}: {why}");
+        return;
+    }
+    let (_registry, image) = registry_with_image();
+    let fleet = tempfile::tempdir().unwrap();
+    let secret = "  env: [{name: TOKEN, value: s3cret-value}]\n";
+    std::fs::write(fleet.path().join("git.yaml"), manifest("fromdir", &image, "64Mi", secret)).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let _guard = KillVmsOnDrop(r);
+    let sources = vec![SourceSpec {
+        name: "local".into(),
+        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
+    }];
+    let config = daemon_config(r, sources, None);
+    let socket = config.socket.clone().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let daemon = runtime.block_on(Daemon::start(config)).unwrap();
+    wait_for("fromdir up", Duration::from_secs(60), || vm_up(r, "fromdir"));
+
+    runtime.block_on(async {
+        let channel = controller::grpc::connect(&socket).await.unwrap();
+        let mut vms = VmsClient::new(channel.clone());
+        let listed = vms.list(proto::ListVmsRequest {}).await.unwrap().into_inner();
+        assert_eq!(listed.vms.len(), 1);
+        let got = vms.get(proto::VmName { name: "fromdir".into() }).await.unwrap().into_inner();
+        assert_eq!(got.owner, "dir:local");
+        assert!(got.manifest_yaml.contains("TOKEN") && !got.manifest_yaml.contains("s3cret"), "{}", got.manifest_yaml);
+        let missing = vms.get(proto::VmName { name: "nope".into() }).await.unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+
+        // Apply: an invalid document refuses the whole request and names file, line and field.
+        let good = proto::ManifestFile { path: "api.yaml".into(), text: manifest("api1", &image, "64Mi", "") };
+        let bad = proto::ManifestFile { path: "bad.yaml".into(), text: manifest("api2", &image, "lots", "") };
+        let err = vms.apply(proto::ApplyRequest { files: vec![good.clone(), bad], force: false }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("bad.yaml:7") && err.message().contains("spec.memory"), "{}", err.message());
+        assert_eq!(vms.list(proto::ListVmsRequest {}).await.unwrap().into_inner().vms.len(), 1, "nothing applied");
+        let applied = vms.apply(proto::ApplyRequest { files: vec![good], force: false }).await.unwrap().into_inner();
+        assert_eq!(applied.created, ["api1"]);
+        // An object a source owns is refused unless forced; so is deleting it.
+        let takeover = proto::ManifestFile { path: "t.yaml".into(), text: manifest("fromdir", &image, "96Mi", "") };
+        let err = vms.apply(proto::ApplyRequest { files: vec![takeover], force: false }).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
+        let err = vms.delete(proto::DeleteVmRequest { name: "fromdir".into(), force: false }).await.unwrap_err();
+        assert!(err.message().contains("owned by dir:local"), "{}", err.message());
+
+        // Logs stream the console; events replay what happened; sources and host answer.
+        let mut logs = vms
+            .logs(proto::LogsRequest { name: "fromdir".into(), follow: false, tail_bytes: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut console = Vec::new();
+        while let Some(chunk) = logs.message().await.unwrap() {
+            console.extend(chunk.data);
+        }
+        assert!(String::from_utf8_lossy(&console).contains(tiny_guest::IDLE_MARKER));
+        let mut events = EventsClient::new(channel.clone());
+        let mut stream =
+            events.watch(proto::WatchEventsRequest { after_seq: 0, follow: false }).await.unwrap().into_inner();
+        let mut reasons = Vec::new();
+        while let Some(e) = stream.message().await.unwrap() {
+            reasons.push(e.reason);
+        }
+        assert!(reasons.iter().any(|r| r == "Started"), "{reasons:?}");
+        let mut sources = SourcesClient::new(channel.clone());
+        let listed = sources.list(proto::Empty {}).await.unwrap().into_inner().sources;
+        assert_eq!(listed[0].name, "local");
+        sources.sync(proto::SourceName { name: "local".into() }).await.unwrap();
+        assert_eq!(
+            sources.sync(proto::SourceName { name: "x".into() }).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        let info = HostClient::new(channel).info(proto::Empty {}).await.unwrap().into_inner();
+        assert_eq!(info.vms, 2);
+    });
+    wait_for("api1 up", Duration::from_secs(60), || vm_up(r, "api1"));
+
+    // The CLI is a client of the same API.
+    let out = ignite(&socket, &["ps"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(table.starts_with("NAME") && table.contains("api1") && table.contains("fromdir"), "{table}");
+    let cli_file = fleet.path().join("cli.yaml.txt");
+    std::fs::write(&cli_file, manifest("cli1", &image, "64Mi", "")).unwrap();
+    let out = ignite(&socket, &["apply", "-f", cli_file.to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "vm/cli1 created",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ignite(&socket, &["inspect", "fromdir", "-o", "json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["status"]["phase"], "Running");
+    assert_eq!(doc["manifest"]["spec"]["env"][0]["value"], "<redacted>");
+    let out = ignite(&socket, &["logs", "fromdir"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(tiny_guest::IDLE_MARKER));
+    let out = ignite(&socket, &["rm", "api1", "cli1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ignite(&socket, &["rm", "nope"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no VM named \"nope\""));
+    wait_for("api1 and cli1 removed", Duration::from_secs(60), || {
+        daemon.store().get_vm("api1").unwrap().is_none() && daemon.store().get_vm("cli1").unwrap().is_none()
+    });
+    let nobody = r.join("nobody.sock");
+    let out = ignite(&nobody, &["ps"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no ignite daemon answers"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    runtime.block_on(daemon.shutdown());
+}
