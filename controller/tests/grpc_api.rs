@@ -124,12 +124,31 @@ fn the_api_and_the_cli_drive_the_fleet() {
     assert_eq!(doc["manifest"]["spec"]["env"][0]["value"], "<redacted>");
     let out = ignite(&socket, &["logs", "fromdir"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(tiny_guest::IDLE_MARKER));
-    let out = ignite(&socket, &["rm", "api1", "cli1"]);
+    // run -d declares and starts a VM; stop and start change its desired state in place.
+    let out = ignite(&socket, &["run", &image, "--name", "run1", "--memory", "64Mi", "--size", "64Mi", "-d"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "run1", "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("run1 up", Duration::from_secs(60), || vm_up(r, "run1"));
+    let out = ignite(&socket, &["stop", "run1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("run1 stopped", Duration::from_secs(60), || {
+        support::daemon::pid_of(r, "run1").is_none()
+            && daemon.store().get_vm("run1").unwrap().is_some_and(|v| v.status.phase == controller::api::Phase::Stopped)
+    });
+    assert!(r.join("runtime/run1/prepared.json").exists(), "a stopped VM keeps its disk and address");
+    assert!(ignite(&socket, &["start", "run1"]).status.success());
+    wait_for("run1 up again", Duration::from_secs(60), || vm_up(r, "run1"));
+    let out = ignite(&socket, &["stop", "fromdir"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("owned by dir:local"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ignite(&socket, &["rm", "api1", "cli1", "run1"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = ignite(&socket, &["rm", "nope"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no VM named \"nope\""));
-    wait_for("api1 and cli1 removed", Duration::from_secs(60), || {
-        daemon.store().get_vm("api1").unwrap().is_none() && daemon.store().get_vm("cli1").unwrap().is_none()
+    wait_for("api1, cli1 and run1 removed", Duration::from_secs(60), || {
+        ["api1", "cli1", "run1"].iter().all(|n| daemon.store().get_vm(n).unwrap().is_none())
     });
     let nobody = r.join("nobody.sock");
     let out = ignite(&nobody, &["ps"]);

@@ -30,6 +30,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create and start a VM from an image, like `docker run` (through the daemon).
+    Run(commands::run::RunArgs),
+    /// Start VMs the API owns (desired state Running).
+    Start(commands::run::StateArgs),
+    /// Stop VMs the API owns (desired state Stopped; disk and address are kept).
+    Stop(commands::run::StateArgs),
     /// List VMs: phase, readiness, address, uptime, image, revision, owner and last error.
     Ps(commands::vms::PsArgs),
     /// Create or update VMs from manifest files or directories, through the daemon.
@@ -69,6 +75,9 @@ fn main() -> ExitCode {
         Command::Image(cmd) => commands::image::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
         Command::Kernel(cmd) => commands::kernel::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
         Command::Daemon(args) => commands::daemon::run(args, &cli.root, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => commands::run::run(args, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Start(args) => commands::run::set_state(args, "Running", &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Stop(args) => commands::run::set_state(args, "Stopped", &cli.socket).map(|()| ExitCode::SUCCESS),
         Command::Ps(args) => commands::vms::ps(args, &cli.socket).map(|()| ExitCode::SUCCESS),
         Command::Apply(args) => commands::vms::apply(args, &cli.socket).map(|()| ExitCode::SUCCESS),
         Command::Rm(args) => commands::vms::rm(args, &cli.socket).map(|()| ExitCode::SUCCESS),

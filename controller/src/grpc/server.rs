@@ -136,6 +136,31 @@ impl vms_server::Vms for ApiState {
         Ok(Response::new(proto::DeleteVmResponse {}))
     }
 
+    async fn set_state(&self, request: Request<proto::SetStateRequest>) -> Result<Response<proto::Vm>, Status> {
+        let request = request.into_inner();
+        let state = match request.state.as_str() {
+            "Running" => crate::api::DesiredState::Running,
+            "Stopped" => crate::api::DesiredState::Stopped,
+            other => return Err(Status::invalid_argument(format!("state {other:?}: expected Running or Stopped"))),
+        };
+        let name = request.name;
+        let Some(record) = self.store.get_vm(&name).map_err(internal)? else {
+            return Err(Status::not_found(format!("no VM named {name:?}")));
+        };
+        if record.owner != "api" {
+            return Err(Status::failed_precondition(format!(
+                "VM {name:?} is owned by {}: declare `state: {}` in its manifest there",
+                record.owner, request.state
+            )));
+        }
+        let mut vm = record.vm;
+        vm.spec.state = state;
+        self.store.put_vm(&vm, "api", false).map_err(internal)?;
+        self.queue.add(&name);
+        let record = self.store.get_vm(&name).map_err(internal)?.ok_or_else(|| Status::not_found(name.clone()))?;
+        Ok(Response::new(convert::vm(&record)))
+    }
+
     type LogsStream = Stream_<proto::LogChunk>;
 
     async fn logs(&self, request: Request<proto::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {

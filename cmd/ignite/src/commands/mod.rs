@@ -4,6 +4,7 @@ pub mod client;
 pub mod daemon;
 pub mod image;
 pub mod kernel;
+pub mod run;
 pub mod table;
 pub mod vmm;
 pub mod vms;

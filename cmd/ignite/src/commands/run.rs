@@ -1,0 +1,191 @@
+//! `ignite run IMAGE`: create and start a VM in one step, like `docker run`, by applying a
+//! generated manifest through the daemon; `start` and `stop` set its desired state.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use controller::grpc::proto;
+
+use super::client;
+
+/// `ignite run`.
+#[derive(Args)]
+#[command(after_help = "Examples:\n  \
+    ignite run 127.0.0.1:5000/demo/busybox:1 --name web -p 8080:80 -d -- /bin/httpd -f -p 80 -h /www\n  \
+    ignite run busybox --kernel 6.1-minimal -- /bin/sh -c 'echo hello'")]
+pub struct RunArgs {
+    /// OCI image reference of the root filesystem.
+    image: String,
+    /// The VM's name (default: derived from the image and the time).
+    #[arg(long)]
+    name: Option<String>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Guest memory (e.g. 256Mi).
+    #[arg(long, default_value = "512Mi")]
+    memory: String,
+    /// Root disk size (e.g. 1Gi).
+    #[arg(long, default_value = "4Gi")]
+    size: String,
+    /// Kernel: an imported kernel's name, or an absolute path (default: the daemon's --kernel).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Port forwarded from the host, HOST:GUEST[/tcp|udp]. Repeatable.
+    #[arg(short = 'p', long = "ports")]
+    ports: Vec<String>,
+    /// A public key file for root's authorized_keys.
+    #[arg(long)]
+    ssh: Option<PathBuf>,
+    /// A host file copied into the guest, SOURCE:DESTINATION. Repeatable.
+    #[arg(long = "copy-files")]
+    copy_files: Vec<String>,
+    /// An environment variable, NAME=VALUE. Repeatable.
+    #[arg(short, long)]
+    env: Vec<String>,
+    /// Return once the VM is declared instead of following its console.
+    #[arg(short, long)]
+    detach: bool,
+    /// The command and its arguments (replace the image's entrypoint and cmd).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+/// `ignite start` / `ignite stop`.
+#[derive(Args)]
+pub struct StateArgs {
+    /// The VMs.
+    #[arg(required = true)]
+    names: Vec<String>,
+}
+
+fn default_name(image: &str) -> String {
+    let base = image.rsplit('/').next().unwrap_or("vm").split([':', '@']).next().unwrap_or("vm");
+    let clean: String =
+        base.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{}-{:x}", clean.trim_matches('-'), secs & 0xff_ffff)
+}
+
+/// The manifest `ignite run` applies.
+fn manifest(args: &RunArgs, name: &str) -> anyhow::Result<serde_json::Value> {
+    let mut spec = serde_json::json!({
+        "image": args.image, "cpus": args.cpus, "memory": args.memory, "diskSize": args.size,
+        "network": {"ports": args.ports},
+    });
+    if let Some(kernel) = &args.kernel {
+        let key = if Path::new(kernel).is_absolute() { "path" } else { "image" };
+        spec["kernel"] = serde_json::json!({ key: kernel });
+    }
+    if let Some((command, rest)) = args.command.split_first() {
+        spec["command"] = serde_json::json!([command]);
+        spec["args"] = serde_json::json!(rest);
+    }
+    let env: Vec<serde_json::Value> = args
+        .env
+        .iter()
+        .map(|e| {
+            let (k, v) = e.split_once('=').with_context(|| format!("--env {e:?}: expected NAME=VALUE"))?;
+            Ok(serde_json::json!({"name": k, "value": v}))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    spec["env"] = env.into();
+    let copies: Vec<serde_json::Value> = args
+        .copy_files
+        .iter()
+        .map(|c| {
+            let (src, dst) =
+                c.split_once(':').with_context(|| format!("--copy-files {c:?}: expected SOURCE:DESTINATION"))?;
+            let src = std::fs::canonicalize(src).with_context(|| format!("--copy-files: {src}"))?;
+            Ok(serde_json::json!({"source": src, "destination": dst}))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    spec["copyFiles"] = copies.into();
+    if let Some(key) = &args.ssh {
+        let key = std::fs::read_to_string(key).with_context(|| format!("--ssh {}", key.display()))?;
+        spec["ssh"] = serde_json::json!({"authorizedKeys": [key.trim()]});
+    }
+    Ok(serde_json::json!({
+        "apiVersion": "ignite.dev/v1alpha1", "kind": "VM", "metadata": {"name": name}, "spec": spec,
+    }))
+}
+
+/// Creates and starts a VM; follows its console unless detached.
+pub fn run(args: RunArgs, socket: &Path) -> anyhow::Result<()> {
+    let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
+    let text = serde_yaml::to_string(&manifest(&args, &name)?)?;
+    client::runtime()?.block_on(async {
+        let mut c = client::vms(socket).await?;
+        let file = proto::ManifestFile { path: format!("ignite run {}", args.image), text };
+        c.apply(proto::ApplyRequest { files: vec![file], force: false }).await.map_err(client::status)?;
+        println!("{name}");
+        if args.detach {
+            return anyhow::Ok(());
+        }
+        eprintln!("following the console of {name} (Ctrl-C detaches; the VM keeps running)");
+        let request = proto::LogsRequest { name, follow: true, tail_bytes: 0 };
+        let mut stream = c.logs(request).await.map_err(client::status)?.into_inner();
+        use std::io::Write;
+        while let Some(chunk) = stream.message().await.map_err(client::status)? {
+            std::io::stdout().write_all(&chunk.data)?;
+            std::io::stdout().flush()?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Sets the desired state of VMs (`Running` or `Stopped`).
+pub fn set_state(args: StateArgs, state: &str, socket: &Path) -> anyhow::Result<()> {
+    client::runtime()?.block_on(async {
+        let mut c = client::vms(socket).await?;
+        for name in args.names {
+            let request = proto::SetStateRequest { name: name.clone(), state: state.to_string() };
+            c.set_state(request).await.map_err(client::status)?;
+            println!("{name}");
+        }
+        anyhow::Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn run_flags_become_a_valid_manifest() {
+        let cli = Cli::parse_from([
+            "ignite",
+            "busybox:1",
+            "--name",
+            "web",
+            "-p",
+            "8080:80",
+            "-e",
+            "A=b",
+            "--memory",
+            "128Mi",
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo hi",
+        ]);
+        let doc = manifest(&cli.run, "web").unwrap();
+        let text = serde_yaml::to_string(&doc).unwrap();
+        let vm = controller::api::parse_manifests("run", &text).unwrap().remove(0);
+        assert_eq!(vm.spec.command.as_deref(), Some(&["/bin/sh".to_string()][..]));
+        assert_eq!(vm.spec.args.as_deref(), Some(&["-c".to_string(), "echo hi".to_string()][..]));
+        assert_eq!(vm.spec.network.ports[0].to_string(), "8080:80/tcp");
+        assert_eq!(vm.spec.memory.mib(), 128);
+        let bad = Cli::parse_from(["ignite", "busybox", "-e", "NOEQUALS"]);
+        assert!(manifest(&bad.run, "x").unwrap_err().to_string().contains("NAME=VALUE"));
+        assert!(controller::api::validate::is_dns_label(&default_name("127.0.0.1:5000/demo/Busy_Box:1")));
+    }
+}
