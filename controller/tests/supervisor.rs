@@ -97,6 +97,28 @@ fn spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing() {
 }
 
 #[test]
+fn a_kill_during_a_long_graceful_stop_ends_the_vm_at_once() {
+    require_kvm!("a_kill_during_a_long_graceful_stop_ends_the_vm_at_once");
+    let dir = tempfile::tempdir().unwrap();
+    let sup = std::sync::Arc::new(supervisor(dir.path()));
+    let mut exits = sup.exits().unwrap();
+    sup.spawn("slow", &tiny_guest::idle_guest()).unwrap();
+    wait_for("the guest marker", || console(&sup, "slow").contains(IDLE_MARKER));
+    // The idle guest ignores Ctrl-Alt-Del, so this stop would take ten minutes...
+    let stopper = sup.clone();
+    let graceful = std::thread::spawn(move || stopper.stop("slow", Duration::from_secs(600)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sup.status("slow").unwrap().state, "running", "the control socket answers during the stop");
+    // ...but the control socket still answers, and a kill ends the VM now.
+    sup.stop("slow", Duration::ZERO).unwrap();
+    let exit = next_exit(&mut exits);
+    assert_eq!((exit.name.as_str(), &exit.reason), ("slow", &ExitReason::Stopped));
+    // The graceful stop returns too, instead of waiting out its ten minutes.
+    graceful.join().unwrap().unwrap();
+    sup.cleanup("slow").unwrap();
+}
+
+#[test]
 fn the_guest_exit_code_is_reported() {
     require_kvm!("the_guest_exit_code_is_reported");
     let dir = tempfile::tempdir().unwrap();

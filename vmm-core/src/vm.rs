@@ -351,23 +351,35 @@ impl VmHandle {
         Some(Kicker::new(self.vcpu_threads.iter().map(|t| t.as_pthread_t()).collect()))
     }
 
-    /// Asks the guest to shut down (Ctrl-Alt-Del on its keyboard), waits up to `grace`, then stops the
-    /// VM by force. Returns how it ended.
-    pub fn stop(self, grace: Duration) -> VmExit {
+    /// Asks the guest to shut down (Ctrl-Alt-Del on its keyboard) and returns at once; a paused VM
+    /// is resumed so it can. The VM keeps running until the guest powers off or [`Self::force_stop`].
+    pub fn request_shutdown(&self) {
         self.control.set_paused(false);
         if let Err(err) = lock(&self.i8042).press_ctrl_alt_del() {
             tracing::warn!(%err, "graceful stop request not delivered");
         }
+    }
+
+    /// Ends the VM at once (its exit reason becomes `Stopped` unless it already ended) and returns
+    /// without waiting; [`Self::wait`] collects it.
+    pub fn force_stop(&self) {
+        self.exit.exit(ExitReason::Stopped);
+    }
+
+    /// Asks the guest to shut down (Ctrl-Alt-Del on its keyboard), waits up to `grace`, then stops the
+    /// VM by force. Returns how it ended.
+    pub fn stop(self, grace: Duration) -> VmExit {
+        self.request_shutdown();
         if self.exit.wait_timeout(Some(grace)).is_none() {
             tracing::info!(?grace, "guest did not shut down in time; stopping it");
-            self.exit.exit(ExitReason::Stopped);
+            self.force_stop();
         }
         self.wait()
     }
 
     /// Stops the VM at once.
     pub fn kill(self) -> VmExit {
-        self.exit.exit(ExitReason::Stopped);
+        self.force_stop();
         self.wait()
     }
 

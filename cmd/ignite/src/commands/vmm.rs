@@ -205,33 +205,50 @@ fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitC
         }
     };
     let mut paused = false;
-    let mut action = Action::Continue;
-    // Wait in short steps so Ctrl-C and control requests are noticed promptly.
-    while handle.exit_reason().is_none() && action == Action::Continue {
-        if interrupted.load(Ordering::Relaxed) {
-            eprintln!("ignite: stopping the guest (waiting up to {}s)", args.stop_timeout);
-            action = Action::Stop(Duration::from_secs(args.stop_timeout));
-            break;
-        }
-        let Some((_, requests)) = &control else {
-            handle.wait_timeout(Duration::from_millis(100));
-            continue;
-        };
-        match requests.recv_timeout(Duration::from_millis(100)) {
-            Ok(cmd) => {
+    // When a graceful stop was asked for: the moment to stop by force. The control socket keeps
+    // answering meanwhile, so a later `kill` (or a shorter stop) takes effect and nobody waits.
+    let mut deadline: Option<Instant> = None;
+    // Wait in short steps so Ctrl-C, control requests and the deadline are noticed promptly.
+    while handle.exit_reason().is_none() {
+        let mut action = Action::Continue;
+        if interrupted.swap(false, Ordering::Relaxed) {
+            if deadline.is_none() {
+                eprintln!(
+                    "ignite: stopping the guest (waiting up to {}s; interrupt again to stop it at once)",
+                    args.stop_timeout
+                );
+                action = Action::Stop(Duration::from_secs(args.stop_timeout));
+            } else {
+                eprintln!("ignite: stopping the guest at once");
+                action = Action::Kill;
+            }
+        } else if let Some((_, requests)) = &control {
+            if let Ok(cmd) = requests.recv_timeout(Duration::from_millis(100)) {
                 let (reply, next) = control::apply(&handle, &mut paused, &cmd.request);
                 // The requester may have gone away; the VM does not care.
                 let _ = cmd.reply.send(reply);
                 action = next;
             }
-            Err(_) => continue,
+        } else {
+            handle.wait_timeout(Duration::from_millis(100));
+        }
+        match action {
+            Action::Continue => {}
+            Action::Stop(grace) => {
+                if deadline.is_none() {
+                    handle.request_shutdown();
+                }
+                let asked = Instant::now() + grace;
+                deadline = Some(deadline.map_or(asked, |d| d.min(asked)));
+            }
+            Action::Kill => handle.force_stop(),
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) && handle.exit_reason().is_none() {
+            tracing::info!("guest did not shut down in time; stopping it");
+            handle.force_stop();
         }
     }
-    let exit = match action {
-        Action::Stop(grace) if handle.exit_reason().is_none() => handle.stop(grace),
-        Action::Kill => handle.kill(),
-        _ => handle.wait(),
-    };
+    let exit = handle.wait();
     let code = exit_code(&exit.reason);
     write_exit_file(args.exit_file.as_deref(), exit.reason.clone(), code);
     drop(control);
