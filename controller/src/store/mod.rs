@@ -33,6 +33,10 @@ const LEASES_BY_VM: &str = "leases_by_vm";
 const LEASES_BY_IP: &str = "leases_by_ip";
 const EVENTS: &str = "events";
 const SOURCES: &str = "sources";
+const TOMBSTONES: &str = "vm_tombstones";
+const KEY_TOMBSTONE_HORIZON: &[u8] = b"tombstone_horizon";
+/// Removals remembered for watchers resuming from a revision.
+const MAX_TOMBSTONES: usize = 1024;
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_REVISION: &[u8] = b"revision";
 
@@ -112,6 +116,7 @@ pub struct Store {
     leases_by_ip: sled::Tree,
     events: sled::Tree,
     sources: sled::Tree,
+    tombstones: sled::Tree,
     event_retention: usize,
 }
 
@@ -131,6 +136,7 @@ impl Store {
             leases_by_ip: db.open_tree(LEASES_BY_IP)?,
             events: db.open_tree(EVENTS)?,
             sources: db.open_tree(SOURCES)?,
+            tombstones: db.open_tree(TOMBSTONES)?,
             db,
             event_retention: DEFAULT_EVENT_RETENTION,
         };
@@ -167,12 +173,21 @@ impl Store {
         Ok(())
     }
 
-    /// The store revision: bumped by every write to a VM record.
+    /// The store revision: bumped by every write to a VM record, which records it
+    /// ([`VmRecord::revision`]; removals in a tombstone).
     pub fn revision(&self) -> Result<u64, StoreError> {
         match self.meta.get(KEY_REVISION)? {
             Some(v) => decode_u64(META, KEY_REVISION, &v),
             None => Ok(0),
         }
+    }
+}
+
+/// The revision of the removal of `name`, 0 if no tombstone is kept.
+fn tombstone_revision(tombstones: &sled::Tree, name: &str) -> u64 {
+    match tombstones.get(name.as_bytes()) {
+        Ok(Some(v)) => decode_u64(TOMBSTONES, name.as_bytes(), &v).unwrap_or(0),
+        _ => 0,
     }
 }
 

@@ -22,6 +22,10 @@ pub struct VmRecord {
     pub deletion_requested: bool,
     /// When the object was first stored, RFC 3339.
     pub created_at: String,
+    /// The store revision of the last write to this record (0 for records written before
+    /// revisions were kept per record).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// What [`super::Store::put_vm`] did.
@@ -42,11 +46,14 @@ pub struct VmChange {
     pub name: String,
     /// The record after the change; `None` when it was removed.
     pub record: Option<VmRecord>,
+    /// The store revision of the change (for a removal read from its tombstone; 0 if unknown).
+    pub revision: u64,
 }
 
 /// A blocking iterator over VM changes, from [`super::Store::watch_vms`].
 pub struct VmChanges {
     pub(super) subscriber: sled::Subscriber,
+    pub(super) tombstones: sled::Tree,
 }
 
 impl Iterator for VmChanges {
@@ -61,8 +68,11 @@ impl Iterator for VmChanges {
             };
             let name = String::from_utf8_lossy(&key).into_owned();
             match value.map(|v| serde_json::from_slice::<VmRecord>(&v)) {
-                None => return Some(VmChange { name, record: None }),
-                Some(Ok(record)) => return Some(VmChange { name, record: Some(record) }),
+                None => {
+                    let revision = super::tombstone_revision(&self.tombstones, &name);
+                    return Some(VmChange { name, record: None, revision });
+                }
+                Some(Ok(record)) => return Some(VmChange { name, revision: record.revision, record: Some(record) }),
                 Some(Err(e)) => tracing::warn!(vm = name, error = %e, "skipping an undecodable VM record"),
             }
         }

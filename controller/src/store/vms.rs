@@ -5,7 +5,7 @@ use sled::Transactional;
 
 use crate::api::{Vm, VmStatus};
 
-use super::records::{PutOutcome, VmChanges, VmRecord};
+use super::records::{PutOutcome, VmChange, VmChanges, VmRecord};
 use super::{decode, decode_u64, encode, Store, StoreError, KEY_REVISION, META, VMS};
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -44,7 +44,7 @@ impl Store {
         let name = vm.metadata.name.as_str();
         let outcome = (&self.vms, &self.meta).transaction(|(vms, meta)| {
             let existing = read(vms, name)?;
-            let (record, outcome) = match existing {
+            let (mut record, outcome) = match existing {
                 Some(old) if old.owner != owner && !force_owner => {
                     return abort(StoreError::OwnerConflict {
                         name: name.to_string(),
@@ -72,13 +72,14 @@ impl Store {
                         status: VmStatus::default(),
                         deletion_requested: false,
                         created_at: crate::reconcile::now_rfc3339(),
+                        revision: 0,
                     };
                     (record, PutOutcome { generation: 1, changed: true, created: true })
                 }
             };
             if outcome.changed {
+                record.revision = bump_revision(meta)?;
                 vms.insert(name.as_bytes(), encode(&record))?;
-                bump_revision(meta)?;
             }
             Ok(outcome)
         })?;
@@ -118,8 +119,8 @@ impl Store {
             let before = record.status.clone();
             (update.borrow_mut())(&mut record.status);
             if record.status != before {
+                record.revision = bump_revision(meta)?;
                 vms.insert(name.as_bytes(), encode(&record))?;
-                bump_revision(meta)?;
             }
             Ok(record)
         })?;
@@ -134,8 +135,8 @@ impl Store {
             };
             if !record.deletion_requested {
                 record.deletion_requested = true;
+                record.revision = bump_revision(meta)?;
                 vms.insert(name.as_bytes(), encode(&record))?;
-                bump_revision(meta)?;
             }
             Ok(())
         })?;
@@ -145,20 +146,79 @@ impl Store {
     /// Removes the record of `name` and its lease, in one transaction. Missing is fine.
     /// Durable on return.
     pub fn remove_vm(&self, name: &str) -> Result<(), StoreError> {
-        (&self.vms, &self.meta, &self.leases_by_vm, &self.leases_by_ip).transaction(|(vms, meta, by_vm, by_ip)| {
-            if vms.remove(name.as_bytes())?.is_some() {
-                bump_revision(meta)?;
+        let trees = (&self.vms, &self.meta, &self.leases_by_vm, &self.leases_by_ip, &self.tombstones);
+        trees.transaction(|(vms, meta, by_vm, by_ip, tombstones)| {
+            // The tombstone goes in first, so a watcher that sees the removal can read its revision.
+            if vms.get(name.as_bytes())?.is_some() {
+                let revision = bump_revision(meta)?;
+                tombstones.insert(name.as_bytes(), &revision.to_be_bytes())?;
+                vms.remove(name.as_bytes())?;
             }
             super::leases::release_in(by_vm, by_ip, name)?;
             Ok(())
         })?;
+        self.prune_tombstones()?;
         self.flush()
     }
 
-    /// Every later change to VM records (blocking iterator; see [`super::Store::revision`] to
+    /// Every later change to VM records (blocking iterator; see [`Store::changes_since`] to
     /// resume after a reconnect).
     pub fn watch_vms(&self) -> VmChanges {
-        VmChanges { subscriber: self.vms.watch_prefix(b"") }
+        VmChanges { subscriber: self.vms.watch_prefix(b""), tombstones: self.tombstones.clone() }
+    }
+
+    /// What changed after store revision `after`, oldest first: records written since (as they
+    /// are now) and removals (from their tombstones). `None` when `after` cannot be resumed from:
+    /// older than the oldest tombstone kept, or newer than the store (another store): the caller
+    /// starts over from a full list.
+    pub fn changes_since(&self, after: u64) -> Result<Option<Vec<VmChange>>, StoreError> {
+        if after < self.tombstone_horizon()? || after > self.revision()? {
+            return Ok(None);
+        }
+        let mut changes: Vec<VmChange> = self
+            .list_vms()?
+            .into_iter()
+            .filter(|r| r.revision > after)
+            .map(|r| VmChange { name: r.vm.metadata.name.clone(), revision: r.revision, record: Some(r) })
+            .collect();
+        for entry in self.tombstones.iter() {
+            let (key, value) = entry?;
+            let revision = decode_u64(super::TOMBSTONES, &key, &value)?;
+            if revision > after {
+                changes.push(VmChange { name: String::from_utf8_lossy(&key).into_owned(), record: None, revision });
+            }
+        }
+        changes.sort_by_key(|c| c.revision);
+        Ok(Some(changes))
+    }
+
+    /// Resuming from revisions below this one is impossible: tombstones up to it were pruned.
+    fn tombstone_horizon(&self) -> Result<u64, StoreError> {
+        match self.meta.get(super::KEY_TOMBSTONE_HORIZON)? {
+            Some(v) => decode_u64(META, super::KEY_TOMBSTONE_HORIZON, &v),
+            None => Ok(0),
+        }
+    }
+
+    /// Keeps the newest [`super::MAX_TOMBSTONES`] tombstones. The horizon moves first, so a crash
+    /// in between only makes a resume start over, never miss a removal.
+    fn prune_tombstones(&self) -> Result<(), StoreError> {
+        if self.tombstones.len() <= super::MAX_TOMBSTONES {
+            return Ok(());
+        }
+        let mut all = Vec::new();
+        for entry in self.tombstones.iter() {
+            let (key, value) = entry?;
+            all.push((decode_u64(super::TOMBSTONES, &key, &value)?, key));
+        }
+        all.sort();
+        let excess = all.len() - super::MAX_TOMBSTONES;
+        let horizon = all[excess - 1].0;
+        self.meta.insert(super::KEY_TOMBSTONE_HORIZON, &horizon.to_be_bytes())?;
+        for (_, key) in &all[..excess] {
+            self.tombstones.remove(key)?;
+        }
+        Ok(())
     }
 }
 
@@ -252,5 +312,50 @@ mod tests {
         let first = changes.next().unwrap();
         assert_eq!((first.name.as_str(), first.record.map(|r| r.generation)), ("web", Some(1)));
         assert_eq!(changes.next().unwrap().record, None);
+    }
+
+    #[test]
+    fn a_watcher_resumes_from_a_revision_with_removals_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_vm(&vm("a", "64Mi"), "api", false).unwrap();
+        store.put_vm(&vm("b", "64Mi"), "api", false).unwrap();
+        let seen = store.revision().unwrap();
+        assert_eq!(store.changes_since(seen).unwrap(), Some(vec![]), "nothing after the current revision");
+        store.update_status("a", |s| s.phase = Phase::Running).unwrap();
+        store.remove_vm("b").unwrap();
+        store.put_vm(&vm("b", "96Mi"), "api", false).unwrap();
+        store.put_vm(&vm("c", "64Mi"), "api", false).unwrap();
+        let changes = store.changes_since(seen).unwrap().unwrap();
+        let summary: Vec<(&str, bool)> = changes.iter().map(|c| (c.name.as_str(), c.record.is_some())).collect();
+        assert_eq!(summary, [("a", true), ("b", false), ("b", true), ("c", true)], "in revision order");
+        assert!(changes.windows(2).all(|w| w[0].revision < w[1].revision));
+        assert_eq!(changes.last().unwrap().revision, store.revision().unwrap());
+        // A live watcher sees the removal's revision too.
+        let mut live = store.watch_vms();
+        store.remove_vm("c").unwrap();
+        let removal = live.next().unwrap();
+        assert_eq!((removal.record, removal.revision), (None, store.revision().unwrap()));
+        // A revision this store never reached (another store) cannot be resumed from.
+        assert_eq!(store.changes_since(store.revision().unwrap() + 1).unwrap(), None);
+    }
+
+    #[test]
+    fn old_tombstones_are_pruned_and_resuming_before_them_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..super::super::MAX_TOMBSTONES + 5 {
+            let name = format!("vm{i}");
+            store.put_vm(&vm(&name, "64Mi"), "api", false).unwrap();
+            store.remove_vm(&name).unwrap();
+        }
+        assert_eq!(store.tombstones.len(), super::super::MAX_TOMBSTONES);
+        assert_eq!(store.changes_since(1).unwrap(), None, "removals before the horizon are forgotten");
+        let recent = store.revision().unwrap() - 4;
+        assert_eq!(
+            store.changes_since(recent).unwrap().unwrap().len(),
+            2,
+            "the last two removals (their records are gone)"
+        );
     }
 }
