@@ -79,6 +79,7 @@ impl Daemon {
             Store::open(&config.root).map_err(|source| DaemonError::Store { root: config.root.clone(), source })?;
         let paths = image_store::StorePaths::new(&config.root);
         let snapshotter = image_store::choose_snapshotter(&paths, None).map_err(DaemonError::Snapshotter)?;
+        let snapshotter_name = snapshotter.name().to_string();
         let recovered = snapshotter.recover().map_err(DaemonError::Snapshotter)?;
         if !recovered.removed.is_empty() {
             info!(removed = ?recovered.removed, "removed half-made disks left by a crash");
@@ -134,6 +135,10 @@ impl Daemon {
                 queue: daemon.reconciler.queue().clone(),
                 root: config.root.clone(),
                 triggers: daemon.triggers.clone(),
+                images: paths.clone(),
+                insecure_registries: config.host.insecure_registries,
+                snapshotter: snapshotter_name,
+                runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let server = crate::grpc::serve(socket, state, async move {

@@ -2,6 +2,7 @@
 //! daemon runs, the conversions from store records (secrets redacted), and a client connector.
 
 mod convert;
+pub mod images;
 mod server;
 
 use std::path::Path;

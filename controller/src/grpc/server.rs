@@ -11,9 +11,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::proto::{self, events_server, host_server, sources_server, vms_server};
-use crate::reconcile::{apply_objects, error_chain, parse_revision, ApplyError, WorkQueue};
-use crate::store::{Store, StoreError};
+use super::proto::{self, events_server, host_server, images_server, kernels_server, sources_server, vms_server};
+use crate::reconcile::{apply_objects, error_chain, parse_revision, ApplyError, Runtime, WorkQueue};
+use crate::store::{Store, StoreError, VmChange};
 
 /// Everything the API serves from. Cheap to clone.
 #[derive(Clone)]
@@ -26,9 +26,17 @@ pub struct ApiState {
     pub root: PathBuf,
     /// On-demand sync triggers of the sources, by name.
     pub triggers: Vec<(String, mpsc::Sender<()>)>,
+    /// The image store (images and kernels).
+    pub images: image_store::StorePaths,
+    /// Pull every image over plain HTTP.
+    pub insecure_registries: bool,
+    /// How VM disks are made (`devicemapper`, `reflink`, `copy`).
+    pub snapshotter: String,
+    /// The runtime, for `Kill` (`None`: killing is refused as unavailable).
+    pub runtime: Option<Arc<dyn Runtime>>,
 }
 
-type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// How often followed logs and events are polled.
 const POLL: Duration = Duration::from_millis(200);
@@ -37,7 +45,7 @@ fn internal(e: StoreError) -> Status {
     Status::internal(error_chain(&e))
 }
 
-fn stream_from<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Stream_<T> {
+pub(super) fn stream_from<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> Stream_<T> {
     Box::pin(ReceiverStream::new(rx))
 }
 
@@ -60,34 +68,28 @@ impl vms_server::Vms for ApiState {
     type WatchStream = Stream_<proto::VmEvent>;
 
     async fn watch(&self, request: Request<proto::WatchVmsRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        let snapshot = request.into_inner().snapshot;
+        let request = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
-        // Subscribe first, then send the snapshot: no change falls in between.
+        // Subscribe first, then catch up: no change falls in between (some may come twice).
         let changes = store.watch_vms();
-        if snapshot {
-            for record in store.list_vms().map_err(internal)? {
-                let event = proto::VmEvent {
-                    kind: proto::vm_event::Kind::Upsert as i32,
-                    name: record.vm.metadata.name.clone(),
-                    vm: Some(convert::vm(&record)),
-                };
-                if tx.send(Ok(event)).await.is_err() {
-                    break;
+        let catch_up = if request.from_revision > 0 {
+            match store.changes_since(request.from_revision).map_err(internal)? {
+                Some(changes) => changes,
+                None => {
+                    let resync = proto::VmEvent { kind: Kind::Resync as i32, ..Default::default() };
+                    let _ = tx.send(Ok(resync)).await;
+                    snapshot(&store)?
                 }
             }
-        }
+        } else if request.snapshot {
+            snapshot(&store)?
+        } else {
+            Vec::new()
+        };
         tokio::task::spawn_blocking(move || {
-            for change in changes {
-                let event = match &change.record {
-                    Some(record) => proto::VmEvent {
-                        kind: proto::vm_event::Kind::Upsert as i32,
-                        name: change.name,
-                        vm: Some(convert::vm(record)),
-                    },
-                    None => proto::VmEvent { kind: proto::vm_event::Kind::Delete as i32, name: change.name, vm: None },
-                };
-                if tx.blocking_send(Ok(event)).is_err() {
+            for change in catch_up.into_iter().chain(changes) {
+                if tx.blocking_send(Ok(vm_event(change))).is_err() {
                     return; // the client went away
                 }
             }
@@ -143,22 +145,23 @@ impl vms_server::Vms for ApiState {
             "Stopped" => crate::api::DesiredState::Stopped,
             other => return Err(Status::invalid_argument(format!("state {other:?}: expected Running or Stopped"))),
         };
-        let name = request.name;
-        let Some(record) = self.store.get_vm(&name).map_err(internal)? else {
-            return Err(Status::not_found(format!("no VM named {name:?}")));
+        self.set_desired_state(&request.name, state).map(Response::new)
+    }
+
+    async fn kill(&self, request: Request<proto::VmName>) -> Result<Response<proto::Vm>, Status> {
+        let name = request.into_inner().name;
+        let Some(runtime) = self.runtime.clone() else {
+            return Err(Status::unavailable("this API server has no runtime to kill VMs with"));
         };
-        if record.owner != "api" {
-            return Err(Status::failed_precondition(format!(
-                "VM {name:?} is owned by {}: declare `state: {}` in its manifest there",
-                record.owner, request.state
-            )));
-        }
-        let mut vm = record.vm;
-        vm.spec.state = state;
-        self.store.put_vm(&vm, "api", false).map_err(internal)?;
+        // Desired state first, so the reconciler does not start it again.
+        let vm = self.set_desired_state(&name, crate::api::DesiredState::Stopped)?;
+        let killed = name.clone();
+        tokio::task::spawn_blocking(move || runtime.stop(&killed, Duration::ZERO))
+            .await
+            .map_err(|e| Status::internal(format!("kill task failed: {e}")))?
+            .map_err(|e| Status::internal(format!("killing VM {name:?}: {}", error_chain(&e))))?;
         self.queue.add(&name);
-        let record = self.store.get_vm(&name).map_err(internal)?.ok_or_else(|| Status::not_found(name.clone()))?;
-        Ok(Response::new(convert::vm(&record)))
+        Ok(Response::new(vm))
     }
 
     type LogsStream = Stream_<proto::LogChunk>;
@@ -172,6 +175,48 @@ impl vms_server::Vms for ApiState {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow_log(path, request.tail_bytes, request.follow, tx));
         Ok(Response::new(stream_from(rx)))
+    }
+}
+
+use proto::vm_event::Kind;
+
+/// Every VM as an upsert, at the store's current revision.
+fn snapshot(store: &Store) -> Result<Vec<VmChange>, Status> {
+    let revision = store.revision().map_err(internal)?;
+    let records = store.list_vms().map_err(internal)?;
+    Ok(records.into_iter().map(|r| VmChange { name: r.vm.metadata.name.clone(), record: Some(r), revision }).collect())
+}
+
+fn vm_event(change: VmChange) -> proto::VmEvent {
+    match &change.record {
+        Some(record) => proto::VmEvent {
+            kind: Kind::Upsert as i32,
+            name: change.name,
+            vm: Some(convert::vm(record)),
+            revision: change.revision,
+        },
+        None => proto::VmEvent { kind: Kind::Delete as i32, name: change.name, vm: None, revision: change.revision },
+    }
+}
+
+impl ApiState {
+    /// Sets the desired state of a VM the API owns and queues it.
+    fn set_desired_state(&self, name: &str, state: crate::api::DesiredState) -> Result<proto::Vm, Status> {
+        let Some(record) = self.store.get_vm(name).map_err(internal)? else {
+            return Err(Status::not_found(format!("no VM named {name:?} (see `ignite ps -a`)")));
+        };
+        if record.owner != "api" {
+            return Err(Status::failed_precondition(format!(
+                "VM {name:?} is owned by {}: declare `state: {state:?}` in its manifest there",
+                record.owner
+            )));
+        }
+        let mut vm = record.vm;
+        vm.spec.state = state;
+        self.store.put_vm(&vm, "api", false).map_err(internal)?;
+        self.queue.add(name);
+        let record = self.store.get_vm(name).map_err(internal)?.ok_or_else(|| Status::not_found(name))?;
+        Ok(convert::vm(&record))
     }
 }
 
@@ -282,6 +327,7 @@ impl host_server::Host for ApiState {
             memory_bytes: memory_bytes(),
             vms: vms.len() as u32,
             running_vms: running as u32,
+            snapshotter: self.snapshotter.clone(),
         }))
     }
 }
@@ -307,6 +353,8 @@ pub async fn serve(
         .add_service(vms_server::VmsServer::new(state.clone()))
         .add_service(events_server::EventsServer::new(state.clone()))
         .add_service(sources_server::SourcesServer::new(state.clone()))
+        .add_service(images_server::ImagesServer::new(state.clone()))
+        .add_service(kernels_server::KernelsServer::new(state.clone()))
         .add_service(host_server::HostServer::new(state));
     Ok(tokio::spawn(async move {
         if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
