@@ -16,6 +16,8 @@ packages=(
   qemu-system-x86
   # host networking (bridge, taps, port forwards) and its tests in a test network namespace
   iproute2 iptables python3
+  # the dashboard test drives `ignite dashboard` in tmux
+  tmux
   # GitOps sources: real repositories and `git daemon` remotes in tests
   git
   # ignite-init links statically against glibc

@@ -16,10 +16,125 @@ use support::daemon::{vm_up, wait_for, KillVmsOnDrop};
 use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
 use support::tiny_guest;
 
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `create`, `kill`, `ps -q`, a refused revision shown by `ps`, and images and kernels through the API.
+fn create_kill_and_the_image_store(
+    socket: &std::path::Path,
+    r: &std::path::Path,
+    image: &str,
+    fleet: &std::path::Path,
+) {
+    let out = ignite(socket, &["create", image, "--name", "k1", "--memory", "64Mi", "--size", "64Mi"]);
+    assert_eq!(text(&out.stdout).trim(), "k1", "{}", text(&out.stderr));
+    let out = ignite(socket, &["create", image, "--name", "k1"]);
+    assert!(text(&out.stderr).contains("already exists"), "create never changes an existing VM");
+    let phase = |name: &str| -> String {
+        let out = ignite(socket, &["inspect", name, "-o", "json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        doc["status"]["phase"].as_str().unwrap_or_default().to_string()
+    };
+    wait_for("k1 created, not started", Duration::from_secs(60), || phase("k1") == "Stopped");
+    assert!(support::daemon::pid_of(r, "k1").is_none());
+    assert!(ignite(socket, &["start", "k1"]).status.success());
+    wait_for("k1 up", Duration::from_secs(60), || vm_up(r, "k1"));
+    let out = ignite(socket, &["ps", "-q"]);
+    assert!(text(&out.stdout).lines().any(|l| l == "k1"), "{}", text(&out.stdout));
+    let out = ignite(socket, &["kill", "k1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for("k1 killed and stopped", Duration::from_secs(30), || {
+        support::daemon::pid_of(r, "k1").is_none() && phase("k1") == "Stopped"
+    });
+    let out = ignite(socket, &["kill", "fromdir"]);
+    assert!(text(&out.stderr).contains("owned by dir:local"), "{}", text(&out.stderr));
+    assert!(ignite(socket, &["rm", "k1"]).status.success());
+
+    // A refused revision: the fleet keeps running the last good one, and `ps` says why.
+    let bad = fleet.join("broken.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata: {name: broken}\nspec: {image: x, memory: lots}\n",
+    )
+    .unwrap();
+    wait_for("ps to show the refused revision", Duration::from_secs(30), || {
+        let err = text(&ignite(socket, &["ps"]).stderr);
+        err.contains("warning: source local") && err.contains("broken.yaml") && err.contains("spec.memory")
+    });
+    std::fs::remove_file(&bad).unwrap();
+
+    // Images and kernels through the daemon.
+    let out = ignite(socket, &["image", "pull", image]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("sha256:") && text(&out.stderr).contains("100%"), "{}", text(&out.stderr));
+    let out = ignite(socket, &["image", "ls"]);
+    assert!(text(&out.stdout).contains(image), "{}", text(&out.stdout));
+    let kernel = tiny_guest::idle_guest().kernel;
+    let out = ignite(socket, &["kernel", "import", kernel.to_str().unwrap(), "--name", "tiny"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(r.join("kernels").exists() || text(&ignite(socket, &["kernel", "ls"]).stdout).contains("tiny"));
+    let out = ignite(socket, &["kernel", "import", kernel.to_str().unwrap(), "--name", "tiny"]);
+    assert!(text(&out.stderr).contains("already exists"), "{}", text(&out.stderr));
+    assert!(ignite(socket, &["kernel", "rm", "tiny"]).status.success());
+    let out = ignite(socket, &["kernel", "rm", "tiny"]);
+    assert!(text(&out.stderr).contains("not found"), "{}", text(&out.stderr));
+    let out = ignite(socket, &["image", "rm", "sha256:ffff"]);
+    assert!(text(&out.stderr).contains("no image matches"), "{}", text(&out.stderr));
+}
+
+/// A watch resumed from a revision gets exactly what changed after it; one from a revision this
+/// store never had starts over with RESYNC and a full snapshot.
+fn watch_resumes_from_a_revision(
+    runtime: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    image: &str,
+    daemon: &Daemon,
+) {
+    use proto::vm_event::Kind;
+    runtime.block_on(async {
+        let mut vms = VmsClient::new(controller::grpc::connect(socket).await.unwrap());
+        let from = vms.list(proto::ListVmsRequest {}).await.unwrap().into_inner().revision;
+        let file =
+            proto::ManifestFile { path: "w.yaml".into(), text: manifest("w1", image, "64Mi", "  state: Stopped\n") };
+        vms.apply(proto::ApplyRequest { files: vec![file], force: false }).await.unwrap();
+        vms.delete(proto::DeleteVmRequest { name: "w1".into(), force: false }).await.unwrap();
+        let store = daemon.store().clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for("w1 removed", Duration::from_secs(60), || store.get_vm("w1").unwrap().is_none())
+        })
+        .await
+        .unwrap();
+        let request = proto::WatchVmsRequest { snapshot: false, from_revision: from };
+        let mut stream = vms.watch(request).await.unwrap().into_inner();
+        let mut seen = Vec::new();
+        let mut last = from;
+        while let Some(e) = stream.message().await.unwrap() {
+            assert!(e.revision > last, "revisions increase: {} after {last}", e.revision);
+            last = e.revision;
+            let done = e.name == "w1" && e.kind == Kind::Delete as i32;
+            seen.push((e.name, e.kind));
+            if done {
+                break;
+            }
+        }
+        assert_eq!(seen.first(), Some(&("w1".to_string(), Kind::Upsert as i32)), "{seen:?}");
+        assert!(seen.iter().all(|(name, _)| name == "w1"), "only what changed after the revision: {seen:?}");
+
+        let request = proto::WatchVmsRequest { snapshot: false, from_revision: last + 1_000_000 };
+        let mut stream = vms.watch(request).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.kind, Kind::Resync as i32);
+        let second = stream.message().await.unwrap().unwrap();
+        assert_eq!((second.kind, second.name.as_str()), (Kind::Upsert as i32, "fromdir"), "a full snapshot follows");
+    });
+}
+
 const NAME: &str = "the_api_and_the_cli_drive_the_fleet";
 
 fn ignite(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(tiny_guest::ignite_bin()).arg("--socket").arg(socket).args(args).output().unwrap()
+    let mut cmd = Command::new(tiny_guest::ignite_bin());
+    cmd.arg("--socket").arg(socket).args(args).env("IGNITE_AUTOSTART", "0").output().unwrap()
 }
 
 #[test]
@@ -150,6 +265,9 @@ fn the_api_and_the_cli_drive_the_fleet() {
     wait_for("api1, cli1 and run1 removed", Duration::from_secs(60), || {
         ["api1", "cli1", "run1"].iter().all(|n| daemon.store().get_vm(n).unwrap().is_none())
     });
+    create_kill_and_the_image_store(&socket, r, &image, fleet.path());
+    watch_resumes_from_a_revision(&runtime, &socket, &image, &daemon);
+
     let nobody = r.join("nobody.sock");
     let out = ignite(&nobody, &["ps"]);
     assert!(

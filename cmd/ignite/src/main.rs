@@ -32,6 +32,8 @@ struct Cli {
 enum Command {
     /// Create and start a VM from an image, like `docker run` (through the daemon).
     Run(commands::run::RunArgs),
+    /// Declare a VM from an image without starting it (`ignite start` starts it).
+    Create(commands::run::CreateArgs),
     /// Start VMs the API owns (desired state Running).
     Start(commands::run::StateArgs),
     /// Stop VMs the API owns (desired state Stopped; disk and address are kept).
@@ -40,6 +42,8 @@ enum Command {
     Ps(commands::vms::PsArgs),
     /// Create or update VMs from manifest files or directories, through the daemon.
     Apply(commands::vms::ApplyArgs),
+    /// Kill VMs at once, without a grace period (they stay stopped).
+    Kill(commands::vms::KillArgs),
     /// Remove VMs and everything they own.
     Rm(commands::vms::RmArgs),
     /// Show a VM's manifest (secrets redacted) and status.
@@ -48,6 +52,11 @@ enum Command {
     Logs(commands::vms::LogsArgs),
     /// Show what happened to VMs and sources.
     Events(commands::vms::EventsArgs),
+    /// A live view of the fleet: VMs, sources and events (q quits).
+    Dashboard(commands::dashboard::DashboardArgs),
+    /// List the daemon's git and directory sources, or sync one now.
+    #[command(subcommand)]
+    Sources(commands::vms::SourcesCommand),
     /// Pull, import, list and remove OCI images.
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
@@ -60,6 +69,16 @@ enum Command {
     /// Run the embedded KVM engine directly, without the daemon.
     #[command(subcommand)]
     Vmm(commands::vmm::VmmCommand),
+    /// Print the version of this CLI and of the daemon that answers.
+    Version,
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  \
+        ignite completions bash > /etc/bash_completion.d/ignite\n  \
+        ignite completions zsh > \"${fpath[1]}/_ignite\"")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -71,19 +90,35 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let paths = image_store::StorePaths::new(&cli.root);
+    let ctx = commands::client::Ctx { root: cli.root.clone(), socket: cli.socket.clone() };
+    let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Image(cmd) => commands::image::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
-        Command::Kernel(cmd) => commands::kernel::run(cmd, &paths).map(|()| ExitCode::SUCCESS),
-        Command::Daemon(args) => commands::daemon::run(args, &cli.root, &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Run(args) => commands::run::run(args, &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Start(args) => commands::run::set_state(args, "Running", &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Stop(args) => commands::run::set_state(args, "Stopped", &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Ps(args) => commands::vms::ps(args, &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Apply(args) => commands::vms::apply(args, &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Rm(args) => commands::vms::rm(args, &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Inspect(args) => commands::vms::inspect(args, &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Logs(args) => commands::vms::logs(args, &cli.socket).map(|()| ExitCode::SUCCESS),
-        Command::Events(args) => commands::vms::events(args, &cli.socket).map(|()| ExitCode::SUCCESS),
+        Command::Image(cmd) => done(commands::image::run(cmd, &paths, &cli.socket)),
+        Command::Kernel(cmd) => done(commands::kernel::run(cmd, &paths, &cli.socket)),
+        Command::Daemon(args) => done(commands::daemon::run(args, &cli.root, &cli.socket)),
+        Command::Run(args) => done(commands::run::run(args, &ctx)),
+        Command::Create(args) => done(commands::run::create(args, &ctx)),
+        Command::Start(args) => done(commands::run::set_state(args, "Running", &ctx)),
+        Command::Stop(args) => done(commands::run::set_state(args, "Stopped", &ctx)),
+        Command::Kill(args) => done(commands::vms::kill(args, &ctx)),
+        Command::Ps(args) => done(commands::vms::ps(args, &ctx)),
+        Command::Apply(args) => done(commands::vms::apply(args, &ctx)),
+        Command::Rm(args) => done(commands::vms::rm(args, &ctx)),
+        Command::Inspect(args) => done(commands::vms::inspect(args, &ctx)),
+        Command::Logs(args) => done(commands::vms::logs(args, &ctx)),
+        Command::Events(args) => done(commands::vms::events(args, &ctx)),
+        Command::Sources(cmd) => done(commands::vms::sources(cmd, &ctx)),
+        Command::Dashboard(args) => done(commands::dashboard::run(args, &ctx)),
+        Command::Version => done(commands::vms::version(&ctx)),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "ignite",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Vmm(cmd) => commands::vmm::run(cmd, process_start),
     };
     match result {

@@ -1,34 +1,137 @@
-//! Talking to the daemon: one connection helper with an error that says what to do next.
+//! Talking to the daemon: connecting (and starting a daemon when none answers), with errors that
+//! say what to do next.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use controller::grpc::proto::{events_client::EventsClient, vms_client::VmsClient};
+use controller::grpc::proto::{
+    events_client::EventsClient, host_client::HostClient, images_client::ImagesClient, kernels_client::KernelsClient,
+    sources_client::SourcesClient, vms_client::VmsClient,
+};
 use tonic::transport::Channel;
+
+/// Where the CLI finds the daemon, and the root a daemon it starts uses.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    /// `--root`.
+    pub root: PathBuf,
+    /// `--socket`.
+    pub socket: PathBuf,
+}
+
+/// How long a daemon started by the CLI may take to answer.
+const AUTOSTART_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A tokio runtime for one CLI command.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")
 }
 
-/// A channel to the daemon on `socket`.
-pub async fn channel(socket: &Path) -> anyhow::Result<Channel> {
-    controller::grpc::connect(socket).await.with_context(|| {
-        format!(
-            "no ignite daemon answers on {}: start one with `ignite daemon --dir DIR --kernel VMLINUX` (or --gitops URL), or pass --socket",
-            socket.display()
-        )
-    })
+/// A channel to the daemon if one answers on the socket (never starts one).
+pub async fn try_channel(socket: &Path) -> Option<Channel> {
+    controller::grpc::connect(socket).await.ok()
+}
+
+fn autostart_disabled() -> bool {
+    std::env::var("IGNITE_AUTOSTART").is_ok_and(|v| matches!(v.as_str(), "0" | "false" | "no"))
+}
+
+/// A channel to the daemon. When none answers, starts `ignite daemon` in the background on the
+/// same root and socket (unless `IGNITE_AUTOSTART=0`) and waits for it to answer.
+pub async fn channel(ctx: &Ctx) -> anyhow::Result<Channel> {
+    if let Some(channel) = try_channel(&ctx.socket).await {
+        return Ok(channel);
+    }
+    if autostart_disabled() {
+        anyhow::bail!(
+            "no ignite daemon answers on {}: start one with `ignite daemon --dir DIR --kernel VMLINUX` (or --gitops URL), or pass --socket (IGNITE_AUTOSTART=0: the CLI does not start one itself)",
+            ctx.socket.display()
+        );
+    }
+    start_daemon(ctx).await
+}
+
+/// Starts a daemon for `ctx` in its own session, logging to `ROOT/daemon.log`.
+async fn start_daemon(ctx: &Ctx) -> anyhow::Result<Channel> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(&ctx.root).with_context(|| format!("creating {}", ctx.root.display()))?;
+    let log_path = ctx.root.join("daemon.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("locating the ignite binary")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("--root")
+        .arg(&ctx.root)
+        .arg("--socket")
+        .arg(&ctx.socket)
+        .args(["--log", "info", "daemon"])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting `ignite daemon`")?;
+    eprintln!(
+        "ignite: no daemon answered on {}; started `ignite daemon` (pid {}, log {}; IGNITE_KERNEL, IGNITE_NO_NETWORK and the other IGNITE_* variables configure it)",
+        ctx.socket.display(),
+        child.id(),
+        log_path.display()
+    );
+    let deadline = Instant::now() + AUTOSTART_TIMEOUT;
+    loop {
+        if let Some(channel) = try_channel(&ctx.socket).await {
+            return Ok(channel);
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!(
+                "the daemon the CLI started ended ({status}); its log {} ends with:\n{}",
+                log_path.display(),
+                tail.join("\n")
+            );
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "the daemon the CLI started (pid {}) did not answer on {} within {AUTOSTART_TIMEOUT:?}; see {}",
+                child.id(),
+                ctx.socket.display(),
+                log_path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The VMs client.
-pub async fn vms(socket: &Path) -> anyhow::Result<VmsClient<Channel>> {
-    Ok(VmsClient::new(channel(socket).await?))
+pub async fn vms(ctx: &Ctx) -> anyhow::Result<VmsClient<Channel>> {
+    Ok(VmsClient::new(channel(ctx).await?))
 }
 
 /// The events client.
-pub async fn events(socket: &Path) -> anyhow::Result<EventsClient<Channel>> {
-    Ok(EventsClient::new(channel(socket).await?))
+pub async fn events(ctx: &Ctx) -> anyhow::Result<EventsClient<Channel>> {
+    Ok(EventsClient::new(channel(ctx).await?))
+}
+
+/// The sources client.
+pub async fn sources(ctx: &Ctx) -> anyhow::Result<SourcesClient<Channel>> {
+    Ok(SourcesClient::new(channel(ctx).await?))
+}
+
+/// The host client, if a daemon answers (never starts one).
+pub async fn host(socket: &Path) -> Option<HostClient<Channel>> {
+    try_channel(socket).await.map(HostClient::new)
+}
+
+/// The images and kernels clients, if a daemon answers (never starts one: the image store works
+/// without a daemon too).
+pub async fn image_store(socket: &Path) -> Option<(ImagesClient<Channel>, KernelsClient<Channel>)> {
+    try_channel(socket).await.map(|c| (ImagesClient::new(c.clone()), KernelsClient::new(c)))
 }
 
 /// A gRPC status as a user-facing error (the daemon's message, without transport noise).

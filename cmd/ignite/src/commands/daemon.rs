@@ -40,10 +40,10 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     interval: Duration,
     /// Kernel for VMs that name none: a file, or the name of an imported kernel.
-    #[arg(long)]
+    #[arg(long, env = "IGNITE_KERNEL")]
     kernel: Option<String>,
     /// The static guest init placed in every root disk (default: ignite-init next to this binary).
-    #[arg(long)]
+    #[arg(long, env = "IGNITE_INIT")]
     init: Option<PathBuf>,
     /// Host bridge the VMs' taps join.
     #[arg(long, default_value = "ignite0")]
@@ -52,7 +52,7 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "10.61.0.0/24")]
     subnet: Subnet,
     /// Run VMs without a network interface (no bridge, taps or port forwards).
-    #[arg(long)]
+    #[arg(long, env = "IGNITE_NO_NETWORK")]
     no_network: bool,
     /// Masquerade the VMs' outbound traffic behind the host.
     #[arg(long)]

@@ -1,17 +1,18 @@
 //! `ignite image`: OCI images in the store.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Subcommand;
-use image_store::content::ContentStore;
-use image_store::images::{ImageIndex, Removal};
+use controller::grpc::{images, proto};
 use image_store::progress::PullProgress;
 use image_store::pull::{pull_blocking, PullOptions};
-use image_store::{ImageRecord, StorePaths};
+use image_store::StorePaths;
 
+use super::client;
 use super::kernel::short_digest;
 use super::table::{human_size, render};
 
@@ -51,105 +52,153 @@ pub enum ImageCommand {
     },
 }
 
-/// Runs an image subcommand against the store at `paths`.
-pub fn run(cmd: ImageCommand, paths: &StorePaths) -> anyhow::Result<()> {
+/// Runs an image subcommand: through the daemon when one answers on `socket` (it owns the store
+/// then), else directly on the store at `paths`.
+pub fn run(cmd: ImageCommand, paths: &StorePaths, socket: &Path) -> anyhow::Result<()> {
+    let rt = client::runtime()?;
+    let api = rt.block_on(client::image_store(socket)).map(|(images, _)| images);
     match cmd {
         ImageCommand::Pull { reference, insecure, auth_config } => {
-            let progress = ProgressLine::new(&reference);
-            let report = progress.clone();
-            let options = PullOptions {
-                insecure,
-                auth_config,
-                progress: Some(Arc::new(move |p: PullProgress| report.update(&p))),
+            let bar = ProgressBar::new(&reference);
+            let image = match api {
+                Some(mut c) if auth_config.is_none() => rt.block_on(async {
+                    let request = proto::PullImageRequest { reference: reference.clone(), insecure };
+                    let mut stream = c.pull(request).await.map_err(client::status)?.into_inner();
+                    while let Some(p) = stream.message().await.map_err(client::status)? {
+                        if let Some(image) = p.image {
+                            return Ok(image);
+                        }
+                        bar.update(p.bytes_done, p.bytes_total, p.layers_done as usize, p.layers_total as usize);
+                    }
+                    anyhow::bail!("the daemon ended the pull of {reference} without a result")
+                })?,
+                _ => {
+                    let report = bar.clone();
+                    let progress = move |p: PullProgress| {
+                        report.update(p.bytes_done, p.bytes_total, p.layers_done, p.layers_total)
+                    };
+                    let options = PullOptions { insecure, auth_config, progress: Some(Arc::new(progress)) };
+                    images::image(&pull_blocking(paths, &reference, &options)?)
+                }
             };
-            let record = pull_blocking(paths, &reference, &options)?;
-            progress.finish();
-            println!("{}", record.manifest_digest);
+            bar.finish(image.size, image.layers as usize);
+            println!("{}", image.digest);
         }
         ImageCommand::Import { path, tag } => {
-            let record = image_store::import::import(paths, &path, tag.as_deref())?;
-            println!("{}", record.manifest_digest);
+            let image = match api {
+                Some(mut c) => {
+                    let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
+                    let request =
+                        proto::ImportImageRequest { path: path.display().to_string(), tag: tag.unwrap_or_default() };
+                    rt.block_on(c.import(request)).map_err(client::status)?.into_inner()
+                }
+                None => images::import_image(paths, &path, tag.as_deref())?,
+            };
+            println!("{}", image.digest);
         }
         ImageCommand::Ls => {
-            let rows: Vec<Vec<String>> = ImageIndex::open(paths)?
-                .list()?
+            let list = match api {
+                Some(mut c) => rt.block_on(c.list(proto::Empty {})).map_err(client::status)?.into_inner().images,
+                None => images::list_images(paths)?,
+            };
+            let rows: Vec<Vec<String>> = list
                 .into_iter()
                 .map(|image| {
                     let name = if image.references.is_empty() { "<none>".into() } else { image.references.join(", ") };
-                    vec![
-                        name,
-                        short_digest(image.manifest_digest.hex()),
-                        image.layers.len().to_string(),
-                        human_size(image.size),
-                    ]
+                    let hex = image.digest.split_once(':').map_or(image.digest.as_str(), |(_, h)| h);
+                    vec![name, short_digest(hex), image.layers.to_string(), human_size(image.size)]
                 })
                 .collect();
             println!("{}", render(&["REFERENCE", "DIGEST", "LAYERS", "SIZE"], &rows));
         }
         ImageCommand::Rm { image } => {
-            let index = ImageIndex::open(paths)?;
-            match index.remove(&image)? {
-                Removal::Untagged(kept) => {
-                    println!("untagged {image} ({} keeps its other references)", kept.manifest_digest)
-                }
-                Removal::Removed(removed) => {
-                    image_store::remove_base_rootfs(paths, &removed.manifest_digest)?;
-                    let freed = ContentStore::open(paths)?.gc(&index.referenced_blobs()?)?;
-                    println!("{} (freed {})", removed.manifest_digest, human_size(freed));
-                }
+            let removed = match api {
+                Some(mut c) => rt
+                    .block_on(c.remove(proto::ImageName { name: image.clone() }))
+                    .map_err(client::status)?
+                    .into_inner(),
+                None => images::remove_image(paths, &image)?,
+            };
+            if removed.untagged {
+                println!("untagged {image} ({} keeps its other references)", removed.digest);
+            } else {
+                println!("{} (freed {})", removed.digest, human_size(removed.freed_bytes));
             }
         }
     }
     Ok(())
 }
 
-/// Finds a stored image by reference, digest or digest prefix.
-pub fn find(paths: &StorePaths, query: &str) -> anyhow::Result<ImageRecord> {
-    Ok(ImageIndex::open(paths)?.find(query)?)
-}
-
-/// A one-line pull progress display on stderr, redrawn at most ten times a second when stderr is a
-/// terminal, and printed once per finished layer otherwise (logs stay readable).
+/// A pull progress bar on stderr (`[=====>    ] 45%  23.1 MiB / 51.0 MiB  2/3 layers`), redrawn
+/// at most ten times a second when stderr is a terminal, and printed once per finished layer
+/// otherwise (logs stay readable).
 #[derive(Clone)]
-struct ProgressLine {
+struct ProgressBar {
     reference: String,
     state: Arc<Mutex<(Instant, usize)>>,
     tty: bool,
 }
 
-impl ProgressLine {
+/// Characters between the bar's brackets.
+const BAR_WIDTH: usize = 30;
+
+/// The bar's text for `done` of `total` bytes.
+fn bar_line(reference: &str, done: u64, total: u64, layers_done: usize, layers_total: usize) -> String {
+    let fraction = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+    let filled = (fraction * BAR_WIDTH as f64).round() as usize;
+    let head = if filled < BAR_WIDTH { ">" } else { "" };
+    let bar = format!("{}{head}{}", "=".repeat(filled), " ".repeat(BAR_WIDTH - filled - head.len()));
+    format!(
+        "{reference} [{bar}] {:>3}%  {} / {}  {layers_done}/{layers_total} layers",
+        (fraction * 100.0).round() as u32,
+        human_size(done),
+        human_size(total)
+    )
+}
+
+impl ProgressBar {
     fn new(reference: &str) -> Self {
         let tty = std::io::stderr().is_terminal();
-        ProgressLine { reference: reference.into(), state: Arc::new(Mutex::new((Instant::now(), usize::MAX))), tty }
+        ProgressBar { reference: reference.into(), state: Arc::new(Mutex::new((Instant::now(), usize::MAX))), tty }
     }
 
-    fn update(&self, p: &PullProgress) {
+    fn update(&self, done: u64, total: u64, layers_done: usize, layers_total: usize) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (last_draw, last_layers) = &mut *state;
-        let line = format!(
-            "{}: {}/{} layers, {} / {} ({} downloaded)",
-            self.reference,
-            p.layers_done,
-            p.layers_total,
-            human_size(p.bytes_done),
-            human_size(p.bytes_total),
-            human_size(p.bytes_downloaded)
-        );
+        let line = bar_line(&self.reference, done, total, layers_done, layers_total);
         if self.tty {
-            if last_draw.elapsed() >= Duration::from_millis(100) || p.layers_done == p.layers_total {
+            if last_draw.elapsed() >= Duration::from_millis(100) {
                 eprint!("\r\x1b[2K{line}");
                 let _ = std::io::stderr().flush();
                 *last_draw = Instant::now();
             }
-        } else if *last_layers != p.layers_done {
+        } else if *last_layers != layers_done {
             eprintln!("{line}");
-            *last_layers = p.layers_done;
+            *last_layers = layers_done;
         }
     }
 
-    fn finish(&self) {
+    fn finish(&self, size: u64, layers: usize) {
+        let line = bar_line(&self.reference, size, size, layers, layers);
         if self.tty {
-            eprintln!();
+            eprintln!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bar_fills_with_the_bytes() {
+        let half = bar_line("busybox", 512, 1024, 1, 2);
+        assert!(half.starts_with("busybox [===============>              ]  50%"), "{half}");
+        assert!(half.ends_with("512 B / 1.0 KiB  1/2 layers"), "{half}");
+        let full = bar_line("busybox", 1024, 1024, 2, 2);
+        assert!(full.contains(&format!("[{}] 100%", "=".repeat(BAR_WIDTH))), "{full}");
+        assert!(bar_line("empty", 0, 0, 0, 0).contains("100%"));
     }
 }

@@ -1,10 +1,12 @@
 //! `ignite kernel`: guest kernels in the image store.
 
-use std::path::PathBuf;
+use std::path::Path;
 
-use anyhow::Context;
 use clap::Subcommand;
-use image_store::{kernel, StorePaths};
+use controller::grpc::{images, proto};
+use image_store::StorePaths;
+
+use super::client;
 
 use super::table::{human_size, render};
 
@@ -32,30 +34,49 @@ pub enum KernelCommand {
     },
 }
 
-/// Runs a kernel subcommand against the store at `paths`.
-pub fn run(cmd: KernelCommand, paths: &StorePaths) -> anyhow::Result<()> {
+/// Runs a kernel subcommand: through the daemon when one answers on `socket`, else directly on
+/// the store at `paths`.
+pub fn run(cmd: KernelCommand, paths: &StorePaths, socket: &Path) -> anyhow::Result<()> {
+    let rt = client::runtime()?;
+    let api = rt.block_on(client::image_store(socket)).map(|(_, kernels)| kernels);
     match cmd {
         KernelCommand::Import { source, name } => {
-            let file = PathBuf::from(&source);
-            let record = if file.exists() {
-                kernel::import_file(paths, &file, &name)?
-            } else {
-                let image = super::image::find(paths, &source).with_context(|| {
-                    format!("`{source}` is neither a kernel file nor a pulled image (pull it with `ignite image pull {source}`)")
-                })?;
-                kernel::import_from_image(paths, &image, &name)?
+            let record = match api {
+                Some(mut c) => {
+                    // The daemon resolves paths on its own filesystem: send an absolute one.
+                    let source = match std::fs::canonicalize(&source) {
+                        Ok(path) => path.display().to_string(),
+                        Err(_) => source,
+                    };
+                    rt.block_on(c.import(proto::ImportKernelRequest { source, name }))
+                        .map_err(client::status)?
+                        .into_inner()
+                }
+                None => images::import_kernel(paths, &source, &name)?,
             };
             println!("{}  {}", record.name, record.digest);
         }
         KernelCommand::Ls => {
-            let rows: Vec<Vec<String>> = kernel::list(paths)?
+            let list = match api {
+                Some(mut c) => rt.block_on(c.list(proto::Empty {})).map_err(client::status)?.into_inner().kernels,
+                None => images::list_kernels(paths)?,
+            };
+            let rows: Vec<Vec<String>> = list
                 .into_iter()
-                .map(|k| vec![k.name, short_digest(k.digest.hex()), human_size(k.size), k.source])
+                .map(|k| {
+                    let hex = k.digest.split_once(':').map_or(k.digest.as_str(), |(_, h)| h);
+                    vec![k.name.clone(), short_digest(hex), human_size(k.size), k.source]
+                })
                 .collect();
             println!("{}", render(&["NAME", "DIGEST", "SIZE", "SOURCE"], &rows));
         }
         KernelCommand::Rm { name } => {
-            kernel::remove(paths, &name)?;
+            match api {
+                Some(mut c) => {
+                    rt.block_on(c.remove(proto::KernelName { name: name.clone() })).map_err(client::status)?;
+                }
+                None => images::remove_kernel(paths, &name)?,
+            }
             println!("{name}");
         }
     }

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod dashboard;
 pub mod image;
 pub mod kernel;
 pub mod run;

@@ -1,5 +1,6 @@
 //! `ignite run IMAGE`: create and start a VM in one step, like `docker run`, by applying a
-//! generated manifest through the daemon; `start` and `stop` set its desired state.
+//! generated manifest through the daemon; `create` declares it stopped; `start` and `stop` set
+//! its desired state.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +8,10 @@ use anyhow::Context;
 use clap::Args;
 use controller::grpc::proto;
 
-use super::client;
+use controller::grpc::proto::vms_client::VmsClient;
+use tonic::transport::Channel;
+
+use super::client::{self, Ctx};
 
 /// `ignite run`.
 #[derive(Args)]
@@ -15,6 +19,26 @@ use super::client;
     ignite run 127.0.0.1:5000/demo/busybox:1 --name web -p 8080:80 -d -- /bin/httpd -f -p 80 -h /www\n  \
     ignite run busybox --kernel 6.1-minimal -- /bin/sh -c 'echo hello'")]
 pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmFlags,
+    /// Return once the VM is declared instead of following its console.
+    #[arg(short, long)]
+    detach: bool,
+}
+
+/// `ignite create`.
+#[derive(Args)]
+#[command(after_help = "Example:\n  \
+    ignite create 127.0.0.1:5000/demo/busybox:1 --name web -p 8080:80 -- /bin/httpd -f -p 80 -h /www\n  \
+    ignite start web")]
+pub struct CreateArgs {
+    #[command(flatten)]
+    vm: VmFlags,
+}
+
+/// What `run` and `create` declare.
+#[derive(Args)]
+pub struct VmFlags {
     /// OCI image reference of the root filesystem.
     image: String,
     /// The VM's name (default: derived from the image and the time).
@@ -44,9 +68,6 @@ pub struct RunArgs {
     /// An environment variable, NAME=VALUE. Repeatable.
     #[arg(short, long)]
     env: Vec<String>,
-    /// Return once the VM is declared instead of following its console.
-    #[arg(short, long)]
-    detach: bool,
     /// The command and its arguments (replace the image's entrypoint and cmd).
     #[arg(last = true)]
     command: Vec<String>,
@@ -68,11 +89,11 @@ fn default_name(image: &str) -> String {
     format!("{}-{:x}", clean.trim_matches('-'), secs & 0xff_ffff)
 }
 
-/// The manifest `ignite run` applies.
-fn manifest(args: &RunArgs, name: &str) -> anyhow::Result<serde_json::Value> {
+/// The manifest `ignite run` and `ignite create` apply.
+fn manifest(args: &VmFlags, name: &str, state: &str) -> anyhow::Result<serde_json::Value> {
     let mut spec = serde_json::json!({
         "image": args.image, "cpus": args.cpus, "memory": args.memory, "diskSize": args.size,
-        "network": {"ports": args.ports},
+        "network": {"ports": args.ports}, "state": state,
     });
     if let Some(kernel) = &args.kernel {
         let key = if Path::new(kernel).is_absolute() { "path" } else { "image" };
@@ -111,14 +132,33 @@ fn manifest(args: &RunArgs, name: &str) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-/// Creates and starts a VM; follows its console unless detached.
-pub fn run(args: RunArgs, socket: &Path) -> anyhow::Result<()> {
+/// Declares a VM through the API in `state`; returns its name.
+async fn declare(c: &mut VmsClient<Channel>, args: &VmFlags, state: &str, verb: &str) -> anyhow::Result<String> {
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
-    let text = serde_yaml::to_string(&manifest(&args, &name)?)?;
+    let text = serde_yaml::to_string(&manifest(args, &name, state)?)?;
+    // Like `docker run --name`: an existing VM is never changed by run or create.
+    if c.get(proto::VmName { name: name.clone() }).await.is_ok() {
+        anyhow::bail!("a VM named {name:?} already exists: remove it with `ignite rm {name}` or pick another --name");
+    }
+    let file = proto::ManifestFile { path: format!("ignite {verb} {}", args.image), text };
+    c.apply(proto::ApplyRequest { files: vec![file], force: false }).await.map_err(client::status)?;
+    Ok(name)
+}
+
+/// Declares a VM without starting it (`ignite start` starts it).
+pub fn create(args: CreateArgs, ctx: &Ctx) -> anyhow::Result<()> {
     client::runtime()?.block_on(async {
-        let mut c = client::vms(socket).await?;
-        let file = proto::ManifestFile { path: format!("ignite run {}", args.image), text };
-        c.apply(proto::ApplyRequest { files: vec![file], force: false }).await.map_err(client::status)?;
+        let mut c = client::vms(ctx).await?;
+        println!("{}", declare(&mut c, &args.vm, "Stopped", "create").await?);
+        anyhow::Ok(())
+    })
+}
+
+/// Creates and starts a VM; follows its console unless detached.
+pub fn run(args: RunArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    client::runtime()?.block_on(async {
+        let mut c = client::vms(ctx).await?;
+        let name = declare(&mut c, &args.vm, "Running", "run").await?;
         println!("{name}");
         if args.detach {
             return anyhow::Ok(());
@@ -136,9 +176,9 @@ pub fn run(args: RunArgs, socket: &Path) -> anyhow::Result<()> {
 }
 
 /// Sets the desired state of VMs (`Running` or `Stopped`).
-pub fn set_state(args: StateArgs, state: &str, socket: &Path) -> anyhow::Result<()> {
+pub fn set_state(args: StateArgs, state: &str, ctx: &Ctx) -> anyhow::Result<()> {
     client::runtime()?.block_on(async {
-        let mut c = client::vms(socket).await?;
+        let mut c = client::vms(ctx).await?;
         for name in args.names {
             let request = proto::SetStateRequest { name: name.clone(), state: state.to_string() };
             c.set_state(request).await.map_err(client::status)?;
@@ -177,7 +217,7 @@ mod tests {
             "-c",
             "echo hi",
         ]);
-        let doc = manifest(&cli.run, "web").unwrap();
+        let doc = manifest(&cli.run.vm, "web", "Running").unwrap();
         let text = serde_yaml::to_string(&doc).unwrap();
         let vm = controller::api::parse_manifests("run", &text).unwrap().remove(0);
         assert_eq!(vm.spec.command.as_deref(), Some(&["/bin/sh".to_string()][..]));
@@ -185,7 +225,7 @@ mod tests {
         assert_eq!(vm.spec.network.ports[0].to_string(), "8080:80/tcp");
         assert_eq!(vm.spec.memory.mib(), 128);
         let bad = Cli::parse_from(["ignite", "busybox", "-e", "NOEQUALS"]);
-        assert!(manifest(&bad.run, "x").unwrap_err().to_string().contains("NAME=VALUE"));
+        assert!(manifest(&bad.run.vm, "x", "Running").unwrap_err().to_string().contains("NAME=VALUE"));
         assert!(controller::api::validate::is_dns_label(&default_name("127.0.0.1:5000/demo/Busy_Box:1")));
     }
 }

@@ -1,4 +1,5 @@
-//! `ignite ps`, `apply`, `rm`, `inspect`, `logs` and `events`: clients of the daemon's API.
+//! `ignite ps`, `apply`, `rm`, `kill`, `inspect`, `logs`, `events` and `sources`: clients of the
+//! daemon's API.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use controller::grpc::proto;
 
-use super::client;
+use super::client::{self, Ctx};
 use super::table::render;
 
 /// `ignite ps`.
@@ -16,6 +17,30 @@ pub struct PsArgs {
     /// Also show VMs that are not running.
     #[arg(short, long)]
     all: bool,
+    /// Only print the names.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// `ignite kill`.
+#[derive(Args)]
+pub struct KillArgs {
+    /// The VMs to kill at once (no grace period); they stay stopped.
+    #[arg(required = true)]
+    names: Vec<String>,
+}
+
+/// `ignite sources`.
+#[derive(clap::Subcommand)]
+pub enum SourcesCommand {
+    /// The git repositories and directories the daemon follows, their revision and last error.
+    #[command(alias = "list")]
+    Ls,
+    /// Fetch a source now instead of at its next interval.
+    Sync {
+        /// The source (see `ignite sources ls`).
+        name: String,
+    },
 }
 
 /// `ignite apply`.
@@ -88,13 +113,26 @@ fn uptime(boot_time: &str) -> String {
 }
 
 /// Lists VMs as a table.
-pub fn ps(args: PsArgs, socket: &Path) -> anyhow::Result<()> {
-    let vms = client::runtime()?.block_on(async {
-        let mut c = client::vms(socket).await?;
-        c.list(proto::ListVmsRequest {}).await.map_err(client::status)
+pub fn ps(args: PsArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    let (vms, sources) = client::runtime()?.block_on(async {
+        let channel = client::channel(ctx).await?;
+        let mut c = proto::vms_client::VmsClient::new(channel.clone());
+        let vms = c.list(proto::ListVmsRequest {}).await.map_err(client::status)?.into_inner();
+        let mut s = proto::sources_client::SourcesClient::new(channel);
+        let sources = s.list(proto::Empty {}).await.map_err(client::status)?.into_inner();
+        anyhow::Ok((vms, sources))
     })?;
+    // A source whose last revision was refused: the fleet still runs the previous one.
+    for source in sources.sources.iter().filter(|s| !s.last_error.is_empty()) {
+        eprintln!("warning: source {} ({}): {}", source.name, source.url, source.last_error);
+    }
+    if args.quiet {
+        for vm in vms.vms.iter().filter(|vm| args.all || vm.status.as_ref().is_some_and(|s| s.phase == "Running")) {
+            println!("{}", vm.name);
+        }
+        return Ok(());
+    }
     let rows: Vec<Vec<String>> = vms
-        .into_inner()
         .vms
         .into_iter()
         .filter_map(|vm| {
@@ -109,10 +147,70 @@ pub fn ps(args: PsArgs, socket: &Path) -> anyhow::Result<()> {
             Some(vec![vm.name, s.phase, ready, s.ip, up, vm.image, revision, vm.owner, error])
         })
         .collect();
-    print!(
+    println!(
         "{}",
         render(&["NAME", "PHASE", "REASON", "IP", "UPTIME", "IMAGE", "REVISION", "OWNER", "LAST ERROR"], &rows)
     );
+    Ok(())
+}
+
+/// Kills VMs at once.
+pub fn kill(args: KillArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    client::runtime()?.block_on(async {
+        let mut c = client::vms(ctx).await?;
+        for name in args.names {
+            c.kill(proto::VmName { name: name.clone() }).await.map_err(client::status)?;
+            println!("{name}");
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Lists or syncs sources.
+pub fn sources(cmd: SourcesCommand, ctx: &Ctx) -> anyhow::Result<()> {
+    client::runtime()?.block_on(async {
+        let mut c = client::sources(ctx).await?;
+        match cmd {
+            SourcesCommand::Ls => {
+                let listed = c.list(proto::Empty {}).await.map_err(client::status)?.into_inner();
+                let rows: Vec<Vec<String>> = listed
+                    .sources
+                    .into_iter()
+                    .map(|s| vec![s.name, s.url, s.revision.chars().take(12).collect(), s.last_sync, s.last_error])
+                    .collect();
+                println!("{}", render(&["NAME", "URL", "REVISION", "LAST SYNC", "LAST ERROR"], &rows));
+            }
+            SourcesCommand::Sync { name } => {
+                c.sync(proto::SourceName { name: name.clone() }).await.map_err(client::status)?;
+                println!("{name}: sync requested (see `ignite sources ls` and `ignite events`)");
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// Prints the CLI's version and, if a daemon answers, the daemon's.
+pub fn version(ctx: &Ctx) -> anyhow::Result<()> {
+    println!("ignite {} (client)", env!("CARGO_PKG_VERSION"));
+    let info = client::runtime()?.block_on(async {
+        let mut host = client::host(&ctx.socket).await?;
+        host.info(proto::Empty {}).await.ok().map(|r| r.into_inner())
+    });
+    match info {
+        Some(i) => println!(
+            "ignite {} (daemon on {}): root {}, virtualization {}, snapshotter {}, {} VMs ({} running), {} CPUs, {}",
+            i.version,
+            ctx.socket.display(),
+            i.root,
+            i.virt_mode,
+            i.snapshotter,
+            i.vms,
+            i.running_vms,
+            i.cpus,
+            super::table::human_size(i.memory_bytes)
+        ),
+        None => println!("no daemon answers on {}", ctx.socket.display()),
+    }
     Ok(())
 }
 
@@ -137,14 +235,14 @@ fn collect(path: &Path, out: &mut Vec<proto::ManifestFile>) -> anyhow::Result<()
 }
 
 /// Applies manifests through the daemon (all or nothing).
-pub fn apply(args: ApplyArgs, socket: &Path) -> anyhow::Result<()> {
+pub fn apply(args: ApplyArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let mut files = Vec::new();
     for path in &args.files {
         collect(path, &mut files)?;
     }
     anyhow::ensure!(!files.is_empty(), "no *.yaml or *.yml file found in {:?}", args.files);
     let report = client::runtime()?.block_on(async {
-        let mut c = client::vms(socket).await?;
+        let mut c = client::vms(ctx).await?;
         c.apply(proto::ApplyRequest { files, force: args.force }).await.map_err(client::status)
     })?;
     let report = report.into_inner();
@@ -159,9 +257,9 @@ pub fn apply(args: ApplyArgs, socket: &Path) -> anyhow::Result<()> {
 }
 
 /// Removes VMs.
-pub fn rm(args: RmArgs, socket: &Path) -> anyhow::Result<()> {
+pub fn rm(args: RmArgs, ctx: &Ctx) -> anyhow::Result<()> {
     client::runtime()?.block_on(async {
-        let mut c = client::vms(socket).await?;
+        let mut c = client::vms(ctx).await?;
         for name in &args.names {
             c.delete(proto::DeleteVmRequest { name: name.clone(), force: args.force }).await.map_err(client::status)?;
             println!("{name}");
@@ -171,9 +269,9 @@ pub fn rm(args: RmArgs, socket: &Path) -> anyhow::Result<()> {
 }
 
 /// Shows one VM.
-pub fn inspect(args: InspectArgs, socket: &Path) -> anyhow::Result<()> {
+pub fn inspect(args: InspectArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let vm = client::runtime()?.block_on(async {
-        let mut c = client::vms(socket).await?;
+        let mut c = client::vms(ctx).await?;
         c.get(proto::VmName { name: args.name.clone() }).await.map_err(client::status)
     })?;
     let vm = vm.into_inner();
@@ -203,9 +301,9 @@ pub fn inspect(args: InspectArgs, socket: &Path) -> anyhow::Result<()> {
 }
 
 /// Prints a VM's console.
-pub fn logs(args: LogsArgs, socket: &Path) -> anyhow::Result<()> {
+pub fn logs(args: LogsArgs, ctx: &Ctx) -> anyhow::Result<()> {
     client::runtime()?.block_on(async {
-        let mut c = client::vms(socket).await?;
+        let mut c = client::vms(ctx).await?;
         let request = proto::LogsRequest { name: args.name.clone(), follow: args.follow, tail_bytes: args.tail };
         let mut stream = c.logs(request).await.map_err(client::status)?.into_inner();
         let mut out = std::io::stdout();
@@ -218,9 +316,9 @@ pub fn logs(args: LogsArgs, socket: &Path) -> anyhow::Result<()> {
 }
 
 /// Prints events.
-pub fn events(args: EventsArgs, socket: &Path) -> anyhow::Result<()> {
+pub fn events(args: EventsArgs, ctx: &Ctx) -> anyhow::Result<()> {
     client::runtime()?.block_on(async {
-        let mut c = client::events(socket).await?;
+        let mut c = client::events(ctx).await?;
         let request = proto::WatchEventsRequest { after_seq: 0, follow: args.follow };
         let mut stream = c.watch(request).await.map_err(client::status)?.into_inner();
         while let Some(e) = stream.message().await.map_err(client::status)? {
