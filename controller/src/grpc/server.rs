@@ -72,7 +72,7 @@ impl vms_server::Vms for ApiState {
         let (tx, rx) = mpsc::channel(64);
         let store = self.store.clone();
         // Subscribe first, then catch up: no change falls in between (some may come twice).
-        let changes = store.watch_vms();
+        let mut changes = store.watch_vms();
         let catch_up = if request.from_revision > 0 {
             match store.changes_since(request.from_revision).map_err(internal)? {
                 Some(changes) => changes,
@@ -87,10 +87,22 @@ impl vms_server::Vms for ApiState {
         } else {
             Vec::new()
         };
-        tokio::task::spawn_blocking(move || {
-            for change in catch_up.into_iter().chain(changes) {
-                if tx.blocking_send(Ok(vm_event(change))).is_err() {
+        tokio::spawn(async move {
+            for change in catch_up {
+                if tx.send(Ok(vm_event(change))).await.is_err() {
                     return; // the client went away
+                }
+            }
+            // Wait for a change or for the client to go away, whichever comes first, so a
+            // disconnected watcher never pins a task (nor holds up the daemon's shutdown).
+            loop {
+                let change = tokio::select! {
+                    () = tx.closed() => return,
+                    change = changes.next_change() => change,
+                };
+                let Some(change) = change else { return };
+                if tx.send(Ok(vm_event(change))).await.is_err() {
+                    return;
                 }
             }
         });

@@ -56,24 +56,46 @@ pub struct VmChanges {
     pub(super) tombstones: sled::Tree,
 }
 
+impl VmChanges {
+    /// The next change, waiting without blocking a thread (for async watchers that must also
+    /// notice their client going away); `None` when the store is closed.
+    pub async fn next_change(&mut self) -> Option<VmChange> {
+        loop {
+            let event = (&mut self.subscriber).await?;
+            if let Some(change) = self.decode(event) {
+                return Some(change);
+            }
+        }
+    }
+
+    fn decode(&self, event: sled::Event) -> Option<VmChange> {
+        let (key, value) = match event {
+            sled::Event::Insert { key, value } => (key, Some(value)),
+            sled::Event::Remove { key } => (key, None),
+        };
+        let name = String::from_utf8_lossy(&key).into_owned();
+        match value.map(|v| serde_json::from_slice::<VmRecord>(&v)) {
+            None => {
+                let revision = super::tombstone_revision(&self.tombstones, &name);
+                Some(VmChange { name, record: None, revision })
+            }
+            Some(Ok(record)) => Some(VmChange { name, revision: record.revision, record: Some(record) }),
+            Some(Err(e)) => {
+                tracing::warn!(vm = name, error = %e, "skipping an undecodable VM record");
+                None
+            }
+        }
+    }
+}
+
 impl Iterator for VmChanges {
     type Item = VmChange;
 
     fn next(&mut self) -> Option<VmChange> {
         loop {
             let event = self.subscriber.next()?;
-            let (key, value) = match event {
-                sled::Event::Insert { key, value } => (key, Some(value)),
-                sled::Event::Remove { key } => (key, None),
-            };
-            let name = String::from_utf8_lossy(&key).into_owned();
-            match value.map(|v| serde_json::from_slice::<VmRecord>(&v)) {
-                None => {
-                    let revision = super::tombstone_revision(&self.tombstones, &name);
-                    return Some(VmChange { name, record: None, revision });
-                }
-                Some(Ok(record)) => return Some(VmChange { name, revision: record.revision, record: Some(record) }),
-                Some(Err(e)) => tracing::warn!(vm = name, error = %e, "skipping an undecodable VM record"),
+            if let Some(change) = self.decode(event) {
+                return Some(change);
             }
         }
     }
