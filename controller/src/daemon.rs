@@ -126,6 +126,12 @@ impl Daemon {
         let mut daemon =
             Daemon { store, reconciler, runtime, workers, triggers: Vec::new(), tasks: Vec::new(), api_stop: None };
         daemon.watch_exits(exits);
+        let configured: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
+        match daemon.store.retain_source_states(&configured) {
+            Ok(forgotten) if !forgotten.is_empty() => info!(?forgotten, "forgot sources no longer configured"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot forget the sources no longer configured"),
+        }
         for spec in config.sources {
             daemon.follow(spec, &config.root);
         }

@@ -41,6 +41,21 @@ impl Store {
         }
     }
 
+    /// Forgets the state of every source not named in `configured` (a daemon started without a
+    /// source it had before must not keep reporting that source's last error), and returns the
+    /// names forgotten. The VMs those sources declared are left as they are.
+    pub fn retain_source_states(&self, configured: &[&str]) -> Result<Vec<String>, StoreError> {
+        let mut forgotten = Vec::new();
+        for state in self.list_source_states()? {
+            if !configured.contains(&state.name.as_str()) {
+                self.sources.remove(state.name.as_bytes())?;
+                forgotten.push(state.name);
+            }
+        }
+        self.flush()?;
+        Ok(forgotten)
+    }
+
     /// Every source's state, by name.
     pub fn list_source_states(&self) -> Result<Vec<SourceState>, StoreError> {
         self.sources.iter().map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode(SOURCES, &k, &v))).collect()
@@ -63,7 +78,10 @@ mod tests {
         };
         store.put_source_state(&state).unwrap();
         assert_eq!(store.get_source_state("fleet").unwrap(), Some(state.clone()));
-        assert_eq!(store.list_source_states().unwrap(), [state]);
+        assert_eq!(store.list_source_states().unwrap(), [state.clone()]);
         assert_eq!(store.get_source_state("other").unwrap(), None);
+        store.put_source_state(&SourceState { name: "old".into(), ..Default::default() }).unwrap();
+        assert_eq!(store.retain_source_states(&["fleet"]).unwrap(), ["old"]);
+        assert_eq!(store.list_source_states().unwrap(), [state]);
     }
 }
