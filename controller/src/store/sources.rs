@@ -78,7 +78,7 @@ mod tests {
         };
         store.put_source_state(&state).unwrap();
         assert_eq!(store.get_source_state("fleet").unwrap(), Some(state.clone()));
-        assert_eq!(store.list_source_states().unwrap(), [state.clone()]);
+        assert_eq!(store.list_source_states().unwrap(), std::slice::from_ref(&state));
         assert_eq!(store.get_source_state("other").unwrap(), None);
         store.put_source_state(&SourceState { name: "old".into(), ..Default::default() }).unwrap();
         assert_eq!(store.retain_source_states(&["fleet"]).unwrap(), ["old"]);
