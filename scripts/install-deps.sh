@@ -18,6 +18,8 @@ packages=(
   iproute2 iptables python3
   # the dashboard test drives `ignite dashboard` in tmux
   tmux
+  # certificates for the test of the API over TCP with mutual TLS
+  openssl
   # GitOps sources: real repositories and `git daemon` remotes in tests
   git
   # ignite-init links statically against glibc

@@ -33,6 +33,17 @@ pub struct DaemonConfig {
     pub ignite_bin: PathBuf,
     /// Where the gRPC API listens (`None`: no API).
     pub socket: Option<PathBuf>,
+    /// The API over TCP with mutual TLS too (`--listen`), next to `socket` (ignored without it).
+    pub tcp: Option<TcpApi>,
+}
+
+/// The API on a TCP address, with mutual TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpApi {
+    /// Address and port (port 0: any free port, see [`Daemon::tcp_addr`]).
+    pub addr: std::net::SocketAddr,
+    /// The daemon's certificate and the CA of its clients.
+    pub tls: crate::grpc::tls::ServerTls,
 }
 
 /// Why the daemon could not start or stopped with an error.
@@ -59,6 +70,9 @@ pub enum DaemonError {
     /// The API socket could not be served.
     #[error("serving the API on {0}")]
     Api(PathBuf, #[source] std::io::Error),
+    /// The API could not be served over TCP.
+    #[error("serving the API over TCP with TLS")]
+    ApiTcp(#[source] crate::grpc::tls::TlsError),
 }
 
 /// A running daemon: the reconciler with its workers, and the background tasks.
@@ -69,7 +83,8 @@ pub struct Daemon {
     workers: Vec<std::thread::JoinHandle<()>>,
     triggers: Vec<(String, mpsc::Sender<()>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    api_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    api_stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    tcp_addr: Option<std::net::SocketAddr>,
 }
 
 impl Daemon {
@@ -123,8 +138,16 @@ impl Daemon {
         info!(queued, "reconciling the fleet");
         let workers = reconciler.spawn_workers();
 
-        let mut daemon =
-            Daemon { store, reconciler, runtime, workers, triggers: Vec::new(), tasks: Vec::new(), api_stop: None };
+        let mut daemon = Daemon {
+            store,
+            reconciler,
+            runtime,
+            workers,
+            triggers: Vec::new(),
+            tasks: Vec::new(),
+            api_stop: Vec::new(),
+            tcp_addr: None,
+        };
         daemon.watch_exits(exits);
         let configured: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
         match daemon.store.retain_source_states(&configured) {
@@ -147,16 +170,33 @@ impl Daemon {
                 runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = crate::grpc::serve(socket, state, async move {
+            let server = crate::grpc::serve(socket, state.clone(), async move {
                 let _ = stopped.await;
             })
             .await
             .map_err(|e| DaemonError::Api(socket.clone(), e))?;
             daemon.tasks.push(server);
-            daemon.api_stop = Some(stop);
+            daemon.api_stop.push(stop);
             info!(socket = %socket.display(), "API listening");
+            if let Some(tcp) = &config.tcp {
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let (addr, server) = crate::grpc::serve_tcp(tcp.addr, &tcp.tls, state, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .map_err(DaemonError::ApiTcp)?;
+                daemon.tasks.push(server);
+                daemon.api_stop.push(stop);
+                daemon.tcp_addr = Some(addr);
+                info!(%addr, "API listening over TCP with mutual TLS");
+            }
         }
         Ok(daemon)
+    }
+
+    /// The TCP address the API listens on, when it does (`--listen`).
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp_addr
     }
 
     /// The store (status, events).
@@ -224,7 +264,7 @@ impl Daemon {
 
     /// Stops the workers and background tasks; VMs keep running.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.api_stop.take() {
+        for stop in self.api_stop.drain(..) {
             let _ = stop.send(());
         }
         self.reconciler.queue().shut_down();

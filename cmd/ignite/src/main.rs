@@ -24,6 +24,23 @@ struct Cli {
     #[arg(long, global = true, env = "IGNITE_SOCKET", default_value = controller::grpc::DEFAULT_SOCKET)]
     socket: std::path::PathBuf,
 
+    /// A daemon on another machine, `https://HOST:PORT` (its `--listen`), instead of the socket;
+    /// mutual TLS with --tls-ca, --tls-cert and --tls-key.
+    #[arg(long, global = true, env = "IGNITE_HOST", value_name = "URL", requires_all = ["tls_ca", "tls_cert", "tls_key"])]
+    host: Option<String>,
+
+    /// PEM CA that signs the remote daemon's certificate.
+    #[arg(long, global = true, env = "IGNITE_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for --host (signed by the daemon's --tls-client-ca).
+    #[arg(long, global = true, env = "IGNITE_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "IGNITE_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -90,11 +107,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let paths = image_store::StorePaths::new(&cli.root);
-    let ctx = commands::client::Ctx { root: cli.root.clone(), socket: cli.socket.clone() };
+    let remote = match (cli.host.clone(), cli.tls_ca.clone(), cli.tls_cert.clone(), cli.tls_key.clone()) {
+        (Some(url), Some(ca), Some(cert), Some(key)) => {
+            Some(commands::client::Remote { url, tls: controller::grpc::tls::ClientTls { ca, cert, key } })
+        }
+        _ => None,
+    };
+    let ctx = commands::client::Ctx { root: cli.root.clone(), socket: cli.socket.clone(), remote };
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Image(cmd) => done(commands::image::run(cmd, &paths, &cli.socket)),
-        Command::Kernel(cmd) => done(commands::kernel::run(cmd, &paths, &cli.socket)),
+        Command::Image(cmd) => done(commands::image::run(cmd, &paths, &ctx)),
+        Command::Kernel(cmd) => done(commands::kernel::run(cmd, &paths, &ctx)),
         Command::Daemon(args) => done(commands::daemon::run(args, &cli.root, &cli.socket)),
         Command::Run(args) => done(commands::run::run(args, &ctx)),
         Command::Create(args) => done(commands::run::create(args, &ctx)),

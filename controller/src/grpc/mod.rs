@@ -1,13 +1,15 @@
-//! The daemon's gRPC API (`manifests/proto/ignite.proto`) over a unix socket: the server the
-//! daemon runs, the conversions from store records (secrets redacted), and a client connector.
+//! The daemon's gRPC API (`manifests/proto/ignite.proto`) over a unix socket, and optionally over
+//! TCP with mutual TLS: the server the daemon runs, the conversions from store records (secrets
+//! redacted), and client connectors.
 
 mod convert;
 pub mod images;
 mod server;
+pub mod tls;
 
 use std::path::Path;
 
-pub use server::{serve, ApiState};
+pub use server::{serve, serve_tcp, ApiState};
 
 /// The generated protocol types, clients and servers.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

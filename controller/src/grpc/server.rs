@@ -361,16 +361,47 @@ pub async fn serve(
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let router = tonic::transport::Server::builder()
-        .add_service(vms_server::VmsServer::new(state.clone()))
-        .add_service(events_server::EventsServer::new(state.clone()))
-        .add_service(sources_server::SourcesServer::new(state.clone()))
-        .add_service(images_server::ImagesServer::new(state.clone()))
-        .add_service(kernels_server::KernelsServer::new(state.clone()))
-        .add_service(host_server::HostServer::new(state));
+    let router = services(tonic::transport::Server::builder(), state);
     Ok(tokio::spawn(async move {
         if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
             tracing::error!(error = %e, "the API server stopped");
         }
     }))
+}
+
+/// Serves the API on TCP `addr` with mutual TLS until `shutdown`; returns the address bound (so
+/// port 0 picks a free one) and the server's task.
+pub async fn serve_tcp(
+    addr: std::net::SocketAddr,
+    tls: &super::tls::ServerTls,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), super::tls::TlsError> {
+    use super::tls::TlsError;
+    let builder = tonic::transport::Server::builder()
+        .tls_config(tls.config()?)
+        .map_err(|source| TlsError::Transport { context: "the TLS server configuration was refused".into(), source })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| TlsError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| TlsError::Bind { addr, source })?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let router = services(builder, state);
+    Ok((
+        bound,
+        tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
+                tracing::error!(error = %e, "the TCP API server stopped");
+            }
+        }),
+    ))
+}
+
+/// Every API service, on `builder`.
+fn services(mut builder: tonic::transport::Server, state: ApiState) -> tonic::transport::server::Router {
+    builder
+        .add_service(vms_server::VmsServer::new(state.clone()))
+        .add_service(events_server::EventsServer::new(state.clone()))
+        .add_service(sources_server::SourcesServer::new(state.clone()))
+        .add_service(images_server::ImagesServer::new(state.clone()))
+        .add_service(kernels_server::KernelsServer::new(state.clone()))
+        .add_service(host_server::HostServer::new(state))
 }

@@ -51,5 +51,6 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
         reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
         ignite_bin: tiny_guest::ignite_bin(),
         socket: Some(root.join("ignite.sock")),
+        tcp: None,
     }
 }

@@ -1,7 +1,7 @@
 //! Talking to the daemon: connecting (and starting a daemon when none answers), with errors that
 //! say what to do next.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -9,6 +9,7 @@ use controller::grpc::proto::{
     events_client::EventsClient, host_client::HostClient, images_client::ImagesClient, kernels_client::KernelsClient,
     sources_client::SourcesClient, vms_client::VmsClient,
 };
+use controller::grpc::tls::ClientTls;
 use tonic::transport::Channel;
 
 /// Where the CLI finds the daemon, and the root a daemon it starts uses.
@@ -18,6 +19,27 @@ pub struct Ctx {
     pub root: PathBuf,
     /// `--socket`.
     pub socket: PathBuf,
+    /// `--host` and its TLS files: a daemon on another machine (never started by the CLI).
+    pub remote: Option<Remote>,
+}
+
+/// A daemon reached over TCP with mutual TLS.
+#[derive(Clone, Debug)]
+pub struct Remote {
+    /// `https://HOST:PORT`.
+    pub url: String,
+    /// The CA of the daemon and this client's certificate.
+    pub tls: ClientTls,
+}
+
+impl Ctx {
+    /// Where the daemon is, for messages.
+    pub fn daemon(&self) -> String {
+        match &self.remote {
+            Some(remote) => remote.url.clone(),
+            None => self.socket.display().to_string(),
+        }
+    }
 }
 
 /// How long a daemon started by the CLI may take to answer.
@@ -28,9 +50,34 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")
 }
 
-/// A channel to the daemon if one answers on the socket (never starts one).
-pub async fn try_channel(socket: &Path) -> Option<Channel> {
-    controller::grpc::connect(socket).await.ok()
+/// A channel to the daemon, without starting one.
+pub async fn connect(ctx: &Ctx) -> anyhow::Result<Channel> {
+    match &ctx.remote {
+        Some(remote) => {
+            let channel = controller::grpc::tls::connect_tcp(&remote.url, &remote.tls)
+                .await
+                .context("check --host, and that --tls-ca signs the daemon's certificate")?;
+            // With TLS 1.3 the daemon checks the client's certificate after the handshake
+            // returned here: ask once, so a refusal gets a message that says what to fix.
+            if let Err(status) = HostClient::new(channel.clone()).info(controller::grpc::proto::Empty {}).await {
+                anyhow::bail!(
+                    "the daemon at {} refused this client ({}): its --tls-client-ca must sign {} (--tls-cert)",
+                    remote.url,
+                    status.message(),
+                    remote.tls.cert.display()
+                );
+            }
+            Ok(channel)
+        }
+        None => Ok(controller::grpc::connect(&ctx.socket)
+            .await
+            .with_context(|| format!("no daemon answers on {}", ctx.socket.display()))?),
+    }
+}
+
+/// A channel to the daemon if one answers (never starts one).
+pub async fn try_channel(ctx: &Ctx) -> Option<Channel> {
+    connect(ctx).await.ok()
 }
 
 fn autostart_disabled() -> bool {
@@ -40,7 +87,10 @@ fn autostart_disabled() -> bool {
 /// A channel to the daemon. When none answers, starts `ignite daemon` in the background on the
 /// same root and socket (unless `IGNITE_AUTOSTART=0`) and waits for it to answer.
 pub async fn channel(ctx: &Ctx) -> anyhow::Result<Channel> {
-    if let Some(channel) = try_channel(&ctx.socket).await {
+    if ctx.remote.is_some() {
+        return connect(ctx).await;
+    }
+    if let Some(channel) = try_channel(ctx).await {
         return Ok(channel);
     }
     if autostart_disabled() {
@@ -83,7 +133,7 @@ async fn start_daemon(ctx: &Ctx) -> anyhow::Result<Channel> {
     );
     let deadline = Instant::now() + AUTOSTART_TIMEOUT;
     loop {
-        if let Some(channel) = try_channel(&ctx.socket).await {
+        if let Some(channel) = try_channel(ctx).await {
             return Ok(channel);
         }
         if let Some(status) = child.try_wait()? {
@@ -124,14 +174,31 @@ pub async fn sources(ctx: &Ctx) -> anyhow::Result<SourcesClient<Channel>> {
 }
 
 /// The host client, if a daemon answers (never starts one).
-pub async fn host(socket: &Path) -> Option<HostClient<Channel>> {
-    try_channel(socket).await.map(HostClient::new)
+pub async fn host(ctx: &Ctx) -> Option<HostClient<Channel>> {
+    try_channel(ctx).await.map(HostClient::new)
 }
 
-/// The images and kernels clients, if a daemon answers (never starts one: the image store works
-/// without a daemon too).
-pub async fn image_store(socket: &Path) -> Option<(ImagesClient<Channel>, KernelsClient<Channel>)> {
-    try_channel(socket).await.map(|c| (ImagesClient::new(c.clone()), KernelsClient::new(c)))
+/// The images and kernels clients, if a local daemon answers (never starts one: the image store
+/// works without a daemon too); a remote daemon must answer.
+pub async fn image_store(ctx: &Ctx) -> anyhow::Result<Option<(ImagesClient<Channel>, KernelsClient<Channel>)>> {
+    let channel = match &ctx.remote {
+        Some(_) => Some(connect(ctx).await?),
+        None => try_channel(ctx).await,
+    };
+    Ok(channel.map(|c| (ImagesClient::new(c.clone()), KernelsClient::new(c))))
+}
+
+/// Refuses to send the daemon a path of this machine when the daemon runs on another one (it
+/// would read its own file of that name, or none).
+pub fn refuse_remote_file(ctx: &Ctx, path: &std::path::Path) -> anyhow::Result<()> {
+    if let Some(remote) = &ctx.remote {
+        anyhow::bail!(
+            "the daemon at {} runs on another machine and cannot read {} from this one: import it with ignite on that machine, or push the image to a registry and `ignite image pull` it",
+            remote.url,
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// A gRPC status as a user-facing error (the daemon's message, without transport noise).

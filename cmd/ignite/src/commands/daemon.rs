@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use controller::daemon::{Daemon, DaemonConfig};
+use controller::daemon::{Daemon, DaemonConfig, TcpApi};
+use controller::grpc::tls::ServerTls;
 use controller::host::{DefaultKernel, HostConfig};
 use controller::net::{NetConfig, Subnet};
 use controller::reconcile::ReconcilerConfig;
@@ -16,7 +17,9 @@ use controller::source::{DirSpec, GitRef, GitSpec, SourceKind, SourceSpec};
 #[derive(Args)]
 #[command(after_help = "Examples:\n  \
     ignite daemon --gitops https://git.example.com/fleet.git --branch main --path vms --kernel 6.1\n  \
-    ignite daemon --dir ./examples/fleet --kernel /var/cache/ignite/kernel/vmlinux")]
+    ignite daemon --dir ./examples/fleet --kernel /var/cache/ignite/kernel/vmlinux\n  \
+    ignite daemon --gitops ./fleet --listen 0.0.0.0:7443 --tls-cert daemon.pem --tls-key daemon.key \\\n      \
+    --tls-client-ca clients-ca.pem      # then: ignite --host https://HOST:7443 --tls-ca ... ps")]
 pub struct DaemonArgs {
     /// Git repository of VM manifests to follow (file://, git://, https://, ssh:// or a path).
     #[arg(long, value_name = "URL")]
@@ -63,6 +66,20 @@ pub struct DaemonArgs {
     /// Reach every registry over plain HTTP (loopback registries always are).
     #[arg(long)]
     insecure_registries: bool,
+    /// Serve the API over TCP too, on ADDR:PORT, with mutual TLS (needs --tls-cert, --tls-key and
+    /// --tls-client-ca: whoever reaches the API can start VMs, so clients must present a
+    /// certificate).
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    listen: Option<std::net::SocketAddr>,
+    /// PEM certificate the daemon presents on --listen.
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose certificates the daemon accepts from clients on --listen.
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -124,6 +141,12 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         reconciler: ReconcilerConfig { workers: args.workers, ..Default::default() },
         ignite_bin: std::env::current_exe().context("locating the ignite binary")?,
         socket: Some(socket.to_path_buf()),
+        tcp: match (args.listen, args.tls_cert, args.tls_key, args.tls_client_ca) {
+            (Some(addr), Some(cert), Some(key), Some(client_ca)) => {
+                Some(TcpApi { addr, tls: ServerTls { cert, key, client_ca } })
+            }
+            _ => None,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {

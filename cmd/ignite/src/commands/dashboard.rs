@@ -55,7 +55,7 @@ const RECONNECT: Duration = Duration::from_secs(1);
 /// A channel to the daemon. Reconnects never start a daemon (that would print over the screen,
 /// and a daemon that went away was stopped for a reason).
 async fn reconnect(ctx: &Ctx) -> anyhow::Result<tonic::transport::Channel> {
-    client::try_channel(&ctx.socket).await.with_context(|| format!("no daemon answers on {}", ctx.socket.display()))
+    client::connect(ctx).await
 }
 
 /// Follows VM changes, resuming from the last revision seen after a disconnect.
@@ -124,7 +124,7 @@ async fn watch_events(ctx: Ctx, state: Shared, keep: usize) {
 /// Polls what has no stream: sources, host, and the selected VM's console.
 async fn poll(ctx: Ctx, state: Shared) {
     loop {
-        if let Some(channel) = client::try_channel(&ctx.socket).await {
+        if let Some(channel) = client::try_channel(&ctx).await {
             let mut sources = proto::sources_client::SourcesClient::new(channel.clone());
             let mut host = proto::host_client::HostClient::new(channel.clone());
             let mut vms = proto::vms_client::VmsClient::new(channel);
@@ -170,16 +170,11 @@ fn uptime(vm: &proto::Vm) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
-fn header(s: &State, socket: &std::path::Path) -> Line<'static> {
+fn header(s: &State, daemon: &str) -> Line<'static> {
     let running = s.vms.values().filter(|v| v.status.as_ref().is_some_and(|st| st.phase == "Running")).count();
     let mut spans = vec![
         Span::styled(" ignite dashboard ", Style::new().bold().reversed()),
-        Span::raw(format!(
-            "  {}  ·  {} VMs, {running} running  ·  revision {}",
-            socket.display(),
-            s.vms.len(),
-            s.revision
-        )),
+        Span::raw(format!("  {}  ·  {} VMs, {running} running  ·  revision {}", daemon, s.vms.len(), s.revision)),
     ];
     if let Some(h) = &s.host {
         spans.push(Span::raw(format!("  ·  {} {}  ·  disks: {}", h.virt_mode, h.version, h.snapshotter)));
@@ -301,7 +296,7 @@ fn events_list(s: &State, height: u16) -> Paragraph<'static> {
     Paragraph::new(lines).block(Block::default().borders(Borders::ALL).title(" events "))
 }
 
-fn draw(frame: &mut Frame, s: &State, table: &mut TableState, socket: &std::path::Path) {
+fn draw(frame: &mut Frame, s: &State, table: &mut TableState, daemon: &str) {
     let [top, main, sources, events, footer] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Min(8),
@@ -310,7 +305,7 @@ fn draw(frame: &mut Frame, s: &State, table: &mut TableState, socket: &std::path
         Constraint::Length(1),
     ])
     .areas(frame.area());
-    frame.render_widget(Paragraph::new(header(s, socket)), top);
+    frame.render_widget(Paragraph::new(header(s, daemon)), top);
     let [list, detail]: [Rect; 2] =
         Layout::horizontal([Constraint::Percentage(62), Constraint::Percentage(38)]).areas(main);
     frame.render_stateful_widget(vm_table(s), list, table);
@@ -358,7 +353,7 @@ pub fn run(args: DashboardArgs, ctx: &Ctx) -> anyhow::Result<()> {
             select(&state, &mut table, 0);
             {
                 let s = lock(&state);
-                terminal.draw(|frame| draw(frame, &s, &mut table, &ctx.socket))?;
+                terminal.draw(|frame| draw(frame, &s, &mut table, &ctx.daemon()))?;
             }
             if !event::poll(Duration::from_millis(250))? {
                 continue;

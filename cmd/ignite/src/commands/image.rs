@@ -1,7 +1,7 @@
 //! `ignite image`: OCI images in the store.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,11 +52,11 @@ pub enum ImageCommand {
     },
 }
 
-/// Runs an image subcommand: through the daemon when one answers on `socket` (it owns the store
-/// then), else directly on the store at `paths`.
-pub fn run(cmd: ImageCommand, paths: &StorePaths, socket: &Path) -> anyhow::Result<()> {
+/// Runs an image subcommand: through the daemon when one answers (it owns the store then), else
+/// directly on the store at `paths`.
+pub fn run(cmd: ImageCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow::Result<()> {
     let rt = client::runtime()?;
-    let api = rt.block_on(client::image_store(socket)).map(|(images, _)| images);
+    let api = rt.block_on(client::image_store(ctx))?.map(|(images, _)| images);
     match cmd {
         ImageCommand::Pull { reference, insecure, auth_config } => {
             let bar = ProgressBar::new(&reference);
@@ -87,6 +87,7 @@ pub fn run(cmd: ImageCommand, paths: &StorePaths, socket: &Path) -> anyhow::Resu
         ImageCommand::Import { path, tag } => {
             let image = match api {
                 Some(mut c) => {
+                    client::refuse_remote_file(ctx, &path)?;
                     let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
                     let request =
                         proto::ImportImageRequest { path: path.display().to_string(), tag: tag.unwrap_or_default() };

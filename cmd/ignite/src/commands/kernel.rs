@@ -1,7 +1,5 @@
 //! `ignite kernel`: guest kernels in the image store.
 
-use std::path::Path;
-
 use clap::Subcommand;
 use controller::grpc::{images, proto};
 use image_store::StorePaths;
@@ -34,18 +32,21 @@ pub enum KernelCommand {
     },
 }
 
-/// Runs a kernel subcommand: through the daemon when one answers on `socket`, else directly on
-/// the store at `paths`.
-pub fn run(cmd: KernelCommand, paths: &StorePaths, socket: &Path) -> anyhow::Result<()> {
+/// Runs a kernel subcommand: through the daemon when one answers, else directly on the store at
+/// `paths`.
+pub fn run(cmd: KernelCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow::Result<()> {
     let rt = client::runtime()?;
-    let api = rt.block_on(client::image_store(socket)).map(|(_, kernels)| kernels);
+    let api = rt.block_on(client::image_store(ctx))?.map(|(_, kernels)| kernels);
     match cmd {
         KernelCommand::Import { source, name } => {
             let record = match api {
                 Some(mut c) => {
                     // The daemon resolves paths on its own filesystem: send an absolute one.
                     let source = match std::fs::canonicalize(&source) {
-                        Ok(path) => path.display().to_string(),
+                        Ok(path) => {
+                            client::refuse_remote_file(ctx, &path)?;
+                            path.display().to_string()
+                        }
                         Err(_) => source,
                     };
                     rt.block_on(c.import(proto::ImportKernelRequest { source, name }))

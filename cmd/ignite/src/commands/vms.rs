@@ -193,14 +193,14 @@ pub fn sources(cmd: SourcesCommand, ctx: &Ctx) -> anyhow::Result<()> {
 pub fn version(ctx: &Ctx) -> anyhow::Result<()> {
     println!("ignite {} (client)", env!("CARGO_PKG_VERSION"));
     let info = client::runtime()?.block_on(async {
-        let mut host = client::host(&ctx.socket).await?;
+        let mut host = client::host(ctx).await?;
         host.info(proto::Empty {}).await.ok().map(|r| r.into_inner())
     });
     match info {
         Some(i) => println!(
             "ignite {} (daemon on {}): root {}, virtualization {}, snapshotter {}, {} VMs ({} running), {} CPUs, {}",
             i.version,
-            ctx.socket.display(),
+            ctx.daemon(),
             i.root,
             i.virt_mode,
             i.snapshotter,
@@ -209,7 +209,7 @@ pub fn version(ctx: &Ctx) -> anyhow::Result<()> {
             i.cpus,
             super::table::human_size(i.memory_bytes)
         ),
-        None => println!("no daemon answers on {}", ctx.socket.display()),
+        None => println!("no daemon answers on {}", ctx.daemon()),
     }
     Ok(())
 }
