@@ -1,4 +1,5 @@
-//! Sample fleet manifests, image recipes and runnable examples for ignite.
+//! Sample fleet manifests for ignite.
 //!
-//! The fleet manifests arrive with the controller; today the runnable example is `scripts/demo.sh`,
-//! which boots the demo microVM directly on the engine.
+//! `examples/fleet/*.yaml` is the demo fleet that `scripts/demo.sh` commits to a local git
+//! repository and runs with `ignite daemon --gitops`; the controller's tests check that every
+//! manifest there is valid.
