@@ -13,32 +13,38 @@ use clap::{Parser, Subcommand};
 #[command(name = "ignite", version, about, long_about = None, propagate_version = true)]
 struct Cli {
     /// Log filter for diagnostics on stderr (e.g. `info`, `vmm_core=debug`). Also read from IGNITE_LOG.
-    #[arg(long, global = true, env = "IGNITE_LOG", default_value = "warn")]
+    #[arg(long, global = true, help_heading = "Global options", env = "IGNITE_LOG", default_value = "warn")]
     log: String,
 
     /// Where ignite keeps images, kernels, disks and state.
-    #[arg(long, global = true, env = "IGNITE_ROOT", default_value = "/var/lib/ignite")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "IGNITE_ROOT",
+        default_value = "/var/lib/ignite"
+    )]
     root: std::path::PathBuf,
 
     /// The daemon's API socket.
-    #[arg(long, global = true, env = "IGNITE_SOCKET", default_value = controller::grpc::DEFAULT_SOCKET)]
+    #[arg(long, global = true, help_heading = "Global options", env = "IGNITE_SOCKET", default_value = controller::grpc::DEFAULT_SOCKET)]
     socket: std::path::PathBuf,
 
     /// A daemon on another machine, `https://HOST:PORT` (its `--listen`), instead of the socket;
     /// mutual TLS with --tls-ca, --tls-cert and --tls-key.
-    #[arg(long, global = true, env = "IGNITE_HOST", value_name = "URL", requires_all = ["tls_ca", "tls_cert", "tls_key"])]
+    #[arg(long, global = true, help_heading = "Global options", env = "IGNITE_HOST", value_name = "URL", requires_all = ["tls_ca", "tls_cert", "tls_key"])]
     host: Option<String>,
 
     /// PEM CA that signs the remote daemon's certificate.
-    #[arg(long, global = true, env = "IGNITE_TLS_CA", value_name = "FILE")]
+    #[arg(long, global = true, help_heading = "Global options", env = "IGNITE_TLS_CA", value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
 
     /// PEM client certificate for --host (signed by the daemon's --tls-client-ca).
-    #[arg(long, global = true, env = "IGNITE_TLS_CERT", value_name = "FILE")]
+    #[arg(long, global = true, help_heading = "Global options", env = "IGNITE_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<std::path::PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(long, global = true, env = "IGNITE_TLS_KEY", value_name = "FILE")]
+    #[arg(long, global = true, help_heading = "Global options", env = "IGNITE_TLS_KEY", value_name = "FILE")]
     tls_key: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
