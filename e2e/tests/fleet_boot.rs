@@ -1,10 +1,13 @@
 //! The whole path with a real Linux guest: a VM manifest committed to a git repository, the real
 //! `ignite daemon` (inside a network namespace this test creates), an image pulled from a real
 //! registry, a root disk with `ignite-init` as PID 1, the patched guest kernel booting on
-//! /dev/kvm, the guest's address set at boot, and a port forwarded from the host to the guest's
-//! web server. Deleting the file removes the VM, its tap and its forward.
+//! /dev/kvm, and the guest's address set at boot, seen through the real `ignite` CLI. Then: a
+//! commit with invalid YAML changes nothing and `ignite ps` says why; a commit changing the memory
+//! and adding a port recreates the VM, the daemon is killed (SIGKILL) in the middle of that, and
+//! the next daemon finishes it: the port answers from the host side of the namespace. Deleting the
+//! file removes the VM, its tap and its forward.
 //!
-//! One Linux boot: about a minute and a half on hosts whose KVM emulates guests.
+//! Two Linux boots: about a minute and a half each on hosts whose KVM emulates guests.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -25,16 +28,14 @@ metadata:
   name: web
 spec:
   image: IMAGE
-  memory: 128Mi
+  memory: MEMORY
   diskSize: 256Mi
   command: [/bin/sh, -c]
   args: [\"echo IGNITE-E2E-UP $(hostname) $GREETING; exec httpd -f -p 80 -h /www\"]
   env:
     - name: GREETING
       value: from-the-manifest
-  network:
-    ports: [\"8080:80\"]
-";
+PORTS";
 
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -62,6 +63,45 @@ impl Drop for Daemon {
     }
 }
 
+/// The real daemon on `root`, following `repo`, logging (appending) to `root/daemon.log`.
+fn start_daemon(root: &Path, repo: &Repo, kernel: &Path) -> Daemon {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("daemon.log")).unwrap();
+    let child = Command::new(ignite_bin())
+        .arg("--root")
+        .arg(root)
+        .arg("--socket")
+        .arg(root.join("ignite.sock"))
+        .args(["--log", "info", "daemon", "--gitops", &repo.url(), "--path", "vms", "--interval", "1s"])
+        .args(["--bridge", "ignbr-e2e", "--subnet", "10.97.0.0/24", "--kernel"])
+        .arg(kernel)
+        .arg("--init")
+        .arg(ignite_init_bin())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Daemon(child)
+}
+
+/// The `ignite` CLI against the test's daemon (never starting one of its own).
+fn ignite(root: &Path, args: &[&str]) -> (String, String) {
+    let out = Command::new(ignite_bin())
+        .arg("--root")
+        .arg(root)
+        .arg("--socket")
+        .arg(root.join("ignite.sock"))
+        .args(args)
+        .env("IGNITE_AUTOSTART", "0")
+        .output()
+        .unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn manifest(image: &str, memory: &str, ports: &str) -> String {
+    MANIFEST.replace("IMAGE", image).replace("MEMORY", memory).replace("PORTS", ports)
+}
+
 #[test]
 fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     if let Some(why) = kvm_unavailable() {
@@ -76,32 +116,22 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     if !run_inside("ignite-e2e-fleet", NAME) {
         return;
     }
-    let init = ignite_init_bin();
     let registry = Registry::start(None).unwrap();
     fixtures::push_image(&registry.host(), "demo/busybox", "1", &image, None);
-    let manifest = MANIFEST.replace("IMAGE", &format!("{}/demo/busybox:1", registry.host()));
+    let image = format!("{}/demo/busybox:1", registry.host());
     let repo = Repo::new();
-    repo.commit(&[("vms/README.md", Some("demo fleet\n")), ("vms/web.yaml", Some(&manifest))], "web");
+    let first = manifest(&image, "128Mi", "");
+    repo.commit(&[("vms/README.md", Some("demo fleet\n")), ("vms/web.yaml", Some(&first))], "web");
     let root = tempfile::tempdir().unwrap();
-    let log = root.path().join("daemon.log");
-    let daemon = Daemon(
-        Command::new(ignite_bin())
-            .arg("--root")
-            .arg(root.path())
-            .args(["--log", "info", "daemon", "--gitops", &repo.url(), "--path", "vms", "--interval", "1s"])
-            .args(["--bridge", "ignbr-e2e", "--subnet", "10.97.0.0/24", "--kernel"])
-            .arg(&kernel)
-            .arg("--init")
-            .arg(&init)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let console = root.path().join("vms/web/console.log");
+    let r = root.path();
+    let mut daemon = start_daemon(r, &repo, &kernel);
+    let log = r.join("daemon.log");
+    let console = r.join("vms/web/console.log");
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let context = || format!("daemon log:\n{}\nconsole:\n{}", read(&log), read(&console));
+    let pid = || read(&r.join("vms/web/pid")).trim().to_string();
+
+    // 1. Commit a VM: it reaches Running, and its console shows the guest's init marker.
     let started = Instant::now();
     let deadline = Duration::from_secs(420);
     let mut up = false;
@@ -117,7 +147,34 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     let c = read(&console);
     assert!(c.contains("ignite-init:"), "ignite-init ran as PID 1:\n{c}");
     assert!(c.contains("IP-Config: Complete") || c.contains("10.97.0.2"), "the guest address was set at boot:\n{c}");
+    let (ps, _) = ignite(r, &["ps"]);
+    assert!(ps.lines().any(|l| l.starts_with("web ") && l.contains("Running") && l.contains("10.97.0.2")), "{ps}");
+    let first_pid = pid();
 
+    // 2. Invalid YAML: nothing changes, and `ignite ps` says which file, line and field.
+    repo.commit(&[("vms/broken.yaml", Some("kind: VM\nspec: [unclosed\n"))], "broken");
+    wait_for("ps to show the refused commit", Duration::from_secs(60), || {
+        let (_, err) = ignite(r, &["ps"]);
+        err.contains("broken.yaml") && err.contains("source gitops")
+    });
+    assert_eq!(pid(), first_pid, "the running VM was left alone:\n{}", context());
+    repo.commit(&[("vms/broken.yaml", None)], "fix");
+
+    // 3. More memory and a port: the VM is recreated. Kill the daemon in the middle of it.
+    repo.commit(
+        &[("vms/web.yaml", Some(&manifest(&image, "160Mi", "  network:\n    ports: [\"8080:80\"]\n")))],
+        "grow",
+    );
+    wait_for("the recreate to begin", Duration::from_secs(60), || ignite(r, &["events"]).0.contains("Recreating"));
+    let _ = daemon.0.kill(); // SIGKILL: no clean-up of its own
+    let _ = daemon.0.wait();
+    drop(daemon);
+    let daemon = start_daemon(r, &repo, &kernel);
+    wait_for("the recreated VM to boot", Duration::from_secs(420), || {
+        pid() != first_pid && read(&console).contains("IGNITE-E2E-UP web from-the-manifest")
+    });
+    let config: serde_json::Value = serde_json::from_str(&read(&r.join("vms/web/config.json"))).unwrap();
+    assert_eq!(config["memoryMib"], 160, "{config}");
     let mut answer = String::new();
     wait_for("the guest's web server through the host port", Duration::from_secs(120), || {
         answer = http_get(8080).unwrap_or_default();
@@ -125,7 +182,7 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     });
     assert!(answer.starts_with("HTTP/1."), "{answer}");
 
-    // Delete the file: the VM, its tap and its forward go away.
+    // 4. Delete the file: the VM, its tap and its forward go away.
     repo.commit(&[("vms/web.yaml", None)], "delete web");
     let taps = || -> Vec<String> {
         let names = std::fs::read_dir("/sys/class/net").unwrap().flatten();
@@ -136,8 +193,9 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     };
     // Removal ends with the disk and the runtime directory, after the process, forwards and tap.
     wait_for("web and its tap removed", Duration::from_secs(120), || {
-        !root.path().join("vms/web").exists() && !root.path().join("runtime/web").exists() && taps().is_empty()
+        !r.join("vms/web").exists() && !r.join("runtime/web").exists() && taps().is_empty()
     });
     assert!(http_get(8080).is_err(), "the forward is gone");
+    assert_eq!(ignite(r, &["ps", "-a", "-q"]).0, "", "nothing left in the fleet");
     drop(daemon);
 }
