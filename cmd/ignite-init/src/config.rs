@@ -49,7 +49,7 @@ pub struct GuestConfig {
     /// Files written into the guest before the main process starts.
     #[serde(default)]
     pub files: Vec<CopiedFile>,
-    /// Reserved for Kubernetes nodes: the `kubeadm join` configuration (written, not run, by this version).
+    /// Kubernetes nodes: the `kubeadm join` configuration, written (mode 0600) and run before the entrypoint.
     #[serde(default)]
     pub join: Option<JoinConfig>,
 }
@@ -66,17 +66,33 @@ pub struct CopiedFile {
     pub content: String,
 }
 
-/// Reserved: how a guest joins a Kubernetes cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a guest joins a Kubernetes cluster (see [`crate::join`]).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JoinConfig {
     /// Where the join configuration file goes in the guest (written mode 0600).
     pub config_path: String,
-    /// The join configuration file's content.
+    /// The join configuration file's content (it holds the bootstrap token).
     pub config: String,
-    /// The command that performs the join.
+    /// The command that performs the join; empty: `kubeadm join --config CONFIG_PATH`.
     #[serde(default)]
     pub command: Vec<String>,
+    /// Secrets (the bootstrap token and its secret part) removed from the join command's output
+    /// before it reaches the console.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact: Vec<String>,
+}
+
+/// Never prints the configuration or the secrets (they would end up in logs).
+impl std::fmt::Debug for JoinConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinConfig")
+            .field("config_path", &self.config_path)
+            .field("config", &"<redacted>")
+            .field("command", &self.command)
+            .field("redact", &format_args!("[{} redacted]", self.redact.len()))
+            .finish()
+    }
 }
 
 /// Reading or writing a config drive failed.
@@ -213,7 +229,12 @@ mod tests {
             dns: vec!["10.0.0.1".into()],
             authorized_keys: vec!["ssh-ed25519 AAAA test".into()],
             files: vec![CopiedFile { path: "/etc/x".into(), mode: 0o640, content: encode_content(b"hi\n") }],
-            join: Some(JoinConfig { config_path: "/etc/kubeadm.yaml".into(), config: "x".into(), command: vec![] }),
+            join: Some(JoinConfig {
+                config_path: "/etc/kubeadm.yaml".into(),
+                config: "token: abcdef.0123456789abcdef".into(),
+                command: vec![],
+                redact: vec!["abcdef.0123456789abcdef".into()],
+            }),
             ..Default::default()
         }
     }
@@ -231,6 +252,13 @@ mod tests {
         let back = read_config_drive(std::fs::File::open(&path).unwrap()).unwrap();
         assert_eq!(back, sample());
         assert_eq!(decode_content(&back.files[0]).unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_join_secrets() {
+        let shown = format!("{:?}", sample());
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert!(shown.contains("/etc/kubeadm.yaml"), "{shown}");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `ignite-init`: PID 1 inside every ignite guest. Mounts the pseudo filesystems, reads the VM's config
-//! drive, sets hostname and name resolution, writes ssh keys and copied files, runs the image's entrypoint
-//! (merged with the VM's overrides) as a child, reaps children, forwards signals, then reports the main
-//! process's exit on the console (`ignite-init: exit status=N` or `signal=S`) and powers the VM off
-//! through the ignite power port (0xf4), falling back to a reset.
+//! drive, sets hostname and name resolution, writes ssh keys and copied files, runs `kubeadm join` for
+//! Kubernetes nodes, runs the image's entrypoint (merged with the VM's overrides) as a child, reaps
+//! children, forwards signals, then reports the main process's exit on the console (`ignite-init: exit
+//! status=N` or `signal=S`) and powers the VM off through the ignite power port (0xf4), falling back to
+//! a reset.
 
 mod setup;
 mod supervise;
@@ -60,6 +61,13 @@ fn run() -> Result<sys::Exit, (String, u8)> {
     let root_home = spec::resolve_user("0", &passwd, &group).map(|u| u.home).unwrap_or_else(|_| "/root".into());
     setup::network_identity(&vm);
     setup::write_files(&vm, if root_home == "/" { "/root" } else { &root_home }).map_err(fail)?;
+    if let Some(join) = &vm.join {
+        let report = ignite_init::join::run(std::path::Path::new("/"), join, &mut |cmd| {
+            // SAFETY: `in_child` only makes async-signal-safe calls (sigprocmask, setsid) between fork and exec.
+            unsafe { std::os::unix::process::CommandExt::pre_exec(cmd, sys::in_child) };
+        });
+        report.lines.iter().for_each(|line| log(line));
+    }
     log(&format!("starting {:?} as {} in {}", spec.argv, spec.user, spec.working_dir));
     let main = supervise::spawn(&spec, &user)?;
     Ok(supervise::supervise(main))
