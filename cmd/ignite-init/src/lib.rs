@@ -4,6 +4,7 @@
 //!
 //! The binary (`src/main.rs`) is PID 1 in every guest; only it mounts, signals and powers off.
 
+pub mod agent;
 pub mod config;
 pub mod join;
 pub mod spec;

@@ -8,6 +8,7 @@
 mod setup;
 mod supervise;
 mod sys;
+mod vsock_agent;
 
 use ignite_init::spec;
 
@@ -69,6 +70,11 @@ fn run() -> Result<sys::Exit, (String, u8)> {
         report.lines.iter().for_each(|line| log(line));
     }
     log(&format!("starting {:?} as {} in {}", spec.argv, spec.user, spec.working_dir));
+    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    if !spec.env.contains_key("HOME") {
+        env.push(("HOME".into(), root_home.clone()));
+    }
+    vsock_agent::start(ignite_init::agent::ExecDefaults { env, cwd: spec.working_dir.clone() });
     let main = supervise::spawn(&spec, &user)?;
     Ok(supervise::supervise(main))
 }

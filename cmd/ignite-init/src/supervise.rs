@@ -56,10 +56,13 @@ pub fn supervise(main: libc::pid_t) -> Exit {
             sys::kill(main, libc::SIGKILL);
             kill_at = None;
         }
+        // The agent's commands are reaped here too; their exits go to the agent (see `vsock_agent`).
+        let mut reaping = crate::vsock_agent::EXEC_CHILDREN.reaping();
         while let Some((pid, exit)) = sys::reap(-1, false) {
             if pid == main {
                 return exit;
             }
+            reaping.record(pid, exit);
         }
     }
 }

@@ -139,7 +139,8 @@ const POWER_PORT: u16 = 0xf4;
 /// fault under an instruction emulator, and must not take PID 1 down with it), then falls back to a reset,
 /// which the VMM also treats as the end of the VM. Returns the child's fate if even the reset failed.
 pub fn power_off(code: u8) -> io::Error {
-    // SAFETY: init is single-threaded, so the child may run arbitrary code after fork.
+    // SAFETY: the child only makes async-signal-safe calls (ioperm, port I/O, _exit) after fork, so the
+    // agent's threads (gone in the child) cannot leave it a lock it needs.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: ioperm only changes this process's I/O permission bitmap.
