@@ -37,6 +37,10 @@ pub struct VmConfig {
     /// Where the serial console goes.
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// A unix socket serving the serial console too: clients get its output and type its input
+    /// (`ignite attach`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_socket: Option<PathBuf>,
     /// How to handle the host's virtualization mode (see [`crate::host::VirtMode`]).
     #[serde(default)]
     pub virt_mode: VirtModeConfig,
@@ -71,6 +75,7 @@ impl VmConfig {
             vsock: None,
             rng: true,
             console: ConsoleConfig::default(),
+            console_socket: None,
             virt_mode: VirtModeConfig::default(),
         }
     }

@@ -15,6 +15,7 @@ use crate::arch::layout;
 use crate::boot::{self, BootSpec};
 use crate::bus::{lock, Bus, BusOverlap};
 use crate::config::{ConfigError, VmConfig};
+use crate::devices::legacy::console::{ConsoleClients, ConsoleSocket, ConsoleTee};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::power::PowerDevice;
 use crate::devices::legacy::serial::{open_console, ConsoleError, SerialDevice};
@@ -268,8 +269,10 @@ impl Devices {
     fn create(config: &VmConfig, vm_fd: &VmFd, mem: &GuestMemory, exit: &Arc<ExitSignal>) -> Result<Self, VmError> {
         let mut pio = Bus::new();
         let serial_irq = irq_line(vm_fd, layout::SERIAL_IRQ)?;
-        let serial = SerialDevice::new(serial_irq, open_console(&config.console)?);
-        pio.insert(Arc::new(Mutex::new(serial)), u64::from(layout::SERIAL_PORT_BASE), 8)?;
+        let clients = ConsoleClients::default();
+        let sink = ConsoleTee::new(open_console(&config.console)?, clients.clone());
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(sink))));
+        pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT_BASE), 8)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(irq_line(vm_fd, layout::I8042_IRQ)?, exit.clone())));
         pio.insert(i8042.clone(), u64::from(layout::I8042_PORT_BASE), 5)?;
         pio.insert(Arc::new(Mutex::new(PowerDevice::new(exit.clone()))), u64::from(layout::POWER_PORT), 1)?;
@@ -281,6 +284,13 @@ impl Devices {
             subscribers: Vec::new(),
             cmdline_args: Vec::new(),
         };
+        if let Some(path) = &config.console_socket {
+            let socket = ConsoleSocket::new(path, serial, clients).map_err(|e| VmError::Device {
+                device: format!("console socket {}", path.display()),
+                source: e.into(),
+            })?;
+            devices.subscribers.push(Arc::new(Mutex::new(socket)));
+        }
         let mut mmio = Bus::new();
         for (index, device) in crate::devices::build_virtio_devices(config)?.into_iter().enumerate() {
             let (base, irq) = layout::virtio_slot(index);

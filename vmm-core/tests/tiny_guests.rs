@@ -196,3 +196,45 @@ _start:
     assert_eq!(exit.reason, ExitReason::Stopped);
     assert!(exit.counters.time_to_first_run.is_some());
 }
+
+#[test]
+fn console_socket_input_reaches_the_guest_uart_and_its_output_comes_back() {
+    use std::io::{Read, Write};
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    // Polls the line status register, reads each byte, echoes it plus one; `q` powers off with 42.
+    let source = r#"
+.global _start
+_start:
+    mov dx, 0x3fd
+1:  in al, dx
+    test al, 1
+    jz 1b
+    mov dx, 0x3f8
+    in al, dx
+    cmp al, 'q'
+    je 2f
+    inc al
+    out dx, al
+    jmp _start
+2:  power_off 42
+"#;
+    let mut config = common::tiny_config(dir.path(), common::assemble(dir.path(), "echo", source));
+    let socket = dir.path().join("console.sock");
+    config.console_socket = Some(socket.clone());
+    let handle = Vm::start(&config).expect("vm starts");
+    let mut client = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    // More than the UART's 64-byte FIFO and than one read, so the input waits for the guest.
+    let input: Vec<u8> = (0..300u32).map(|i| b'a' + (i % 16) as u8).collect();
+    client.write_all(&input).unwrap();
+    client.write_all(b"q").unwrap();
+    let expected: Vec<u8> = input.iter().map(|b| b + 1).collect();
+    let mut echoed = vec![0u8; expected.len()];
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    client.read_exact(&mut echoed).unwrap();
+    assert_eq!(echoed, expected);
+    assert_eq!(handle.wait_timeout(TIMEOUT), Some(ExitReason::PowerOff { code: 42 }));
+    drop(handle);
+    assert_eq!(std::fs::read(dir.path().join("console.log")).unwrap(), expected, "the log gets the output too");
+    assert!(!socket.exists(), "the socket is removed with the VM");
+}

@@ -31,7 +31,8 @@ pub enum VmmCommand {
 pub struct RunArgs {
     /// A serialized `VmConfig` (JSON) instead of the device flags.
     #[arg(long, value_name = "FILE.json", conflicts_with_all = [
-        "kernel", "initrd", "disks", "nets", "vsock", "cmdline", "cpus", "memory", "console", "no_rng", "virt_mode"
+        "kernel", "initrd", "disks", "nets", "vsock", "cmdline", "cpus", "memory", "console", "console_socket",
+        "no_rng", "virt_mode"
     ])]
     config: Option<PathBuf>,
     /// Serve the JSON-lines control protocol (status, pause, resume, stop, kill) on this unix socket.
@@ -67,6 +68,10 @@ pub struct RunArgs {
     /// Where the serial console goes: `stdout`, `null`, or a file path.
     #[arg(long, default_value = "stdout", value_parser = parse_console)]
     console: ConsoleConfig,
+    /// Also serve the serial console on this unix socket: clients get its output and type its input
+    /// (what `ignite attach` connects to).
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
     /// Do not offer a virtio-rng device.
     #[arg(long)]
     no_rng: bool,
@@ -142,6 +147,7 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         vsock: args.vsock.clone(),
         rng: !args.no_rng,
         console: args.console.clone(),
+        console_socket: args.console_socket.clone(),
         virt_mode: args.virt_mode,
     })
 }

@@ -1,5 +1,7 @@
-//! Legacy PC devices on port I/O: COM1 serial, the i8042 controller and the power-control port.
+//! Legacy PC devices on port I/O: COM1 serial (with its console socket), the i8042 controller and the
+//! power-control port.
 
+pub mod console;
 pub mod i8042;
 pub mod power;
 pub mod serial;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqEventFd;
 use crate::bus::BusDevice;
@@ -44,17 +45,34 @@ pub fn open_console(config: &ConsoleConfig) -> Result<Box<dyn Write + Send>, Con
 pub struct SerialDevice {
     uart: Serial<IrqEventFd, NoEvents, Box<dyn Write + Send>>,
     write_failed: bool,
+    /// Signalled when the guest made room in the receive FIFO after input did not fit.
+    input_space: Option<EventFd>,
+    input_waiting: bool,
 }
+
+/// Free FIFO bytes at which waiting input is signalled (half the 64-byte FIFO).
+const INPUT_SPACE_MARK: usize = 32;
 
 impl SerialDevice {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: IrqEventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialDevice { uart: Serial::new(irq, out), write_failed: false }
+        SerialDevice { uart: Serial::new(irq, out), write_failed: false, input_space: None, input_waiting: false }
     }
 
-    /// Queues bytes for the guest to read (console input). Returns how many fit in the FIFO.
+    /// Queues bytes for the guest to read (console input), raising the receive interrupt. Returns how
+    /// many fit in the FIFO; when not all did, the input-space event fires once the guest has read
+    /// enough of them.
     pub fn enqueue_input(&mut self, input: &[u8]) -> io::Result<usize> {
-        self.uart.enqueue_raw_bytes(input).map_err(|err| io::Error::other(format!("{err:?}")))
+        let result = self.uart.enqueue_raw_bytes(input).map_err(|err| io::Error::other(format!("{err:?}")));
+        if !matches!(result, Ok(n) if n == input.len()) {
+            self.input_waiting = true;
+        }
+        result
+    }
+
+    /// The eventfd signalled when input that did not fit can be queued again ([`Self::enqueue_input`]).
+    pub fn set_input_space_event(&mut self, evt: EventFd) {
+        self.input_space = Some(evt);
     }
 }
 
@@ -62,6 +80,12 @@ impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let (Ok(offset), [byte]) = (u8::try_from(offset), data) {
             *byte = self.uart.read(offset);
+            if offset == 0 && self.input_waiting && self.uart.fifo_capacity() >= INPUT_SPACE_MARK {
+                self.input_waiting = false;
+                if let Some(evt) = &self.input_space {
+                    let _ = evt.write(1);
+                }
+            }
         }
     }
 
@@ -80,7 +104,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
     fn transmitted_bytes_reach_the_console_file_and_raise_the_irq() {
