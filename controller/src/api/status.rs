@@ -94,4 +94,8 @@ pub struct VmStatus {
     /// The last error, for humans.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The Kubernetes Node the guest registered as (`spec.bootstrap.kubernetes`), found by its
+    /// provider ID `ignite://HOST/VM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_ref: Option<String>,
 }
