@@ -73,6 +73,10 @@ enum Command {
     Inspect(commands::vms::InspectArgs),
     /// Show a VM's serial console.
     Logs(commands::vms::LogsArgs),
+    /// Run a command in a running VM (through ignite-init's guest agent); its exit code is ignite's.
+    Exec(commands::exec::ExecArgs),
+    /// Attach to a running VM's serial console: see its output, type its input (Ctrl-P Ctrl-Q detaches).
+    Attach(commands::exec::AttachArgs),
     /// Show what happened to VMs and sources.
     Events(commands::vms::EventsArgs),
     /// A live view of the fleet: VMs, sources and events (q quits).
@@ -135,6 +139,8 @@ fn main() -> ExitCode {
         Command::Rm(args) => done(commands::vms::rm(args, &ctx)),
         Command::Inspect(args) => done(commands::vms::inspect(args, &ctx)),
         Command::Logs(args) => done(commands::vms::logs(args, &ctx)),
+        Command::Exec(args) => commands::exec::exec(args, &ctx),
+        Command::Attach(args) => done(commands::exec::attach(args, &ctx)),
         Command::Events(args) => done(commands::vms::events(args, &ctx)),
         Command::Sources(cmd) => done(commands::vms::sources(cmd, &ctx)),
         Command::Dashboard(args) => done(commands::dashboard::run(args, &ctx)),

@@ -3,6 +3,7 @@
 //! redacted), and client connectors.
 
 mod convert;
+pub mod exec;
 pub mod images;
 mod server;
 pub mod tls;

@@ -176,6 +176,24 @@ impl vms_server::Vms for ApiState {
         Ok(Response::new(vm))
     }
 
+    type ExecStream = Stream_<proto::ExecOutput>;
+
+    async fn exec(
+        &self,
+        request: Request<tonic::Streaming<proto::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        super::exec::exec(self, request.into_inner()).await.map(Response::new)
+    }
+
+    type AttachStream = Stream_<proto::AttachOutput>;
+
+    async fn attach(
+        &self,
+        request: Request<tonic::Streaming<proto::AttachInput>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        super::exec::attach(self, request.into_inner()).await.map(Response::new)
+    }
+
     type LogsStream = Stream_<proto::LogChunk>;
 
     async fn logs(&self, request: Request<proto::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {

@@ -4,10 +4,10 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ignite_init::config::{CopiedFile, GuestConfig};
-use vmm_core::{ConsoleConfig, DiskConfig, NetConfig as VmNetConfig, VirtModeConfig, VmConfig};
+use vmm_core::{ConsoleConfig, DiskConfig, NetConfig as VmNetConfig, VirtModeConfig, VmConfig, VsockConfig};
 
 use crate::api::Vm;
 
@@ -19,6 +19,10 @@ pub fn base_cmdline() -> String {
     "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 init=/sbin/ignite-init ignite.config=/dev/vdb"
         .to_string()
 }
+
+/// Every guest's vsock CID. The host side of each VM's vsock device is its own unix socket, not the
+/// host kernel's vsock, so CIDs need not differ between VMs; 3 is the first one guests may have.
+pub const GUEST_CID: u64 = 3;
 
 /// Creates `dir` (and parents) readable by root only: it holds secrets (config drive).
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
@@ -40,6 +44,8 @@ pub fn vm_config(vm: &Vm, prepared: &PreparedVm, virt_mode: VirtModeConfig) -> V
         config.nets.push(VmNetConfig { tap: tap.clone(), mac: mac.clone() });
     }
     config.console = ConsoleConfig::Null; // the supervisor points it at the VM's console log
+                                          // The guest agent (`ignite exec`); the supervisor puts the socket in the VM's run directory.
+    config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: PathBuf::new() });
     config.virt_mode = virt_mode;
     config
 }

@@ -1,5 +1,6 @@
 //! The VM process supervisor: one `ignite vmm run` process per VM, watched through its pidfd, with a
-//! per-VM run directory (`config.json`, `console.log`, `vmm.log`, `control.sock`, `exit.json`, `pid`).
+//! per-VM run directory (`config.json`, `console.log`, `console.sock`, `vsock.sock`, `vmm.log`,
+//! `control.sock`, `exit.json`, `pid`).
 //!
 //! The supervisor only reports exits (on [`Supervisor::exits`]); the reconciler decides about restarts.
 //! VM processes live in their own process group and survive the daemon: a new supervisor on the same
@@ -150,6 +151,11 @@ struct Tracked {
     pidfd: Arc<OwnedFd>,
 }
 
+/// The console socket in a VM's run directory: serial output out, console input in.
+pub const CONSOLE_SOCKET: &str = "console.sock";
+/// The host side of a VM's vsock device in its run directory (`CONNECT <port>` protocol).
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+
 /// How long a control request may take beyond its own grace period.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -195,14 +201,25 @@ impl Supervisor {
         self.config.run_dir.join(name)
     }
 
-    /// Starts VM `name` from `config` (its console forced to `console.log`) in its own process group.
+    /// The console socket of VM `name` (its serial console, for `ignite attach`).
+    pub fn console_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(CONSOLE_SOCKET)
+    }
+
+    /// The vsock socket of VM `name` (the host side of its virtio-vsock device, for `ignite exec`).
+    pub fn vsock_socket(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(VSOCK_SOCKET)
+    }
+
+    /// Starts VM `name` from `config` in its own process group. Its console is forced to
+    /// `console.log` and [`CONSOLE_SOCKET`], its vsock device (if any) to [`VSOCK_SOCKET`].
     pub fn spawn(&self, name: &str, config: &VmConfig) -> Result<ProcInfo> {
         if self.is_running(name) {
             return Err(SupervisorError::AlreadyRunning(name.to_string()));
         }
         let dir = self.vm_dir(name);
         std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        for stale in ["exit.json", "control.sock", "pid"] {
+        for stale in ["exit.json", "control.sock", "pid", CONSOLE_SOCKET, VSOCK_SOCKET] {
             let path = dir.join(stale);
             match std::fs::remove_file(&path) {
                 Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(io_err("remove", &path)(err)),
@@ -211,6 +228,10 @@ impl Supervisor {
         }
         let mut config = config.clone();
         config.console = ConsoleConfig::File(dir.join("console.log"));
+        config.console_socket = Some(dir.join(CONSOLE_SOCKET));
+        if let Some(vsock) = &mut config.vsock {
+            vsock.uds_path = dir.join(VSOCK_SOCKET);
+        }
         let config_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&config).map_err(|e| io_err("serialize", &config_path)(e.into()))?;
         std::fs::write(&config_path, text).map_err(io_err("write", &config_path))?;

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod daemon;
 pub mod dashboard;
+pub mod exec;
 pub mod image;
 pub mod kernel;
 pub mod run;

@@ -1,0 +1,212 @@
+//! `Vms.Exec` and `Vms.Attach`: a command run by the guest agent over the VM's vsock socket, and the
+//! VM's live serial console over its console socket (both in the VM's run directory).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ignite_init::agent::{self, ExecRequest, Tag, AGENT_PORT, MAX_FRAME};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::proto::{self, attach_input, exec_input, exec_output};
+use super::server::{stream_from, ApiState, Stream_};
+use crate::api::Phase;
+use crate::reconcile::error_chain;
+use crate::supervisor::{CONSOLE_SOCKET, VSOCK_SOCKET};
+
+/// How long the guest gets to accept a connection to its agent. A guest kernel refuses a port nobody
+/// listens on at once; this bounds guests that never answer (no vsock driver, hung kernel).
+pub const AGENT_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The message of UNAVAILABLE when the agent does not answer.
+pub const AGENT_UNAVAILABLE: &str = "the guest agent did not answer; is the VM's image started by ignite-init?";
+
+/// The run directory of VM `name` if it is running: NOT_FOUND for an unknown VM, FAILED_PRECONDITION
+/// for one that is not running.
+fn running_vm_dir(state: &ApiState, name: &str) -> Result<PathBuf, Status> {
+    let record = state.store.get_vm(name).map_err(|e| Status::internal(error_chain(&e)))?;
+    let Some(record) = record else {
+        return Err(Status::not_found(format!("no VM named {name:?} (see `ignite ps -a`)")));
+    };
+    if record.status.phase != Phase::Running {
+        return Err(Status::failed_precondition(format!(
+            "VM {name:?} is not running (phase {:?}); start it with `ignite start {name}`",
+            record.status.phase
+        )));
+    }
+    Ok(state.root.join("vms").join(name))
+}
+
+/// Connects to the guest's vsock `port` through the VM's vsock socket (`CONNECT <port>\n`, answered
+/// `OK <n>\n`). UNAVAILABLE when the socket is missing or the guest refuses or does not answer.
+pub async fn connect_vsock(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream, Status> {
+    let unavailable = |detail: String| Status::unavailable(format!("{AGENT_UNAVAILABLE} ({detail})"));
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| unavailable(format!("cannot connect to {}: {e}", socket.display())))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(|e| unavailable(e.to_string()))?;
+    // Read the answer byte by byte: what follows it is the stream.
+    let answer = tokio::time::timeout(timeout, async {
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        while line.len() < 64 {
+            match stream.read(&mut byte).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) if byte[0] == b'\n' => return Some(line),
+                Ok(_) => line.push(byte[0]),
+            }
+        }
+        None
+    })
+    .await;
+    match answer {
+        Ok(Some(line)) if line.starts_with(b"OK ") => Ok(stream),
+        Ok(_) => Err(unavailable(format!("nothing listens on vsock port {port} in the guest"))),
+        Err(_) => Err(unavailable(format!("no answer on vsock port {port} within {timeout:?}"))),
+    }
+}
+
+fn frame(tag: Tag, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(payload.len() + 5);
+    // Writing to a Vec cannot fail.
+    let _ = agent::write_frame(&mut buf, tag, payload);
+    buf
+}
+
+/// Reads one agent frame; `None` at the end of the stream.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+    let mut header = [0u8; 5];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other(format!("agent frame of {len} bytes")));
+    }
+    let mut payload = vec![0; len];
+    r.read_exact(&mut payload).await?;
+    Ok(Some((header[0], payload)))
+}
+
+/// Serves `Vms.Exec` (see the proto).
+pub(super) async fn exec(
+    state: &ApiState,
+    mut inbound: Streaming<proto::ExecInput>,
+) -> Result<Stream_<proto::ExecOutput>, Status> {
+    let first = inbound.message().await?.and_then(|m| m.input);
+    let Some(exec_input::Input::Start(start)) = first else {
+        return Err(Status::invalid_argument("the first Exec message must be an ExecStart"));
+    };
+    if start.argv.first().is_none_or(String::is_empty) {
+        return Err(Status::invalid_argument("no command to run: argv is empty"));
+    }
+    if start.tty {
+        return Err(Status::invalid_argument(
+            "tty is not supported: guest kernels have no pseudo-terminals (devpts); commands get pipes",
+        ));
+    }
+    let dir = running_vm_dir(state, &start.name)?;
+    let stream = connect_vsock(&dir.join(VSOCK_SOCKET), AGENT_PORT, AGENT_ANSWER_TIMEOUT).await?;
+    let (read_half, mut write_half) = stream.into_split();
+    let mut env: Vec<(String, String)> = start.env.into_iter().collect();
+    env.sort();
+    let request = ExecRequest { argv: start.argv, env, cwd: start.working_dir };
+    let mut line = serde_json::to_vec(&request).map_err(|e| Status::internal(e.to_string()))?;
+    line.push(b'\n');
+    write_half.write_all(&line).await.map_err(|e| Status::unavailable(format!("{AGENT_UNAVAILABLE} ({e})")))?;
+    tracing::info!(vm = start.name, argv = ?request.argv, "exec");
+
+    let input = tokio::spawn(async move {
+        while let Ok(Some(message)) = inbound.message().await {
+            let bytes = match message.input {
+                Some(exec_input::Input::Stdin(data)) if !data.is_empty() => frame(Tag::Stdin, &data),
+                Some(exec_input::Input::CloseStdin(true)) => break,
+                _ => continue,
+            };
+            if write_half.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        // The client closed stdin or went away: the command sees the end of its input.
+        let _ = write_half.write_all(&frame(Tag::CloseStdin, &[])).await;
+        // Keep the write half open until the session ends (dropping it would shut the socket down).
+        std::future::pending::<()>().await;
+    });
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(read_half);
+        let ended = loop {
+            let output = match read_frame(&mut reader).await {
+                Ok(Some((tag, payload))) if tag == Tag::Stdout as u8 => exec_output::Output::Stdout(payload),
+                Ok(Some((tag, payload))) if tag == Tag::Stderr as u8 => exec_output::Output::Stderr(payload),
+                Ok(Some((tag, payload))) if tag == Tag::Error as u8 => {
+                    exec_output::Output::Error(String::from_utf8_lossy(&payload).into_owned())
+                }
+                Ok(Some((tag, payload))) if tag == Tag::Exit as u8 => match agent::decode_exit(&payload) {
+                    Some(code) => break Ok(code),
+                    None => break Err("an invalid exit frame".to_string()),
+                },
+                Ok(Some(_)) => continue,
+                Ok(None) => break Err("the connection closed before the command ended (did the VM stop?)".into()),
+                Err(e) => break Err(e.to_string()),
+            };
+            if tx.send(Ok(proto::ExecOutput { output: Some(output) })).await.is_err() {
+                break Err("the client went away".into());
+            }
+        };
+        input.abort();
+        let last = match ended {
+            Ok(code) => Ok(proto::ExecOutput { output: Some(exec_output::Output::ExitCode(code)) }),
+            Err(detail) => Err(Status::unavailable(format!("guest agent: {detail}"))),
+        };
+        let _ = tx.send(last).await;
+    });
+    Ok(stream_from(rx))
+}
+
+/// Serves `Vms.Attach` (see the proto).
+pub(super) async fn attach(
+    state: &ApiState,
+    mut inbound: Streaming<proto::AttachInput>,
+) -> Result<Stream_<proto::AttachOutput>, Status> {
+    let first = inbound.message().await?.and_then(|m| m.input);
+    let Some(attach_input::Input::Name(name)) = first else {
+        return Err(Status::invalid_argument("the first Attach message must name the VM"));
+    };
+    let dir = running_vm_dir(state, &name)?;
+    let socket = dir.join(CONSOLE_SOCKET);
+    let stream = UnixStream::connect(&socket).await.map_err(|e| {
+        Status::unavailable(format!("VM {name:?}: cannot connect to its console {}: {e}", socket.display()))
+    })?;
+    tracing::info!(vm = name, "attach");
+    let (mut read_half, mut write_half) = stream.into_split();
+    let input = tokio::spawn(async move {
+        while let Ok(Some(message)) = inbound.message().await {
+            if let Some(attach_input::Input::Stdin(data)) = message.input {
+                if write_half.write_all(&data).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let (tx, rx) = mpsc::channel(32);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match read_half.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(Ok(proto::AttachOutput { data: buf[..n].to_vec() })).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        input.abort();
+    });
+    Ok(stream_from(rx))
+}
