@@ -1,6 +1,6 @@
 //! The ignite controller: API types and validation, the sled store, desired-state sources (git,
-//! directory), the reconciler, the VM supervisor, host networking and the daemon that ties them
-//! together.
+//! directory, Kubernetes MicroVMs), the reconciler, the VM supervisor, host networking and the
+//! daemon that ties them together.
 
 #![forbid(unsafe_code)]
 
@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod failpoint;
 pub mod grpc;
 pub mod host;
+pub mod kube;
 pub mod net;
 pub mod reconcile;
 pub mod source;

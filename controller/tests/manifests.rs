@@ -10,6 +10,7 @@ fn manifests_dir() -> PathBuf {
 fn check(file: &str, generated: &str) {
     let path = manifests_dir().join(file);
     if std::env::var_os("IGNITE_UPDATE_MANIFESTS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, generated).unwrap();
         eprintln!("rewrote {}", path.display());
         return;
@@ -25,6 +26,11 @@ fn check(file: &str, generated: &str) {
 #[test]
 fn vm_schema_matches_the_rust_types() {
     check("vm.schema.json", &controller::api::schema::vm_schema_json());
+}
+
+#[test]
+fn microvm_crd_matches_the_rust_types() {
+    check("crd/microvm.yaml", &controller::kube::crd::crd_yaml());
 }
 
 #[test]

@@ -67,7 +67,7 @@ impl FromStr for Quantity {
 impl fmt::Display for Quantity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (suffix, unit) in [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
-            if self.0 != 0 && self.0 % unit == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(unit) {
                 return write!(f, "{}{suffix}", self.0 / unit);
             }
         }

@@ -75,7 +75,7 @@ pub fn validate(vm: &Vm) -> Vec<Problem> {
         bad("spec.cpus", format!("{} vCPUs requested, must be between {MIN_CPUS} and {MAX_CPUS}", spec.cpus));
     }
     let memory = spec.memory.bytes();
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) || memory % (1 << 20) != 0 {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) || !memory.is_multiple_of(1 << 20) {
         bad("spec.memory", format!("{} is not possible: memory must be whole MiB between 16Mi and 256Gi", spec.memory));
     }
     let disk = spec.disk_size.bytes();
