@@ -1,6 +1,7 @@
 //! The daemon's gRPC API and the CLI on top of it, against an in-process daemon running tiny
 //! guests: list/get with secrets redacted, apply (all or nothing, ownership), delete, logs,
-//! events, sources and host info; then the real `ignite` binary's ps/apply/inspect/logs/rm.
+//! events, sources and host info, the status codes of exec and attach; then the real `ignite`
+//! binary's ps/apply/inspect/logs/rm/exec/attach.
 
 mod support;
 
@@ -137,6 +138,72 @@ fn ignite(socket: &std::path::Path, args: &[&str]) -> std::process::Output {
     cmd.arg("--socket").arg(socket).args(args).env("IGNITE_AUTOSTART", "0").output().unwrap()
 }
 
+/// Exec and Attach answer with typed codes: unknown VM, VM not running, a guest without an agent
+/// (the tiny guests have no vsock driver), and requests Exec cannot serve; the CLI says the same.
+fn exec_and_attach_status_codes(
+    runtime: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    image: &str,
+    daemon: &Daemon,
+) {
+    use proto::{attach_input, exec_input};
+    let start = |name: &str, argv: &[&str], tty: bool| proto::ExecInput {
+        input: Some(exec_input::Input::Start(proto::ExecStart {
+            name: name.into(),
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            tty,
+            ..Default::default()
+        })),
+    };
+    let name = |name: &str| proto::AttachInput { input: Some(attach_input::Input::Name(name.into())) };
+    runtime.block_on(async {
+        let mut vms = VmsClient::new(controller::grpc::connect(socket).await.unwrap());
+        let file =
+            proto::ManifestFile { path: "s.yaml".into(), text: manifest("idle", image, "64Mi", "  state: Stopped\n") };
+        vms.apply(proto::ApplyRequest { files: vec![file], force: false }).await.unwrap();
+        let store = daemon.store().clone();
+        tokio::task::spawn_blocking(move || {
+            wait_for("idle declared stopped", Duration::from_secs(60), || {
+                store.get_vm("idle").unwrap().is_some_and(|v| v.status.phase == controller::api::Phase::Stopped)
+            })
+        })
+        .await
+        .unwrap();
+        let exec = |input: proto::ExecInput| {
+            let mut vms = vms.clone();
+            async move { vms.exec(tokio_stream::iter(vec![input])).await.err().expect("exec refused") }
+        };
+        let err = exec(start("nope", &["true"], false)).await;
+        assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
+        let err = exec(start("idle", &["true"], false)).await;
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
+        assert!(err.message().contains("not running"), "{}", err.message());
+        let err = exec(start("fromdir", &["true"], true)).await;
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains("tty"), "{}", err.message());
+        let err = exec(start("fromdir", &[], false)).await;
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
+        let err = exec(proto::ExecInput { input: Some(exec_input::Input::Stdin(b"x".to_vec())) }).await;
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
+        let err = exec(start("fromdir", &["true"], false)).await;
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
+        assert!(err.message().contains(controller::grpc::exec::AGENT_UNAVAILABLE), "{}", err.message());
+
+        let err = vms.attach(tokio_stream::iter(vec![name("nope")])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
+        let err = vms.attach(tokio_stream::iter(vec![name("idle")])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
+        // A running VM's console socket answers.
+        vms.attach(tokio_stream::iter(vec![name("fromdir")])).await.unwrap();
+        vms.delete(proto::DeleteVmRequest { name: "idle".into(), force: false }).await.unwrap();
+    });
+    let out = ignite(socket, &["exec", "fromdir", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("the guest agent did not answer"), "{}", text(&out.stderr));
+    let out = ignite(socket, &["attach", "nope"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no VM named \"nope\""), "{}", text(&out.stderr));
+}
+
 #[test]
 fn the_api_and_the_cli_drive_the_fleet() {
     if let Some(why) = unavailable() {
@@ -267,6 +334,7 @@ fn the_api_and_the_cli_drive_the_fleet() {
     });
     create_kill_and_the_image_store(&socket, r, &image, fleet.path());
     watch_resumes_from_a_revision(&runtime, &socket, &image, &daemon);
+    exec_and_attach_status_codes(&runtime, &socket, &image, &daemon);
 
     let nobody = r.join("nobody.sock");
     let out = ignite(&nobody, &["ps"]);
