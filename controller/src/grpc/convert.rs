@@ -50,6 +50,7 @@ fn status(s: &VmStatus) -> proto::VmStatus {
         boot_time: text(&s.boot_time),
         restarts: s.restarts,
         last_error: text(&s.last_error),
+        node_ref: text(&s.node_ref),
     }
 }
 

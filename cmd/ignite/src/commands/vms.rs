@@ -286,7 +286,7 @@ pub fn inspect(args: InspectArgs, ctx: &Ctx) -> anyhow::Result<()> {
             "phase": status.phase, "ip": status.ip, "mac": status.mac,
             "sourceRevision": status.source_revision, "observedRevision": status.observed_revision,
             "observedGeneration": status.observed_generation, "bootTime": status.boot_time,
-            "restarts": status.restarts, "lastError": status.last_error,
+            "restarts": status.restarts, "lastError": status.last_error, "nodeRef": status.node_ref,
             "conditions": status.conditions.iter().map(|c| serde_json::json!({
                 "type": c.r#type, "status": c.status, "reason": c.reason, "message": c.message,
                 "lastTransitionTime": c.last_transition_time,
