@@ -61,11 +61,14 @@ fn spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let sup = supervisor(dir.path());
     let mut exits = sup.exits().unwrap();
-    let info = sup.spawn("web", &tiny_guest::idle_guest()).unwrap();
+    let mut config = tiny_guest::idle_guest();
+    // Wherever the caller puts it, the vsock socket goes to the run directory.
+    config.vsock = Some(vmm_core::VsockConfig { guest_cid: 3, uds_path: "/nonexistent/v.sock".into() });
+    let info = sup.spawn("web", &config).unwrap();
     assert!(info.started_at > 0);
     wait_for("the guest marker", || console(&sup, "web").contains(IDLE_MARKER));
     assert!(sup.is_running("web"));
-    for file in ["config.json", "console.log", "control.sock", "pid", "vmm.log"] {
+    for file in ["config.json", "console.log", "console.sock", "vsock.sock", "control.sock", "pid", "vmm.log"] {
         assert!(sup.vm_dir("web").join(file).exists(), "{file} missing");
     }
     // Its own process group, so a Ctrl-C to the daemon does not reach it.
@@ -89,7 +92,9 @@ fn spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing() {
     assert_eq!((exit.name.as_str(), &exit.reason, exit.code), ("web", &ExitReason::Stopped, Some(130)));
     assert!(exit.console_tail.contains(IDLE_MARKER), "{exit:?}");
     assert!(!sup.is_running("web"));
-    assert!(!sup.vm_dir("web").join("control.sock").exists(), "socket removed on exit");
+    for socket in ["control.sock", "console.sock", "vsock.sock"] {
+        assert!(!sup.vm_dir("web").join(socket).exists(), "{socket} removed on exit");
+    }
     assert_eq!(proc_state(info.pid), None, "the vmm process was reaped (no zombie)");
     sup.cleanup("web").unwrap();
     sup.cleanup("web").unwrap();
