@@ -5,7 +5,8 @@
 //! commit with invalid YAML changes nothing and `ignite ps` says why; a commit changing the memory
 //! and adding a port recreates the VM, the daemon is killed (SIGKILL) in the middle of that, and
 //! the next daemon finishes it: the port answers from the host side of the namespace. Deleting the
-//! file removes the VM, its tap and its forward.
+//! file removes the VM, its tap and its forward. On the first boot, `ignite exec` and `ignite attach`
+//! work with the guest.
 //!
 //! Two Linux boots: about a minute and a half each on hosts whose KVM emulates guests.
 
@@ -98,6 +99,94 @@ fn ignite(root: &Path, args: &[&str]) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `ignite exec` with `stdin`, returning stdout, stderr and the exit code.
+fn ignite_exec(root: &Path, args: &[&str], stdin: &[u8]) -> (String, String, Option<i32>) {
+    let mut child = Command::new(ignite_bin())
+        .arg("--root")
+        .arg(root)
+        .arg("--socket")
+        .arg(root.join("ignite.sock"))
+        .arg("exec")
+        .args(args)
+        .env("IGNITE_AUTOSTART", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (text(&out.stdout), text(&out.stderr), out.status.code())
+}
+
+/// `ignite exec` runs commands in the guest through ignite-init's agent (stdin, stdout, stderr,
+/// exit codes), and `ignite attach` gets console output and sends console input.
+fn exec_and_attach(r: &Path) {
+    // The agent listens before the main process starts, so it answers by now.
+    let script = "echo out-$(hostname) $GREETING; echo to-stderr >&2; exit 7";
+    let (out, err, code) = ignite_exec(r, &["web", "--", "sh", "-c", script], b"");
+    assert_eq!((out.as_str(), code), ("out-web from-the-manifest\n", Some(7)), "stderr: {err}");
+    assert_eq!(err, "to-stderr\n");
+    let (out, err, code) = ignite_exec(r, &["-i", "web", "--", "sh", "-c", "tr a-z A-Z"], b"hello guest\n");
+    assert_eq!((out.as_str(), code), ("HELLO GUEST\n", Some(0)), "stderr: {err}");
+    let (_, err, code) = ignite_exec(r, &["web", "--", "/no/such/program"], b"");
+    assert_eq!(code, Some(127), "{err}");
+    assert!(err.contains("/no/such/program"), "{err}");
+    let (_, err, code) = ignite_exec(r, &["nosuchvm", "--", "true"], b"");
+    assert!(code != Some(0) && err.contains("no VM named \"nosuchvm\""), "{err}");
+    eprintln!("ignite exec: output, stdin, exit codes and errors from the Linux guest");
+
+    // Attach, then a command in the guest reads a line from the console and writes to it.
+    let mut attach = Command::new(ignite_bin())
+        .arg("--root")
+        .arg(r)
+        .arg("--socket")
+        .arg(r.join("ignite.sock"))
+        .args(["attach", "web"])
+        .env("IGNITE_AUTOSTART", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut typed = attach.stdin.take().unwrap();
+    let mut attach_out = attach.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = attach_out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let root = r.to_path_buf();
+    let console_reader = std::thread::spawn(move || {
+        let script = "read line < /dev/console; echo console-said-$line > /dev/console; echo got-$line";
+        ignite_exec(&root, &["web", "--", "sh", "-c", script], b"")
+    });
+    // Type until the guest has read a line (the reader may not have opened the console yet).
+    let started = Instant::now();
+    while !console_reader.is_finished() {
+        assert!(started.elapsed() < Duration::from_secs(120), "the guest never read the typed line");
+        let _ = typed.write_all(b"typed\n");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (out, err, code) = console_reader.join().unwrap();
+    assert_eq!((out.as_str(), code), ("got-typed\n", Some(0)), "stderr: {err}");
+    let has = |needle: &str| String::from_utf8_lossy(&seen.lock().unwrap()).contains(needle);
+    wait_for("the console output to reach ignite attach", Duration::from_secs(30), || has("console-said-typed"));
+    let _ = attach.kill();
+    let _ = attach.wait();
+    let _ = reader.join();
+    eprintln!("ignite attach: console input read by the guest, console output seen");
+}
+
 fn manifest(image: &str, memory: &str, ports: &str) -> String {
     MANIFEST.replace("IMAGE", image).replace("MEMORY", memory).replace("PORTS", ports)
 }
@@ -150,6 +239,7 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     let (ps, _) = ignite(r, &["ps"]);
     assert!(ps.lines().any(|l| l.starts_with("web ") && l.contains("Running") && l.contains("10.97.0.2")), "{ps}");
     let first_pid = pid();
+    exec_and_attach(r);
 
     // 2. Invalid YAML: nothing changes, and `ignite ps` says which file, line and field.
     repo.commit(&[("vms/broken.yaml", Some("kind: VM\nspec: [unclosed\n"))], "broken");
