@@ -90,6 +90,16 @@ pub struct Daemon {
 impl Daemon {
     /// Recovers and starts everything. Must run inside a tokio runtime.
     pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
+        Daemon::start_with_kube(config, None).await
+    }
+
+    /// [`Daemon::start`] with Kubernetes access for `spec.bootstrap.kubernetes` (`ignite daemon
+    /// --kube`/`--kubeconfig`): the runtime creates bootstrap tokens and deletes Nodes, and a
+    /// background task keeps the VMs' `nodeRef` from a watch of the cluster's Nodes.
+    pub async fn start_with_kube(
+        config: DaemonConfig,
+        kube: Option<crate::kube::access::KubeAccess>,
+    ) -> Result<Daemon, DaemonError> {
         let store =
             Store::open(&config.root).map_err(|source| DaemonError::Store { root: config.root.clone(), source })?;
         let paths = image_store::StorePaths::new(&config.root);
@@ -107,7 +117,11 @@ impl Daemon {
         info!(adopted = adopted.adopted.len(), exited = adopted.exited.len(), "re-adopted VM processes");
         let exits = supervisor.exits().expect("a new supervisor has its exit stream");
         let net: Arc<dyn HostNet> = Arc::new(LinuxHostNet::new());
-        let runtime = Arc::new(HostRuntime::new(config.host.clone(), store.clone(), snapshotter, net, supervisor));
+        let mut host_runtime = HostRuntime::new(config.host.clone(), store.clone(), snapshotter, net, supervisor);
+        if let Some(access) = &kube {
+            host_runtime = host_runtime.with_kube(access.clone());
+        }
+        let runtime = Arc::new(host_runtime);
         // VMs that ended while no daemon watched: their exits count for the restart policy.
         for exit in &adopted.exited {
             runtime.record_exit(exit);
@@ -149,6 +163,10 @@ impl Daemon {
             tcp_addr: None,
         };
         daemon.watch_exits(exits);
+        if let Some(access) = kube {
+            info!(host = access.host, "watching Kubernetes Nodes for the VMs' nodeRef");
+            daemon.tasks.push(tokio::spawn(crate::kube::nodes::watch_nodes(access, daemon.store.clone())));
+        }
         let configured: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
         match daemon.store.retain_source_states(&configured) {
             Ok(forgotten) if !forgotten.is_empty() => info!(?forgotten, "forgot sources no longer configured"),
@@ -215,6 +233,14 @@ impl Daemon {
             Some((_, tx)) => tx.send(()).await.is_ok(),
             None => false,
         }
+    }
+
+    /// Runs the MicroVM controller (`ignite daemon --kube`) next to the sources: the MicroVMs
+    /// scheduled to this host go through the same store and reconciler as git, and their status is
+    /// written back. `ctx` is built over [`Daemon::store`] and the reconciler's queue. Stops with
+    /// the daemon.
+    pub fn watch_microvms(&mut self, ctx: crate::kube::Context) {
+        self.tasks.push(tokio::spawn(crate::kube::controller::run(Arc::new(ctx))));
     }
 
     /// Records every VM process exit and queues the VM, so its restart policy is applied.

@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod exits;
 pub mod guest;
+pub mod kubernetes;
 pub mod prepared;
 
 use std::collections::HashSet;
@@ -56,6 +57,8 @@ pub struct HostRuntime {
     supervisor: Supervisor,
     /// VMs being stopped on purpose: their exit is not one the restart policy should see.
     stopping: Mutex<HashSet<String>>,
+    /// Kubernetes access for `spec.bootstrap.kubernetes` (`None`: such VMs fail with a precise error).
+    kube: Option<crate::kube::access::KubeAccess>,
 }
 
 fn transient(reason: &'static str, what: String) -> impl FnOnce(&dyn std::error::Error) -> RuntimeError {
@@ -72,7 +75,23 @@ impl HostRuntime {
         supervisor: Supervisor,
     ) -> Self {
         let paths = StorePaths::new(&config.root);
-        HostRuntime { config, paths, store, snapshotter, net, supervisor, stopping: Mutex::new(HashSet::new()) }
+        HostRuntime {
+            config,
+            paths,
+            store,
+            snapshotter,
+            net,
+            supervisor,
+            stopping: Mutex::new(HashSet::new()),
+            kube: None,
+        }
+    }
+
+    /// The same runtime with Kubernetes access: VMs with `spec.bootstrap.kubernetes` get bootstrap
+    /// tokens and a join configuration, and their Nodes are deleted with them.
+    pub fn with_kube(mut self, access: crate::kube::access::KubeAccess) -> Self {
+        self.kube = Some(access);
+        self
     }
 
     /// The supervisor (for exit notifications and control).
@@ -171,6 +190,8 @@ impl Runtime for HostRuntime {
         let image = artifacts::resolve_image(&self.paths, &spec.image, self.config.insecure_registries)?;
         let base = artifacts::base_rootfs(&self.paths, &image, self.config.init_bin.as_deref())?;
         let kernel = artifacts::resolve_kernel(&self.paths, &spec.kernel, &self.config.default_kernel)?;
+        // Early, so a VM that cannot join fails before a disk is made; the token stays in memory.
+        let join = kubernetes::join_config(self.kube.as_ref(), vm)?;
         let dir = prepared::dir(&self.runtime_dir(), name);
         guest::create_private_dir(&dir)
             .map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;
@@ -219,8 +240,10 @@ impl Runtime for HostRuntime {
             cmdline.push_str(extra);
         }
         let config_drive = dir.join("config.img");
-        let guest_config = guest::guest_config(vm)
+        let mut guest_config = guest::guest_config(vm)
             .map_err(|e| RuntimeError::permanent("CopyFileFailed", format!("VM {name:?}: {e}")))?;
+        let kubernetes_node = join.is_some();
+        guest_config.join = join;
         guest::write_drive(&config_drive, &guest_config)
             .map_err(|e| transient("ConfigDriveFailed", format!("VM {name:?}: config drive"))(&e))?;
 
@@ -235,6 +258,7 @@ impl Runtime for HostRuntime {
             tap,
             mac: mac.clone(),
             ip: ip.clone(),
+            kubernetes_node,
         };
         prepared::save(&self.runtime_dir(), name, &record)
             .map_err(|e| transient("StateFailed", format!("VM {name:?}: saving prepared state"))(&e))?;
@@ -279,6 +303,11 @@ impl Runtime for HostRuntime {
         }
         crate::failpoint::hit("delete:after-process");
         self.supervisor.cleanup(name).map_err(|e| fail("run directory")(&e))?;
+        // With the process gone (a running kubelet would register its Node again), before the
+        // prepared record that says the VM joined.
+        if self.load(name)?.is_some_and(|p| p.kubernetes_node) {
+            kubernetes::forget(self.kube.as_ref(), name)?;
+        }
         if self.config.net.is_some() {
             self.net.remove_port_forwards(name).map_err(|e| fail("port forwards")(&e))?;
             self.net.delete_tap(&net::tap_name(name)).map_err(|e| fail("tap")(&e))?;

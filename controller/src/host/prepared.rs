@@ -29,6 +29,9 @@ pub struct PreparedVm {
     pub mac: Option<String>,
     /// Guest IPv4 address.
     pub ip: Option<String>,
+    /// The guest joins Kubernetes (`spec.bootstrap.kubernetes`): its Node goes with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kubernetes_node: bool,
 }
 
 /// The directory holding one VM's prepared state.
@@ -105,6 +108,7 @@ mod tests {
             tap: None,
             mac: None,
             ip: None,
+            kubernetes_node: true,
         };
         save(tmp.path(), "web", &p).unwrap();
         assert_eq!(load(tmp.path(), "web").unwrap(), Some(p));

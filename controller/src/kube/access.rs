@@ -85,11 +85,11 @@ pub fn label_value(text: &str) -> String {
 
 /// A call to the API server failed.
 #[derive(Debug, thiserror::Error)]
-pub enum KubeError {
+pub enum ApiCallError {
     /// RBAC denied the call.
     #[error(
         "the Kubernetes API server refused to let the daemon {verb} {resource} (403 Forbidden: {message}); \
-         grant its identity that verb in a ClusterRole (see manifests/README.md)"
+         grant it to the daemon's identity (the ClusterRole in manifests/README.md)"
     )]
     Forbidden {
         /// `create`, `get`, `list`, `delete`...
@@ -124,18 +124,18 @@ pub enum KubeError {
     },
 }
 
-impl KubeError {
+impl ApiCallError {
     /// Classifies a client error of `verb` on `resource`.
     pub fn from_client(verb: &'static str, resource: impl Into<String>, error: ::kube::Error) -> Self {
         let resource = resource.into();
         match error {
             ::kube::Error::Api(status) if status.code == 403 => {
-                KubeError::Forbidden { verb, resource, message: status.message }
+                ApiCallError::Forbidden { verb, resource, message: status.message }
             }
             ::kube::Error::Api(status) => {
-                KubeError::Status { verb, resource, code: status.code, message: status.message }
+                ApiCallError::Status { verb, resource, code: status.code, message: status.message }
             }
-            source => KubeError::Unreachable { verb, resource, source },
+            source => ApiCallError::Unreachable { verb, resource, source },
         }
     }
 
@@ -143,9 +143,9 @@ impl KubeError {
     /// 408/409/429); unreachable servers and 5xx may recover by themselves.
     pub fn is_permanent(&self) -> bool {
         match self {
-            KubeError::Forbidden { .. } => true,
-            KubeError::Status { code, .. } => (400..500).contains(code) && ![408, 409, 429].contains(code),
-            KubeError::Unreachable { .. } => false,
+            ApiCallError::Forbidden { .. } => true,
+            ApiCallError::Status { code, .. } => (400..500).contains(code) && ![408, 409, 429].contains(code),
+            ApiCallError::Unreachable { .. } => false,
         }
     }
 }
@@ -183,17 +183,17 @@ mod tests {
                     .boxed(),
             )
         };
-        let e = KubeError::from_client("create", "secrets in namespace kube-system", status(403));
+        let e = ApiCallError::from_client("create", "secrets in namespace kube-system", status(403));
         assert!(e.is_permanent());
         let text = e.to_string();
         assert!(text.contains("refused to let the daemon create secrets in namespace kube-system"), "{text}");
         assert!(text.contains("cannot create resource"), "{text}");
-        assert!(!KubeError::from_client("get", "nodes", status(500)).is_permanent());
-        assert!(!KubeError::from_client("get", "nodes", status(429)).is_permanent());
-        assert!(KubeError::from_client("get", "nodes", status(422)).is_permanent());
+        assert!(!ApiCallError::from_client("get", "nodes", status(500)).is_permanent());
+        assert!(!ApiCallError::from_client("get", "nodes", status(429)).is_permanent());
+        assert!(ApiCallError::from_client("get", "nodes", status(422)).is_permanent());
         let gone = ::kube::Error::Service("connection refused".into());
-        let e = KubeError::from_client("list", "nodes", gone);
-        assert!(matches!(e, KubeError::Unreachable { .. }) && !e.is_permanent());
+        let e = ApiCallError::from_client("list", "nodes", gone);
+        assert!(matches!(e, ApiCallError::Unreachable { .. }) && !e.is_permanent());
         assert_eq!(e.to_string(), "cannot list nodes: the Kubernetes API server is unreachable");
     }
 }

@@ -18,7 +18,7 @@ use k8s_openapi::ByteString;
 use serde::Serialize;
 use tracing::info;
 
-use super::access::{label_value, KubeAccess, KubeError};
+use super::access::{label_value, ApiCallError, KubeAccess};
 use crate::api::KubernetesBootstrap;
 
 /// Where bootstrap-token Secrets live (the API server only honours them there).
@@ -164,7 +164,7 @@ pub enum BootstrapError {
         vm: String,
         /// The failed call.
         #[source]
-        source: KubeError,
+        source: ApiCallError,
     },
     /// No random bytes for a new token.
     #[error("VM {vm:?}: cannot read random bytes for a bootstrap token")]
@@ -366,7 +366,7 @@ async fn referenced_token(
     let secret = secrets_api(access)
         .get_opt(name)
         .await
-        .map_err(|e| kube(KubeError::from_client("get", SECRETS, e)))?
+        .map_err(|e| kube(ApiCallError::from_client("get", SECRETS, e)))?
         .ok_or_else(|| BootstrapError::SecretMissing { vm: vm.into(), secret: name.into() })?;
     let found = token_from_secret(&secret).map_err(|problem| BootstrapError::SecretMalformed {
         vm: vm.into(),
@@ -387,7 +387,7 @@ async fn created_token(access: &KubeAccess, vm: &str, now: SystemTime) -> Result
     let kube = |source| BootstrapError::Kube { vm: vm.into(), source };
     let api = secrets_api(access);
     let existing =
-        api.list(&vm_selector(access, vm)).await.map_err(|e| kube(KubeError::from_client("list", SECRETS, e)))?;
+        api.list(&vm_selector(access, vm)).await.map_err(|e| kube(ApiCallError::from_client("list", SECRETS, e)))?;
     let fresh_until = now + access.token_ttl / 2;
     let mut reused = None;
     for secret in existing.items {
@@ -407,23 +407,24 @@ async fn created_token(access: &KubeAccess, vm: &str, now: SystemTime) -> Result
     let secret = token_secret(vm, &access.host, &token, now + access.token_ttl);
     api.create(&PostParams::default(), &secret)
         .await
-        .map_err(|e| kube(KubeError::from_client("create", SECRETS, e)))?;
+        .map_err(|e| kube(ApiCallError::from_client("create", SECRETS, e)))?;
     info!(vm, secret = %token.secret_name(), ttl = ?access.token_ttl, "created a bootstrap token");
     Ok(token)
 }
 
-async fn delete_secret(api: &Api<Secret>, name: &str) -> Result<(), KubeError> {
+async fn delete_secret(api: &Api<Secret>, name: &str) -> Result<(), ApiCallError> {
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(::kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(e) => Err(KubeError::from_client("delete", SECRETS, e)),
+        Err(e) => Err(ApiCallError::from_client("delete", SECRETS, e)),
     }
 }
 
 /// Deletes every bootstrap token this host created for `vm` (the VM is gone). Idempotent.
-pub async fn delete_tokens(access: &KubeAccess, vm: &str) -> Result<usize, KubeError> {
+pub async fn delete_tokens(access: &KubeAccess, vm: &str) -> Result<usize, ApiCallError> {
     let api = secrets_api(access);
-    let existing = api.list(&vm_selector(access, vm)).await.map_err(|e| KubeError::from_client("list", SECRETS, e))?;
+    let existing =
+        api.list(&vm_selector(access, vm)).await.map_err(|e| ApiCallError::from_client("list", SECRETS, e))?;
     let mut deleted = 0;
     for secret in existing.items {
         delete_secret(&api, secret.metadata.name.as_deref().unwrap_or_default()).await?;

@@ -17,4 +17,4 @@ pub use errors::KubeError;
 pub use select::LabelSelector;
 
 #[cfg(test)]
-mod mock;
+pub(crate) mod mock;

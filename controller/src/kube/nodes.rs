@@ -11,7 +11,7 @@ use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use tracing::{debug, info, warn};
 
-use super::access::{vm_of_provider_id, KubeAccess, KubeError};
+use super::access::{vm_of_provider_id, ApiCallError, KubeAccess};
 use crate::store::{Store, StoreError};
 
 const NODES: &str = "nodes";
@@ -22,16 +22,16 @@ pub fn vm_of_node<'a>(host: &str, node: &'a Node) -> Option<&'a str> {
 }
 
 /// The name of the Node whose provider ID is `ignite://HOST/vm`, if one registered.
-pub async fn find_node(access: &KubeAccess, vm: &str) -> Result<Option<String>, KubeError> {
+pub async fn find_node(access: &KubeAccess, vm: &str) -> Result<Option<String>, ApiCallError> {
     let api: Api<Node> = Api::all(access.client.clone());
-    let nodes = api.list(&ListParams::default()).await.map_err(|e| KubeError::from_client("list", NODES, e))?;
+    let nodes = api.list(&ListParams::default()).await.map_err(|e| ApiCallError::from_client("list", NODES, e))?;
     Ok(nodes.items.into_iter().find(|n| vm_of_node(&access.host, n) == Some(vm)).and_then(|n| n.metadata.name))
 }
 
 /// Deletes the Node of `vm` (the VM is gone, or rebuilt from a fresh disk that must join anew).
 /// Returns the Node's name when there was one. Idempotent: no Node, or one deleted meanwhile
 /// (404), is success.
-pub async fn delete_node(access: &KubeAccess, vm: &str) -> Result<Option<String>, KubeError> {
+pub async fn delete_node(access: &KubeAccess, vm: &str) -> Result<Option<String>, ApiCallError> {
     let Some(name) = find_node(access, vm).await? else {
         return Ok(None);
     };
@@ -42,7 +42,7 @@ pub async fn delete_node(access: &KubeAccess, vm: &str) -> Result<Option<String>
             Ok(Some(name))
         }
         Err(::kube::Error::Api(status)) if status.code == 404 => Ok(Some(name)),
-        Err(e) => Err(KubeError::from_client("delete", NODES, e)),
+        Err(e) => Err(ApiCallError::from_client("delete", NODES, e)),
     }
 }
 

@@ -90,7 +90,7 @@ async fn deleting_a_node_without_rbac_names_verb_and_resource() {
         mock::status(403, "Forbidden", "nodes \"web\" is forbidden: User \"ignite\" cannot delete resource \"nodes\"");
     expect(&mut server, "DELETE", "/api/v1/nodes/web", 403, denied).await;
     let err = client.await.unwrap().unwrap_err();
-    assert!(matches!(err, KubeError::Forbidden { verb: "delete", .. }) && err.is_permanent(), "{err:?}");
+    assert!(matches!(err, ApiCallError::Forbidden { verb: "delete", .. }) && err.is_permanent(), "{err:?}");
     assert!(err.to_string().contains("refused to let the daemon delete nodes"), "{err}");
 }
 
@@ -100,7 +100,7 @@ async fn listing_nodes_on_a_gone_api_server_is_transient() {
     let client = tokio::spawn(async move { delete_node(&access, "web").await });
     mock::fail_connection(&mut server).await;
     let err = client.await.unwrap().unwrap_err();
-    assert!(matches!(err, KubeError::Unreachable { verb: "list", .. }) && !err.is_permanent(), "{err:?}");
+    assert!(matches!(err, ApiCallError::Unreachable { verb: "list", .. }) && !err.is_permanent(), "{err:?}");
 }
 
 #[test]
