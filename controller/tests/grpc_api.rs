@@ -171,7 +171,7 @@ fn exec_and_attach_status_codes(
         .unwrap();
         let exec = |input: proto::ExecInput| {
             let mut vms = vms.clone();
-            async move { vms.exec(tokio_stream::iter(vec![input])).await.err().expect("exec refused") }
+            async move { vms.exec(tokio_stream::iter(vec![input])).await.expect_err("exec refused") }
         };
         let err = exec(start("nope", &["true"], false)).await;
         assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
