@@ -155,6 +155,13 @@ pub async fn preflight(ctx: &Context) -> Result<(), KubeError> {
         .map_err(|e| KubeError::from_api("list", RESOURCE, None, e))
 }
 
+/// This host's name as Kubernetes tooling would show it: the kernel's hostname.
+pub fn default_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// Runs the controller until the task is dropped: preflight (retried with backoff, logging the
 /// reason), then the watch. Errors of the watch are logged and retried; nothing is deleted
 /// because of them.
@@ -326,8 +333,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
     let Some(record) = record else {
         return Ok(Action::requeue(ctx.settings.poll));
     };
-    let status =
-        MicroVmStatus::observed(&record.status, generation, &ctx.settings.host_name, &vm_name, previous.as_ref());
+    let status = MicroVmStatus::observed(&record.status, generation, &ctx.settings.host_name, &vm_name);
     patch_status(&api, &key, &name, previous.as_ref(), &status).await?;
     let settled = status.is_ready() || status.current().is_some_and(|c| c.type_ == ConditionType::Stalled);
     Ok(Action::requeue(if settled { ctx.settings.resync } else { ctx.settings.poll }))

@@ -30,21 +30,15 @@ pub struct MicroVmStatus {
     /// The VM's name on that host (`<namespace>-<name>`), as `ignite ps` shows it.
     #[serde(default)]
     pub vm_name: Option<String>,
-    /// The Kubernetes Node the guest registered as, when it joins the cluster.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The Kubernetes Node the guest registered as, when it joins the cluster
+    /// (`spec.bootstrap.kubernetes`).
+    #[serde(default)]
     pub node_ref: Option<String>,
 }
 
 impl MicroVmStatus {
     /// The status of a MicroVM whose VM is in the store with status `vm`, at `generation`.
-    /// `previous` (the status on the object) keeps the fields others write (`nodeRef`).
-    pub fn observed(
-        vm: &VmStatus,
-        generation: Option<i64>,
-        host: &str,
-        vm_name: &str,
-        previous: Option<&MicroVmStatus>,
-    ) -> Self {
+    pub fn observed(vm: &VmStatus, generation: Option<i64>, host: &str, vm_name: &str) -> Self {
         let mut conditions = vm.conditions.clone();
         if conditions.is_empty() {
             // Stored, not yet looked at by the reconciler.
@@ -63,7 +57,7 @@ impl MicroVmStatus {
             ip: vm.ip.clone(),
             host: Some(host.to_string()),
             vm_name: Some(vm_name.to_string()),
-            node_ref: previous.and_then(|p| p.node_ref.clone()),
+            node_ref: vm.node_ref.clone(),
         }
     }
 
@@ -95,11 +89,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_store_status_is_mirrored_and_node_ref_kept() {
-        let mut vm = VmStatus { phase: Phase::Running, ip: Some("10.61.0.2".into()), ..Default::default() };
+    fn the_store_status_is_mirrored() {
+        let mut vm = VmStatus {
+            phase: Phase::Running,
+            ip: Some("10.61.0.2".into()),
+            node_ref: Some("node-a".into()),
+            ..Default::default()
+        };
         conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
-        let before = MicroVmStatus { node_ref: Some("node-a".into()), ..Default::default() };
-        let status = MicroVmStatus::observed(&vm, Some(3), "h1", "ns-web", Some(&before));
+        let status = MicroVmStatus::observed(&vm, Some(3), "h1", "ns-web");
         assert_eq!(status.observed_generation, Some(3));
         assert!(status.is_ready());
         assert_eq!((status.ip.as_deref(), status.node_ref.as_deref()), (Some("10.61.0.2"), Some("node-a")));
@@ -113,7 +111,7 @@ mod tests {
     fn a_stalled_summary_keeps_the_transition_time_of_unchanged_conditions() {
         let mut vm = VmStatus::default();
         conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
-        let running = MicroVmStatus::observed(&vm, Some(1), "h1", "ns-web", None);
+        let running = MicroVmStatus::observed(&vm, Some(1), "h1", "ns-web");
         let bad = Summary::new(Phase::Running, ConditionType::Stalled, "InvalidSpec", "spec.memory: lots");
         let stalled = MicroVmStatus::with_summary(Some(&running), &bad, Some(2));
         let current = stalled.current().unwrap();

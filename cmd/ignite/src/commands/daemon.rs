@@ -18,6 +18,7 @@ use controller::source::{DirSpec, GitRef, GitSpec, SourceKind, SourceSpec};
 #[command(after_help = "Examples:\n  \
     ignite daemon --gitops https://git.example.com/fleet.git --branch main --path vms --kernel 6.1\n  \
     ignite daemon --dir ./examples/fleet --kernel /var/cache/ignite/kernel/vmlinux\n  \
+    ignite daemon --kube --namespace fleet --kube-selector pool=edge   # MicroVMs (kubectl apply -f manifests/crd)\n  \
     ignite daemon --gitops ./fleet --listen 0.0.0.0:7443 --tls-cert daemon.pem --tls-key daemon.key \\\n      \
     --tls-client-ca clients-ca.pem      # then: ignite --host https://HOST:7443 --tls-ca ... ps")]
 pub struct DaemonArgs {
@@ -80,6 +81,22 @@ pub struct DaemonArgs {
     /// PEM CA whose certificates the daemon accepts from clients on --listen.
     #[arg(long, value_name = "FILE", requires = "listen")]
     tls_client_ca: Option<PathBuf>,
+    /// Run the MicroVMs of a Kubernetes cluster scheduled to this host (needs the CRD:
+    /// kubectl apply -f manifests/crd/microvm.yaml).
+    #[arg(long)]
+    kube: bool,
+    /// Watch MicroVMs in this namespace only (default: every namespace).
+    #[arg(long, value_name = "NS", requires = "kube")]
+    namespace: Option<String>,
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account).
+    #[arg(long, value_name = "PATH", requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    /// This host's name, matched against a MicroVM's spec.host (default: the hostname).
+    #[arg(long, value_name = "NAME", requires = "kube")]
+    kube_host_name: Option<String>,
+    /// Take MicroVMs without spec.host only when their labels match (k=v,k!=v,k,!k; default: all).
+    #[arg(long, value_name = "SELECTOR", default_value = "", requires = "kube")]
+    kube_selector: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -148,13 +165,45 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             _ => None,
         },
     };
+    let kube = match args.kube {
+        false => None,
+        true => {
+            let mut settings = controller::kube::KubeSettings::new(
+                args.kube_host_name.unwrap_or_else(controller::kube::controller::default_host_name),
+            );
+            settings.namespace = args.namespace;
+            settings.kubeconfig = args.kubeconfig;
+            settings.selector =
+                controller::kube::LabelSelector::parse(&args.kube_selector).context("--kube-selector")?;
+            Some(settings)
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
         // Handlers first: a stop requested while the daemon starts waits for the start to finish.
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let daemon = Daemon::start(config).await.context("starting the daemon")?;
+        let client = match &kube {
+            Some(settings) => Some(
+                controller::kube::client::connect(settings.kubeconfig.as_deref())
+                    .await
+                    .context("connecting to Kubernetes (--kube)")?,
+            ),
+            None => None,
+        };
+        let mut daemon = Daemon::start(config).await.context("starting the daemon")?;
+        if let (Some(settings), Some(client)) = (kube, client) {
+            let host = settings.host_name.clone();
+            let ctx = controller::kube::Context::new(
+                client,
+                daemon.store().clone(),
+                daemon.reconciler().queue().clone(),
+                settings,
+            );
+            daemon.watch_microvms(ctx);
+            eprintln!("ignite daemon: running the MicroVMs scheduled to host {host:?}");
+        }
         eprintln!("ignite daemon: running on {} (Ctrl-C stops the daemon; VMs keep running)", root.display());
         tokio::select! {
             _ = int.recv() => {}
