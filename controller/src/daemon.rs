@@ -243,14 +243,6 @@ impl Daemon {
         self.tasks.push(tokio::spawn(crate::kube::controller::run(Arc::new(ctx))));
     }
 
-    /// Runs the MicroVM controller (`ignite daemon --kube`) next to the sources: the MicroVMs
-    /// scheduled to this host go through the same store and reconciler as git, and their status is
-    /// written back. `ctx` is built over [`Daemon::store`] and the reconciler's queue. Stops with
-    /// the daemon.
-    pub fn watch_microvms(&mut self, ctx: crate::kube::Context) {
-        self.tasks.push(tokio::spawn(crate::kube::controller::run(Arc::new(ctx))));
-    }
-
     /// Records every VM process exit and queues the VM, so its restart policy is applied.
     fn watch_exits(&mut self, mut exits: tokio::sync::mpsc::UnboundedReceiver<crate::supervisor::VmExit>) {
         let queue = self.reconciler.queue().clone();
