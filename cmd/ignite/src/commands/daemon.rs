@@ -192,7 +192,14 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             ),
             None => None,
         };
-        let mut daemon = Daemon::start(config).await.context("starting the daemon")?;
+        // The same client serves the node bootstrap (`spec.bootstrap.kubernetes`) and the MicroVMs.
+        let access = match (&kube, &client) {
+            (Some(settings), Some(client)) => {
+                Some(controller::kube::access::KubeAccess::new(client.clone(), settings.host_name.clone()))
+            }
+            _ => None,
+        };
+        let mut daemon = Daemon::start_with_kube(config, access).await.context("starting the daemon")?;
         if let (Some(settings), Some(client)) = (kube, client) {
             let host = settings.host_name.clone();
             let ctx = controller::kube::Context::new(
