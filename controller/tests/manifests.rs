@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use serde::Deserialize as _;
+
 fn manifests_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../manifests")
 }
@@ -31,6 +33,27 @@ fn vm_schema_matches_the_rust_types() {
 #[test]
 fn microvm_crd_matches_the_rust_types() {
     check("crd/microvm.yaml", &controller::kube::crd::crd_yaml());
+}
+
+#[test]
+fn the_rbac_manifest_grants_what_the_microvm_controller_does() {
+    let text = std::fs::read_to_string(manifests_dir().join("kube/rbac.yaml")).unwrap();
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let granted = |resource: &str, verb: &str| {
+        role["rules"].as_sequence().unwrap().iter().any(|rule| {
+            let has = |key: &str, want: &str| rule[key].as_sequence().unwrap().iter().any(|v| v == want);
+            has("apiGroups", "ignite.dev") && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    // list + watch: the watch; patch: the finalizer; microvms/status patch: the status.
+    for (resource, verb) in
+        [("microvms", "list"), ("microvms", "watch"), ("microvms", "patch"), ("microvms/status", "patch")]
+    {
+        assert!(granted(resource, verb), "manifests/kube/rbac.yaml does not grant {verb} on {resource}");
+    }
 }
 
 #[test]

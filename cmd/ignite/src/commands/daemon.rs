@@ -18,7 +18,7 @@ use controller::source::{DirSpec, GitRef, GitSpec, SourceKind, SourceSpec};
 #[command(after_help = "Examples:\n  \
     ignite daemon --gitops https://git.example.com/fleet.git --branch main --path vms --kernel 6.1\n  \
     ignite daemon --dir ./examples/fleet --kernel /var/cache/ignite/kernel/vmlinux\n  \
-    ignite daemon --kube --namespace fleet --kube-selector pool=edge   # MicroVMs (kubectl apply -f manifests/crd)\n  \
+    ignite daemon --kube --namespace fleet --kube-selector pool=edge   # MicroVMs from Kubernetes\n  \
     ignite daemon --gitops ./fleet --listen 0.0.0.0:7443 --tls-cert daemon.pem --tls-key daemon.key \\\n      \
     --tls-client-ca clients-ca.pem      # then: ignite --host https://HOST:7443 --tls-ca ... ps")]
 pub struct DaemonArgs {
@@ -95,8 +95,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "NAME", requires = "kube")]
     kube_host_name: Option<String>,
     /// Take MicroVMs without spec.host only when their labels match (k=v,k!=v,k,!k; default: all).
-    #[arg(long, value_name = "SELECTOR", default_value = "", requires = "kube")]
-    kube_selector: String,
+    #[arg(long, value_name = "SELECTOR", requires = "kube")]
+    kube_selector: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -174,7 +174,8 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             settings.namespace = args.namespace;
             settings.kubeconfig = args.kubeconfig;
             settings.selector =
-                controller::kube::LabelSelector::parse(&args.kube_selector).context("--kube-selector")?;
+                controller::kube::LabelSelector::parse(args.kube_selector.as_deref().unwrap_or_default())
+                    .context("--kube-selector")?;
             Some(settings)
         }
     };
