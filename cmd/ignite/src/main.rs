@@ -92,7 +92,7 @@ enum Command {
     Kernel(commands::kernel::KernelCommand),
     /// Run the controller: follow git repositories or directories of VM manifests and converge
     /// the fleet. VMs keep running when the daemon stops and are re-adopted when it starts.
-    Daemon(commands::daemon::DaemonArgs),
+    Daemon(Box<commands::daemon::DaemonArgs>),
     /// Run the embedded KVM engine directly, without the daemon.
     #[command(subcommand)]
     Vmm(commands::vmm::VmmCommand),
@@ -128,7 +128,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Image(cmd) => done(commands::image::run(cmd, &paths, &ctx)),
         Command::Kernel(cmd) => done(commands::kernel::run(cmd, &paths, &ctx)),
-        Command::Daemon(args) => done(commands::daemon::run(args, &cli.root, &cli.socket)),
+        Command::Daemon(args) => done(commands::daemon::run(*args, &cli.root, &cli.socket)),
         Command::Run(args) => done(commands::run::run(args, &ctx)),
         Command::Create(args) => done(commands::run::create(args, &ctx)),
         Command::Start(args) => done(commands::run::set_state(args, "Running", &ctx)),

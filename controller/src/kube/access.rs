@@ -89,7 +89,7 @@ pub enum ApiCallError {
     /// RBAC denied the call.
     #[error(
         "the Kubernetes API server refused to let the daemon {verb} {resource} (403 Forbidden: {message}); \
-         grant it to the daemon's identity (the ClusterRole in manifests/README.md)"
+         grant it to the daemon's identity (manifests/kube/rbac.yaml)"
     )]
     Forbidden {
         /// `create`, `get`, `list`, `delete`...

@@ -97,6 +97,9 @@ pub struct DaemonArgs {
     /// Take MicroVMs without spec.host only when their labels match (k=v,k!=v,k,!k; default: all).
     #[arg(long, value_name = "SELECTOR", requires = "kube")]
     kube_selector: Option<String>,
+    /// Lifetime of the bootstrap tokens created for spec.bootstrap.kubernetes.createToken (default: 1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "kube")]
+    kube_token_ttl: Option<Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -165,6 +168,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             _ => None,
         },
     };
+    let token_ttl = args.kube_token_ttl;
     let kube = match args.kube {
         false => None,
         true => {
@@ -196,7 +200,9 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         // The same client serves the node bootstrap (`spec.bootstrap.kubernetes`) and the MicroVMs.
         let access = match (&kube, &client) {
             (Some(settings), Some(client)) => {
-                Some(controller::kube::access::KubeAccess::new(client.clone(), settings.host_name.clone()))
+                let mut access = controller::kube::access::KubeAccess::new(client.clone(), settings.host_name.clone());
+                access.token_ttl = token_ttl.unwrap_or(access.token_ttl);
+                Some(access)
             }
             _ => None,
         };
