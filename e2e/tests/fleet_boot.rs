@@ -135,7 +135,10 @@ fn exec_and_attach(r: &Path) {
     assert!(err.contains("/no/such/program"), "{err}");
     let (_, err, code) = ignite_exec(r, &["nosuchvm", "--", "true"], b"");
     assert!(code != Some(0) && err.contains("no VM named \"nosuchvm\""), "{err}");
-    eprintln!("ignite exec: output, stdin, exit codes and errors from the Linux guest");
+    let timed = Instant::now();
+    let (_, err, code) = ignite_exec(r, &["web", "--", "true"], b"");
+    assert_eq!(code, Some(0), "{err}");
+    eprintln!("ignite exec: output, stdin, exit codes and errors work; `exec web -- true` took {:?}", timed.elapsed());
 
     // Attach, then a command in the guest reads a line from the console and writes to it.
     let mut attach = Command::new(ignite_bin())

@@ -140,7 +140,12 @@ pub(super) async fn exec(
     tokio::spawn(async move {
         let mut reader = BufReader::new(read_half);
         let ended = loop {
-            let output = match read_frame(&mut reader).await {
+            let frame = tokio::select! {
+                frame = read_frame(&mut reader) => frame,
+                // The client went away: close the connection (the command's stdin ends) at once.
+                _ = tx.closed() => break Err("the client went away".into()),
+            };
+            let output = match frame {
                 Ok(Some((tag, payload))) if tag == Tag::Stdout as u8 => exec_output::Output::Stdout(payload),
                 Ok(Some((tag, payload))) if tag == Tag::Stderr as u8 => exec_output::Output::Stderr(payload),
                 Ok(Some((tag, payload))) if tag == Tag::Error as u8 => {
@@ -192,18 +197,23 @@ pub(super) async fn attach(
                 }
             }
         }
+        // The end of the client's input is not the end of the attach: output keeps coming.
+        std::future::pending::<()>().await;
     });
     let (tx, rx) = mpsc::channel(32);
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
-            match read_half.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send(Ok(proto::AttachOutput { data: buf[..n].to_vec() })).await.is_err() {
-                        break;
-                    }
-                }
+            // A client that went away frees its console connection at once, even on a quiet console.
+            let n = tokio::select! {
+                read = read_half.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                _ = tx.closed() => break,
+            };
+            if tx.send(Ok(proto::AttachOutput { data: buf[..n].to_vec() })).await.is_err() {
+                break;
             }
         }
         input.abort();

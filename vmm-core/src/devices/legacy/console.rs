@@ -49,8 +49,8 @@ pub enum ConsoleSocketError {
     },
 }
 
-/// The clients receiving console output, shared by the UART sink and the socket.
-pub type ConsoleClients = Arc<Mutex<Vec<UnixStream>>>;
+/// The clients receiving console output (by connection number), shared by the UART sink and the socket.
+pub type ConsoleClients = Arc<Mutex<Vec<(u64, UnixStream)>>>;
 
 /// The UART's output sink: the console log and every connected client.
 pub struct ConsoleTee {
@@ -67,7 +67,7 @@ impl ConsoleTee {
 
 impl Write for ConsoleTee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        lock(&self.clients).retain_mut(|client| match client.write(buf) {
+        lock(&self.clients).retain_mut(|(_, client)| match client.write(buf) {
             Ok(_) => true,
             Err(e) => e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted,
         });
@@ -88,7 +88,9 @@ pub struct ConsoleSocket {
     listener: UnixListener,
     serial: Arc<Mutex<SerialDevice>>,
     clients: ConsoleClients,
-    inputs: Vec<UnixStream>,
+    /// The clients' input sides, by connection number.
+    inputs: Vec<(u64, UnixStream)>,
+    next_id: u64,
     /// Whether the input sockets are registered with the event loop (not while `pending` is full).
     reading: bool,
     pending: VecDeque<u8>,
@@ -125,6 +127,7 @@ impl ConsoleSocket {
             serial,
             clients,
             inputs: Vec::new(),
+            next_id: 0,
             reading: true,
             pending: VecDeque::new(),
             space,
@@ -138,7 +141,7 @@ impl ConsoleSocket {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            if self.inputs.len() >= MAX_CLIENTS {
+            if lock(&self.clients).len() >= MAX_CLIENTS {
                 tracing::warn!(path = %self.path.display(), "console client refused: too many clients");
                 continue;
             }
@@ -152,17 +155,25 @@ impl ConsoleSocket {
                     continue;
                 }
             }
-            lock(&self.clients).push(output);
-            self.inputs.push(stream);
+            self.next_id += 1;
+            lock(&self.clients).push((self.next_id, output));
+            self.inputs.push((self.next_id, stream));
         }
     }
 
-    /// Reads what a client typed; drops it from the input side at its end or on an error.
-    fn read_client(&mut self, fd: RawFd, ops: &mut EventOps) {
-        let Some(index) = self.inputs.iter().position(|s| s.as_raw_fd() == fd) else { return };
+    /// Reads what a client typed. At the end of its input it is no longer read; a client that hung
+    /// up (closed both directions) or failed is dropped altogether.
+    fn read_client(&mut self, fd: RawFd, events: EventSet, ops: &mut EventOps) {
+        let Some(index) = self.inputs.iter().position(|(_, s)| s.as_raw_fd() == fd) else { return };
+        if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            let (id, stream) = self.inputs.swap_remove(index);
+            let _ = ops.remove(Events::new(&stream, EventSet::IN));
+            lock(&self.clients).retain(|(client, _)| *client != id);
+            return;
+        }
         let mut buf = [0u8; 1024];
         let room = MAX_PENDING.saturating_sub(self.pending.len()).min(buf.len());
-        let end = match self.inputs[index].read(&mut buf[..room]) {
+        let end = match self.inputs[index].1.read(&mut buf[..room]) {
             Ok(0) => true,
             Ok(n) => {
                 self.pending.extend(&buf[..n]);
@@ -172,7 +183,7 @@ impl ConsoleSocket {
         };
         if end {
             // Its output side stays until a write to it fails: a client may half-close and keep reading.
-            let stream = self.inputs.swap_remove(index);
+            let (_, stream) = self.inputs.swap_remove(index);
             let _ = ops.remove(Events::new(&stream, EventSet::IN));
         }
     }
@@ -191,12 +202,12 @@ impl ConsoleSocket {
         }
         let full = self.pending.len() >= MAX_PENDING;
         if full && self.reading {
-            for stream in &self.inputs {
+            for (_, stream) in &self.inputs {
                 let _ = ops.remove(Events::new(stream, EventSet::IN));
             }
             self.reading = false;
         } else if !full && !self.reading {
-            for stream in &self.inputs {
+            for (_, stream) in &self.inputs {
                 let _ = ops.add(Events::new(stream, EventSet::IN));
             }
             self.reading = true;
@@ -212,7 +223,7 @@ impl MutEventSubscriber for ConsoleSocket {
         } else if fd == self.space.as_raw_fd() {
             let _ = self.space.read();
         } else {
-            self.read_client(fd, ops);
+            self.read_client(fd, events.event_set(), ops);
         }
         self.flush(ops);
     }
@@ -252,7 +263,7 @@ mod tests {
         let (b, b_peer) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
         b.set_nonblocking(true).unwrap();
-        lock(&clients).extend([a, b]);
+        lock(&clients).extend([(1, a), (2, b)]);
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut tee = ConsoleTee::new(Box::new(log.reopen().unwrap()), clients.clone());
         drop(b_peer);
@@ -279,5 +290,49 @@ mod tests {
         serial.read(0, &mut byte);
         assert_eq!(&byte, b"a");
         assert_eq!(space.read().unwrap(), 1, "signalled once half the FIFO is free");
+    }
+
+    #[test]
+    fn clients_type_into_the_uart_and_only_a_full_hang_up_drops_their_output() {
+        use event_manager::{EventManager, SubscriberOps};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let clients: ConsoleClients = Arc::default();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = ConsoleTee::new(Box::new(io::sink()), clients.clone());
+        let serial = Arc::new(Mutex::new(SerialDevice::new(IrqEventFd(irq), Box::new(sink))));
+        let socket = ConsoleSocket::new(&path, serial.clone(), clients.clone()).unwrap();
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = EventManager::new().unwrap();
+        manager.add_subscriber(Arc::new(Mutex::new(socket)));
+        let mut run_until = |what: &str, cond: &dyn Fn() -> bool| {
+            for _ in 0..100 {
+                if cond() {
+                    return;
+                }
+                manager.run_with_timeout(100).unwrap();
+            }
+            panic!("{what} did not happen");
+        };
+        let mut typist = UnixStream::connect(&path).unwrap();
+        let watcher = UnixStream::connect(&path).unwrap();
+        run_until("two clients", &|| lock(&clients).len() == 2);
+        typist.write_all(b"hi").unwrap();
+        let data_ready = || {
+            let mut lsr = [0u8];
+            lock(&serial).read(5, &mut lsr);
+            lsr[0] & 1 == 1
+        };
+        run_until("input queued", &data_ready);
+        let mut byte = [0u8];
+        lock(&serial).read(0, &mut byte);
+        assert_eq!(&byte, b"h");
+        watcher.shutdown(std::net::Shutdown::Write).unwrap();
+        drop(typist);
+        run_until("the typist dropped", &|| lock(&clients).len() == 1);
+        // The half-closed watcher still gets output.
+        lock(&serial).write(0, b"x");
+        let mut got = [0u8];
+        (&watcher).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
     }
 }
