@@ -10,6 +10,10 @@ use super::errors::KubeError;
 /// A client from `kubeconfig` when given, else inferred as kubectl does (`$KUBECONFIG`,
 /// `~/.kube/config`, then the in-cluster service account).
 pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    // Both of rustls' providers are compiled in (tonic and the registry client use aws-lc-rs,
+    // kube ring), so rustls cannot pick one by itself: use aws-lc-rs for the whole process.
+    // An error means one is installed already, which is as good.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let config_err = |source: Box<dyn std::error::Error + Send + Sync>| KubeError::Config {
         path: kubeconfig.map(Path::to_path_buf),
         source,
@@ -24,4 +28,24 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
         None => Config::infer().await.map_err(|e| config_err(Box::new(e)))?,
     };
     Client::try_from(config).map_err(|e| config_err(Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_for_an_https_cluster_is_built_without_a_crypto_provider_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        let config = "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:6443\"}\nusers:\n- name: u\n  user: {token: t}\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n";
+        std::fs::write(&path, config).unwrap();
+        let client = connect(Some(&path)).await.unwrap();
+        assert_eq!(client.default_namespace(), "default");
+        let err = match connect(Some(&dir.path().join("missing"))).await {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a missing kubeconfig is an error"),
+        };
+        assert!(err.starts_with("cannot configure the Kubernetes client from ") && err.contains("missing"), "{err}");
+    }
 }
