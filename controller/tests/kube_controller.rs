@@ -183,6 +183,20 @@ async fn deleting_a_microvm_removes_the_vm_then_releases_the_finalizer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_microvm_whose_vm_never_got_created_is_still_released_on_delete() {
+    let mut env = env();
+    env.runtime.fail("prod-web", "create", 1000, true);
+    env.api.create("prod", "web", json!({}), spec("64Mi"));
+    env.run();
+    until("Stalled", || env.condition("prod", "web").is_some_and(|c| c.0 == "Stalled")).await;
+    let (_, reason, message) = env.condition("prod", "web").unwrap();
+    assert_eq!(reason, "InjectedFailure", "the runtime's reason reaches the MicroVM: {message}");
+    env.api.delete("prod", "web");
+    until("the object is gone", || env.api.get("prod", "web").is_none()).await;
+    assert!(env.store.get_vm("prod-web").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_hook_runs_after_the_vm_is_gone_and_its_failure_keeps_the_finalizer() {
     let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = calls.clone();

@@ -291,3 +291,15 @@ fn fifty_vms_converge_with_bounded_concurrency() {
     let starts = env.runtime.calls().iter().filter(|c| matches!(c, Call::Start(_))).count();
     assert_eq!(starts, 50, "each VM started exactly once");
 }
+
+#[test]
+fn a_pruned_vm_that_never_got_created_leaves_the_store() {
+    let env = env();
+    env.runtime.fail("web", "create", 100, true);
+    env.apply("git:fleet", "rev1", &[("web.yaml", &manifest("web", "256Mi", ""))]).unwrap();
+    assert!(env.reconciler.reconcile("web").is_err(), "the create fails");
+    assert!(env.runtime.actual("web").is_none(), "nothing on the host");
+    assert_eq!(env.apply("git:fleet", "rev2", &[]).unwrap(), ["web"], "pruned");
+    assert_eq!(env.reconcile("web"), Outcome::Settled);
+    assert!(env.store.get_vm("web").unwrap().is_none(), "the record is removed, not left Deleting forever");
+}

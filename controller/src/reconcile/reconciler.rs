@@ -312,7 +312,17 @@ impl Reconciler {
 
     fn settle(&self, name: &str, record: Option<&VmRecord>, settled: Settled) -> Result<Outcome, ReconcileError> {
         let summary = match &settled {
-            Settled::Gone => return Ok(Outcome::Settled),
+            Settled::Gone => {
+                // Marked for deletion with nothing on the host (its create never got far, or a
+                // crash came after the destroy): only the record is left to remove.
+                if record.is_some() {
+                    self.ctx.store.remove_vm(name)?;
+                    self.forget(name);
+                    self.event(name, EventKind::Normal, "Deleted", "nothing was left on the host");
+                    info!("deleted");
+                }
+                return Ok(Outcome::Settled);
+            }
             Settled::Running => Summary::new(Phase::Running, ConditionType::Ready, "Running", ""),
             Settled::Stopped => Summary::new(Phase::Stopped, ConditionType::Ready, "Stopped", "stopped as declared"),
             Settled::Completed(exit) if exit.succeeded() => {
