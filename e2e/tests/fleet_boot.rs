@@ -57,6 +57,21 @@ fn http_get(port: u16) -> std::io::Result<String> {
 
 struct Daemon(Child);
 
+/// Kills the VM processes under a root when dropped, so a failing test leaves no VM running (they
+/// outlive their daemon by design).
+struct KillVmsOnDrop<'a>(&'a Path);
+
+impl Drop for KillVmsOnDrop<'_> {
+    fn drop(&mut self) {
+        for dir in std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten() {
+            let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap_or_default();
+            if let Some(pid) = pid.split_whitespace().next() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -216,6 +231,7 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     repo.commit(&[("vms/README.md", Some("demo fleet\n")), ("vms/web.yaml", Some(&first))], "web");
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
+    let _vms = KillVmsOnDrop(r);
     let mut daemon = start_daemon(r, &repo, &kernel);
     let log = r.join("daemon.log");
     let console = r.join("vms/web/console.log");

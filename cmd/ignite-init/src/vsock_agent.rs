@@ -43,6 +43,16 @@ impl ExecChildren {
         Reaping { table: self.lock(), recorded: false }
     }
 
+    /// Starts `cmd` and registers its pid, holding the table's lock so the reaper cannot reap it in
+    /// between (nor while `spawn` itself still waits for a child whose exec failed).
+    fn spawn(&self, cmd: &mut std::process::Command) -> io::Result<(std::process::Child, libc::pid_t)> {
+        let mut table = self.lock();
+        let child = cmd.spawn()?;
+        let pid = child.id() as libc::pid_t;
+        table.insert(pid, None);
+        Ok((child, pid))
+    }
+
     /// Blocks until the reaper recorded `pid`'s exit, and forgets it.
     fn wait(&self, pid: libc::pid_t) -> Exit {
         let mut table = self.lock();
@@ -113,11 +123,7 @@ fn session(conn: File, defaults: &ExecDefaults) {
         let mut cmd = agent::command(request, defaults);
         // SAFETY: `in_child` only makes async-signal-safe calls (sigprocmask, setsid) between fork and exec.
         unsafe { cmd.pre_exec(sys::in_child) };
-        let mut table = EXEC_CHILDREN.lock();
-        let mut child = cmd.spawn()?;
-        let pid = child.id() as libc::pid_t;
-        table.insert(pid, None);
-        drop(table);
+        let (mut child, pid) = EXEC_CHILDREN.spawn(&mut cmd)?;
         let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
             return Err(io::Error::other("command started without its pipes"));
@@ -127,5 +133,35 @@ fn session(conn: File, defaults: &ExecDefaults) {
     });
     if let Err(e) = result {
         log(&format!("guest agent: session failed: {e}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reaper_hands_an_agent_command_its_exit_and_just_reaps_other_children() {
+        let (_child, pid) = EXEC_CHILDREN.spawn(std::process::Command::new("sh").args(["-c", "exit 3"])).unwrap();
+        // Reaped by the reaper loop below, as PID 1 reaps orphans.
+        #[allow(clippy::zombie_processes)]
+        let other = std::process::Command::new("sh").args(["-c", "exit 9"]).spawn().unwrap();
+        let other_pid = other.id() as libc::pid_t;
+        let waiter = std::thread::spawn(move || EXEC_CHILDREN.wait(pid));
+        // The reaper's loop as in `supervise`, blocking here since no signal wakes this test.
+        let mut reaped = Vec::new();
+        while reaped.len() < 2 {
+            let mut reaping = EXEC_CHILDREN.reaping();
+            if let Some((got, exit)) = sys::reap(-1, true) {
+                reaping.record(got, exit);
+                reaped.push(got);
+            }
+        }
+        reaped.sort();
+        let mut expected = vec![pid, other_pid];
+        expected.sort();
+        assert_eq!(reaped, expected);
+        assert_eq!(waiter.join().unwrap(), Exit::Status(3));
+        assert!(EXEC_CHILDREN.lock().is_empty(), "the other child is not recorded, the waited one forgotten");
     }
 }
