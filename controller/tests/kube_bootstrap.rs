@@ -105,6 +105,13 @@ async fn api_server(mut handle: tower_test::mock::Handle<Request<Body>, Response
     }
 }
 
+fn bootstrap_spec() -> String {
+    format!(
+        "  bootstrap:\n    kubernetes:\n      apiServerEndpoint: 10.61.0.1:6443\n      caCertHash: sha256:{}\n      createToken: true\n",
+        "ab".repeat(32)
+    )
+}
+
 fn text_of(data: &Value) -> String {
     String::from_utf8(serde_json::from_value::<k8s_openapi::ByteString>(data.clone()).unwrap().0).unwrap()
 }
@@ -119,10 +126,7 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     tracing::subscriber::set_global_default(capture.clone()).unwrap();
 
     let (_registry, image) = registry_with_image();
-    let bootstrap = format!(
-        "  bootstrap:\n    kubernetes:\n      apiServerEndpoint: 10.61.0.1:6443\n      caCertHash: sha256:{}\n      createToken: true\n",
-        "ab".repeat(32)
-    );
+    let bootstrap = bootstrap_spec();
     let fleet = tempfile::tempdir().unwrap();
     std::fs::write(fleet.path().join("web.yaml"), manifest("web", &image, "64Mi", &bootstrap)).unwrap();
     let root = tempfile::tempdir().unwrap();
@@ -186,4 +190,45 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     let logs = capture.0.lock().unwrap().clone();
     assert!(logs.contains("created a bootstrap token"), "the capture sees the daemon's logs:\n{logs}");
     assert!(!logs.contains(&token_secret), "the token leaked into the logs:\n{logs}");
+}
+
+/// A daemon without Kubernetes access cannot give a VM a token: the VM is `Stalled` with the
+/// precise reason, before any disk is made, and the daemon carries on.
+#[test]
+fn create_token_without_kubernetes_access_is_a_precise_permanent_error() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIP create_token_without_kubernetes_access_is_a_precise_permanent_error: {why}");
+        return;
+    }
+    let (_registry, image) = registry_with_image();
+    let fleet = tempfile::tempdir().unwrap();
+    std::fs::write(fleet.path().join("node.yaml"), manifest("node", &image, "64Mi", &bootstrap_spec())).unwrap();
+    std::fs::write(fleet.path().join("plain.yaml"), manifest("plain", &image, "64Mi", "")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let _guard = support::daemon::KillVmsOnDrop(r);
+    let sources = vec![SourceSpec {
+        name: "local".into(),
+        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
+    }];
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let daemon = runtime.block_on(Daemon::start(daemon_config(r, sources, None))).unwrap();
+    let store = daemon.store().clone();
+    let expected =
+        "VM \"node\": spec.bootstrap.kubernetes.createToken needs the daemon to run with --kube or --kubeconfig";
+    wait_for("node stalled", Duration::from_secs(60), || {
+        store.get_vm("node").unwrap().is_some_and(|v| {
+            v.status.conditions.iter().any(|c| {
+                format!("{:?}/{:?}", c.type_, c.status) == "Stalled/True"
+                    && c.reason == "BootstrapFailed"
+                    && c.message.contains(expected)
+            })
+        })
+    });
+    let status = store.get_vm("node").unwrap().unwrap().status;
+    assert!(status.last_error.as_deref().is_some_and(|e| e.contains(expected)), "{status:?}");
+    assert!(!r.join("runtime/node/prepared.json").exists(), "nothing is prepared for it");
+    // The rest of the fleet is unaffected.
+    wait_for("plain up", Duration::from_secs(60), || vm_up(r, "plain"));
+    runtime.block_on(daemon.shutdown());
 }

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Node;
 use tracing::{debug, info, warn};
 
 use super::access::{vm_of_provider_id, ApiCallError, KubeAccess};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, VmChange};
 
 const NODES: &str = "nodes";
 
@@ -105,6 +105,21 @@ impl NodeTracker {
         Ok(())
     }
 
+    /// Applies a change of the store: a VM that appears (or lost its `nodeRef`) while its Node is
+    /// already known gets it, so the order in which VM and Node show up does not matter.
+    pub fn vm_changed(&self, change: &VmChange) -> Result<(), StoreError> {
+        let Some(record) = &change.record else {
+            return Ok(());
+        };
+        let Some((node, _)) = self.known.iter().find(|(_, vm)| **vm == change.name) else {
+            return Ok(());
+        };
+        if record.status.node_ref.as_deref() == Some(node.as_str()) {
+            return Ok(());
+        }
+        self.set(&change.name, node)
+    }
+
     fn owned(&self, node: &Node) -> Option<(String, String)> {
         let vm = vm_of_node(&self.host, node)?;
         Some((node.metadata.name.clone()?, vm.to_string()))
@@ -134,21 +149,32 @@ impl NodeTracker {
     }
 }
 
-/// Watches every Node and keeps the `nodeRef` of this host's VMs up to date, until the stream ends
-/// (never, in practice: the watcher relists after errors; they are logged, with backoff).
+/// Watches every Node, and the store's VMs, and keeps the `nodeRef` of this host's VMs up to date
+/// until either stream ends (never, in practice: the watcher relists after errors, which are
+/// logged, with backoff).
 pub async fn watch_nodes(access: KubeAccess, store: Store) {
     use ::kube::runtime::WatchStreamExt as _;
     let api: Api<Node> = Api::all(access.client.clone());
+    let mut vms = store.watch_vms();
     let mut tracker = NodeTracker::new(access.host.clone(), store);
     let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(event) => {
-                if let Err(e) = tracker.apply(event) {
-                    warn!(error = %crate::reconcile::error_chain(&e), "cannot record a VM's nodeRef");
+    loop {
+        let recorded = tokio::select! {
+            event = events.next() => match event {
+                None => return,
+                Some(Ok(event)) => tracker.apply(event),
+                Some(Err(e)) => {
+                    warn!(error = %crate::reconcile::error_chain(&e), "watching Kubernetes Nodes");
+                    Ok(())
                 }
-            }
-            Err(e) => warn!(error = %crate::reconcile::error_chain(&e), "watching Kubernetes Nodes"),
+            },
+            change = vms.next_change() => match change {
+                None => return,
+                Some(change) => tracker.vm_changed(&change),
+            },
+        };
+        if let Err(e) = recorded {
+            warn!(error = %crate::reconcile::error_chain(&e), "cannot record a VM's nodeRef");
         }
     }
 }

@@ -159,3 +159,21 @@ async fn the_watch_reports_the_node_then_its_deletion() {
     assert_eq!(node_ref(&store, "web"), None);
     watch.abort();
 }
+
+#[tokio::test]
+async fn a_vm_declared_after_its_node_appeared_gets_its_node_ref() {
+    let (_dir, store) = store_with(&[]);
+    let mut tracker = NodeTracker::new("host-1", store.clone());
+    tracker.apply(watcher::Event::Apply(node("web", "ignite://host-1/web"))).unwrap();
+    let mut changes = store.watch_vms();
+    let (_other, declared) = store_with(&["web"]);
+    let record = declared.get_vm("web").unwrap().unwrap();
+    store.put_vm(&record.vm, "api", false).unwrap();
+    let change = changes.next_change().await.expect("the put is a change");
+    tracker.vm_changed(&change).unwrap();
+    assert_eq!(node_ref(&store, "web").as_deref(), Some("web"));
+    // A change that already carries it writes nothing more.
+    let again = store.get_vm("web").unwrap().unwrap();
+    tracker.vm_changed(&VmChange { name: "web".into(), record: Some(again.clone()), revision: 0 }).unwrap();
+    assert_eq!(store.get_vm("web").unwrap().unwrap().revision, again.revision);
+}
