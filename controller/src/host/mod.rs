@@ -304,8 +304,16 @@ impl Runtime for HostRuntime {
         crate::failpoint::hit("delete:after-process");
         self.supervisor.cleanup(name).map_err(|e| fail("run directory")(&e))?;
         // With the process gone (a running kubelet would register its Node again), before the
-        // prepared record that says the VM joined.
-        if self.load(name)?.is_some_and(|p| p.kubernetes_node) {
+        // prepared record that says the VM joined. An unreadable record cannot say so; that must
+        // not block the delete.
+        let joined = match self.load(name) {
+            Ok(prepared) => prepared.is_some_and(|p| p.kubernetes_node),
+            Err(e) => {
+                warn!(vm = name, error = %e, "cannot tell whether the VM joined Kubernetes: its Node, if any, is left");
+                false
+            }
+        };
+        if joined {
             kubernetes::forget(self.kube.as_ref(), name)?;
         }
         if self.config.net.is_some() {
