@@ -200,6 +200,8 @@ fn exec_and_attach_status_codes(
     let out = ignite(socket, &["exec", "fromdir", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("the guest agent did not answer"), "{}", text(&out.stderr));
+    let out = ignite(socket, &["exec", "-it", "fromdir", "sh"]);
+    assert!(text(&out.stderr).contains("no pseudo-terminals"), "{}", text(&out.stderr));
     let out = ignite(socket, &["attach", "nope"]);
     assert!(!out.status.success() && text(&out.stderr).contains("no VM named \"nope\""), "{}", text(&out.stderr));
 }

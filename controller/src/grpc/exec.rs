@@ -106,7 +106,8 @@ pub(super) async fn exec(
     }
     if start.tty {
         return Err(Status::invalid_argument(
-            "tty is not supported: guest kernels have no pseudo-terminals (devpts); commands get pipes",
+            "tty is not supported: guest kernels have no pseudo-terminals (devpts); commands get pipes \
+             (use -i without -t, or `ignite attach` for the console)",
         ));
     }
     let dir = running_vm_dir(state, &start.name)?;

@@ -29,6 +29,10 @@ pub struct ExecArgs {
     /// standard input is empty).
     #[arg(short, long)]
     interactive: bool,
+    /// A terminal for the command: not available (guest kernels have no pseudo-terminals); the
+    /// daemon explains. Use -i alone, or `ignite attach` for the console.
+    #[arg(short, long)]
+    tty: bool,
     /// A variable set on top of the VM's environment. Repeatable.
     #[arg(short, long = "env", value_name = "NAME=VALUE", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -81,7 +85,7 @@ pub fn exec(args: ExecArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             argv: args.command.clone(),
             env: args.env.iter().cloned().collect(),
             working_dir: args.workdir.clone().unwrap_or_default(),
-            tty: false,
+            tty: args.tty,
         };
         let input = |i| proto::ExecInput { input: Some(i) };
         tx.send(input(exec_input::Input::Start(start))).await?;
