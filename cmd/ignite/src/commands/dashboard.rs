@@ -241,6 +241,9 @@ fn details(s: &State) -> Paragraph<'static> {
         if !st.last_error.is_empty() {
             lines.push(Line::styled(format!("last error: {}", st.last_error), Style::new().fg(Color::Red)));
         }
+        if !st.node_ref.is_empty() {
+            lines.push(Line::from(format!("kubernetes node: {}", st.node_ref)));
+        }
         lines.push(Line::styled("console:", Style::new().bold()));
         let tail: Vec<&str> = s.console.lines().rev().take(12).collect();
         lines.extend(tail.into_iter().rev().map(|l| Line::from(l.to_string())));
