@@ -260,6 +260,24 @@ async fn microvms_of_other_hosts_are_never_touched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_namespace_only_its_microvms_are_watched() {
+    let mut env = env_with(KubeSettings { namespace: Some("prod".into()), ..settings("") });
+    env.api.create("prod", "web", json!({}), spec("64Mi"));
+    env.api.create("dev", "web", json!({}), spec("64Mi"));
+    env.run();
+    until("prod/web ready", || env.condition("prod", "web").is_some_and(|c| c.0 == "Ready")).await;
+    env.api.create("dev", "db", json!({}), spec("64Mi"));
+    env.api.create("prod", "db", json!({}), spec("64Mi"));
+    until("prod/db ready", || env.condition("prod", "db").is_some_and(|c| c.0 == "Ready")).await;
+    let seen = env.api.seen();
+    assert!(seen.iter().all(|s| s.path.starts_with("/apis/ignite.dev/v1alpha1/namespaces/prod/")), "{seen:#?}");
+    assert!(env.patches_of("dev", "web").is_empty() && env.patches_of("dev", "db").is_empty());
+    let mut names: Vec<String> = env.store.list_vms().unwrap().into_iter().map(|r| r.vm.metadata.name).collect();
+    names.sort();
+    assert_eq!(names, ["prod-db", "prod-web"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_spec_is_stalled_with_the_field_and_the_others_run() {
     let mut env = env();
     env.api.create("prod", "bad", json!({}), json!({"image": "busybox", "memory": "lots"}));

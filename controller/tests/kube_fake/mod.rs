@@ -39,16 +39,20 @@ impl Seen {
     }
 }
 
+/// One watch event: resourceVersion, type, object.
+type Event = (u64, &'static str, Value);
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<(String, String), Value>,
-    events: Vec<(u64, &'static str, Value)>,
+    events: Vec<Event>,
     rv: u64,
     seen: Vec<Seen>,
     crd_installed: bool,
     forbidden: Vec<(String, String)>,
     transport_errors: u32,
-    watches: Vec<(u64, SendResponse<Response<Body>>)>,
+    /// Held watches: after which resourceVersion, in which namespace (`None`: all).
+    watches: Vec<(u64, Option<String>, SendResponse<Response<Body>>)>,
 }
 
 type Probe = Arc<dyn Fn() -> String + Send + Sync>;
@@ -123,7 +127,7 @@ impl FakeApi {
     pub fn go_away(&self, n: u32) {
         let mut state = self.lock();
         state.transport_errors = n;
-        for (_, send) in state.watches.drain(..) {
+        for (_, _, send) in state.watches.drain(..) {
             send.send_error(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer"));
         }
     }
@@ -193,12 +197,17 @@ impl FakeApi {
     }
 
     fn flush(state: &mut State) {
-        let rv = state.rv;
-        let (ready, waiting): (Vec<_>, Vec<_>) = state.watches.drain(..).partition(|(after, _)| *after < rv);
+        fn pending<'a>(events: &'a [Event], after: u64, ns: Option<&'a str>) -> impl Iterator<Item = &'a Event> + 'a {
+            events.iter().filter(move |(v, _, o)| *v > after && ns.is_none_or(|ns| o["metadata"]["namespace"] == ns))
+        }
+        let (ready, waiting): (Vec<_>, Vec<_>) = state
+            .watches
+            .drain(..)
+            .partition(|(after, ns, _)| pending(&state.events, *after, ns.as_deref()).next().is_some());
         state.watches = waiting;
-        for (after, send) in ready {
+        for (after, ns, send) in ready {
             let mut body = Vec::new();
-            for (_, kind, obj) in state.events.iter().filter(|(v, _, _)| *v > after) {
+            for (_, kind, obj) in pending(&state.events, after, ns.as_deref()) {
                 body.extend(serde_json::to_vec(&json!({"type": kind, "object": obj})).unwrap());
                 body.push(b'\n');
             }
@@ -237,9 +246,10 @@ impl FakeApi {
                     .find_map(|kv| kv.strip_prefix("resourceVersion="))
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
+                let namespace = seen.path.split('/').skip_while(|p| *p != "namespaces").nth(1).map(String::from);
                 seen.code = 200;
                 state.seen.push(seen);
-                state.watches.push((after, send));
+                state.watches.push((after, namespace, send));
                 Self::flush(&mut state);
             }
             Some((code, value)) => {
