@@ -482,3 +482,46 @@ impl ::kube::runtime::utils::Backoff for TriggerBackoff {
         self.next = self.base;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(name: &str, spec: Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "ignite.dev/v1alpha1", "kind": "MicroVM",
+            "metadata": {"name": name, "namespace": "prod", "labels": {"pool": "edge"}, "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": "{...}", "ignite.dev/suspend": "true"}},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_microvm_becomes_the_vm_of_its_mapped_name() {
+        let vm = desired_vm(&object("web", json!({"image": "busybox", "host": "h1", "memory": "64Mi"})), "prod-web")
+            .unwrap();
+        assert_eq!((vm.api_version.as_str(), vm.kind.as_str(), vm.name()), ("ignite.dev/v1alpha1", "VM", "prod-web"));
+        assert_eq!(vm.spec.memory.bytes(), 64 << 20);
+        assert_eq!(vm.metadata.labels.get("pool").map(String::as_str), Some("edge"));
+        let annotations: Vec<&String> = vm.metadata.annotations.keys().collect();
+        assert_eq!(annotations, ["ignite.dev/suspend"], "kubectl's bookkeeping is dropped, ours kept");
+    }
+
+    #[test]
+    fn every_problem_names_its_field() {
+        let problems = |name: &str, vm_name: &str, spec: Value| desired_vm(&object(name, spec), vm_name).unwrap_err();
+        let long = "x".repeat(60);
+        let p = problems(&long, &format!("prod-{long}"), json!({"image": "busybox"}));
+        assert_eq!(p[0].0, "metadata.name");
+        assert!(p[0].1.contains("namespace-name") && p[0].1.contains("63"), "{p:?}");
+        let p = problems("web", "prod-web", json!({"image": "busybox", "host": 7}));
+        assert_eq!(p, [("spec.host".to_string(), "must be a host name, found 7".to_string())]);
+        let p = problems("web", "prod-web", json!({"image": "busybox", "network": {"ports": ["80"]}}));
+        assert_eq!(p[0].0, "spec.network.ports[0]", "{p:?}");
+        let p = problems("web", "prod-web", json!({"memory": "64Mi"}));
+        assert!(p[0].0 == "spec" && p[0].1.contains("image"), "{p:?}");
+        let p = desired_vm(&serde_json::from_value(json!({"metadata": {"name": "a"}})).unwrap(), "prod-a").unwrap_err();
+        assert_eq!(p[0].0, "spec");
+    }
+}
