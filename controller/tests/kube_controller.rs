@@ -343,6 +343,41 @@ async fn name_collisions_are_a_precise_status_not_a_takeover() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_microvm_vanished_is_removed_after_a_successful_list_only() {
+    let mut env = env();
+    let ghost: controller::api::Vm = serde_json::from_value(json!({
+        "apiVersion": "ignite.dev/v1alpha1", "kind": "VM", "metadata": {"name": "prod-ghost"},
+        "spec": {"image": "busybox", "memory": "64Mi"},
+    }))
+    .unwrap();
+    env.store.put_vm(&ghost, "kube:prod/ghost", false).unwrap();
+    env.store.put_vm(&ghost_named("fleet-db"), "git:fleet", false).unwrap();
+    env.reconciler.queue().add("prod-ghost");
+    until("the ghost runs", || env.runtime.actual("prod-ghost").is_some_and(|a| a.running)).await;
+
+    // A failed list releases nothing.
+    env.api.go_away(1);
+    assert!(kc::sweep_orphans(&env.ctx).await.is_err());
+    assert!(!env.store.get_vm("prod-ghost").unwrap().unwrap().deletion_requested);
+
+    env.api.create("prod", "web", json!({}), spec("64Mi"));
+    env.run();
+    until("the ghost is removed", || env.store.get_vm("prod-ghost").unwrap().is_none()).await;
+    assert!(env.runtime.calls().contains(&Call::Destroy("prod-ghost".into(), false)));
+    until("web ready", || env.condition("prod", "web").is_some_and(|c| c.0 == "Ready")).await;
+    assert!(env.store.get_vm("fleet-db").unwrap().is_some(), "git's VMs are not the sweep's business");
+    assert!(env.store.get_vm("prod-web").unwrap().is_some());
+}
+
+fn ghost_named(name: &str) -> controller::api::Vm {
+    serde_json::from_value(json!({
+        "apiVersion": "ignite.dev/v1alpha1", "kind": "VM", "metadata": {"name": name},
+        "spec": {"image": "busybox", "memory": "64Mi"},
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_crd_is_named_with_the_fix_and_the_controller_starts_once_installed() {
     let mut env = env();
     env.api.set_crd_installed(false);

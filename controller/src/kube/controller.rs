@@ -178,6 +178,19 @@ pub async fn run(ctx: Arc<Context>) {
         }
     }
     info!(host = ctx.settings.host_name, namespace = ?ctx.settings.namespace, selector = %ctx.settings.selector, "watching MicroVMs");
+    let sweeper = ctx.clone();
+    let sweep = tokio::spawn(async move {
+        loop {
+            match sweep_orphans(&sweeper).await {
+                Ok(released) if !released.is_empty() => info!(?released, "removing VMs whose MicroVM is gone"),
+                Ok(_) => {}
+                Err(err) => warn!(error = %error_chain(&err), "cannot look for VMs whose MicroVM is gone"),
+            }
+            tokio::time::sleep(sweeper.settings.resync).await;
+        }
+    });
+    // The sweep stops with the controller (this task being dropped or aborted).
+    let _sweep = AbortOnDrop(sweep);
     let backoff = TriggerBackoff::new(ctx.settings.retry_base, ctx.settings.retry_max);
     Controller::new_with(ctx.watched_api(), watcher::Config::default(), ctx.resource.clone())
         .trigger_backoff(backoff)
@@ -337,6 +350,52 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
     patch_status(&api, &key, &name, previous.as_ref(), &status).await?;
     let settled = status.is_ready() || status.current().is_some_and(|c| c.type_ == ConditionType::Stalled);
     Ok(Action::requeue(if settled { ctx.settings.resync } else { ctx.settings.poll }))
+}
+
+/// Releases the VMs of MicroVMs that no longer exist at all (their finalizer was removed by hand,
+/// or the daemon was down while the CRD was deleted). Only records stored *before* a complete,
+/// successful list are considered, so a MicroVM created meanwhile is never mistaken for a gone
+/// one, and a failed list releases nothing. Returns the owners released.
+pub async fn sweep_orphans(ctx: &Context) -> Result<Vec<String>, KubeError> {
+    let store_err = |source| KubeError::Store { object: "*".into(), source };
+    let before: Vec<String> = ctx
+        .store
+        .list_vms()
+        .map_err(store_err)?
+        .into_iter()
+        .filter(|r| !r.deletion_requested)
+        .map(|r| r.owner)
+        .filter(|owner| owner.starts_with("kube:"))
+        .collect();
+    if before.is_empty() {
+        return Ok(Vec::new());
+    }
+    let listed = ctx
+        .watched_api()
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| KubeError::from_api("list", RESOURCE, None, e))?;
+    let present: std::collections::HashSet<String> =
+        listed.items.iter().map(|o| select::owner(&o.namespace().unwrap_or_default(), &o.name_any())).collect();
+    let in_scope = |owner: &str| match &ctx.settings.namespace {
+        Some(ns) => owner.strip_prefix("kube:").and_then(|o| o.split_once('/')).is_some_and(|(n, _)| n == ns),
+        None => true,
+    };
+    let mut released = Vec::new();
+    for owner in before {
+        if in_scope(&owner) && !present.contains(&owner) && release(ctx, &owner, &owner)? {
+            released.push(owner);
+        }
+    }
+    Ok(released)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Marks every VM `owner` has on this host for deletion and queues it. True while any is left.
