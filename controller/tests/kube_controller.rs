@@ -12,7 +12,7 @@ use controller::kube::controller::{self as kc, Context, KubeSettings};
 use controller::kube::crd::FINALIZER;
 use controller::kube::{KubeError, LabelSelector};
 use controller::reconcile::fake::{Call, FakeRuntime};
-use controller::reconcile::{Reconciler, ReconcilerConfig};
+use controller::reconcile::Reconciler;
 use controller::store::Store;
 use kube_fake::{FakeApi, Seen};
 use serde_json::{json, Value};
@@ -59,14 +59,7 @@ fn env_hooked(settings: KubeSettings, hook: Option<HookFactory>) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let runtime = Arc::new(FakeRuntime::new());
-    let config = ReconcilerConfig {
-        workers: 2,
-        stop_grace: Duration::from_millis(10),
-        backoff_base: Duration::from_millis(5),
-        backoff_max: Duration::from_millis(50),
-        resync: Duration::from_secs(3600),
-        stable_after: Duration::from_secs(3600),
-    };
+    let config = controller::testing::fast_reconciler_config(2);
     let reconciler = Reconciler::new(store.clone(), runtime.clone(), config);
     reconciler.spawn_workers();
     let (api, client) = FakeApi::start();

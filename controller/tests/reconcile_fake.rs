@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use controller::api::{ConditionStatus, ConditionType, Phase};
 use controller::reconcile::fake::{Call, FakeRuntime};
-use controller::reconcile::{apply_revision, parse_revision, ApplyError, Exit, Outcome, Reconciler, ReconcilerConfig};
+use controller::reconcile::{apply_revision, parse_revision, ApplyError, Exit, Outcome, Reconciler};
 use controller::store::Store;
 
 fn manifest(name: &str, memory: &str, extra: &str) -> String {
@@ -26,14 +26,7 @@ fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let runtime = Arc::new(FakeRuntime::new());
-    let config = ReconcilerConfig {
-        workers: 4,
-        stop_grace: Duration::from_millis(10),
-        backoff_base: Duration::from_millis(5),
-        backoff_max: Duration::from_millis(50),
-        resync: Duration::from_secs(3600),
-        stable_after: Duration::from_secs(3600),
-    };
+    let config = controller::testing::fast_reconciler_config(4);
     let reconciler = Reconciler::new(store.clone(), runtime.clone(), config);
     Env { _dir: dir, store, runtime, reconciler }
 }

@@ -4,3 +4,17 @@
 
 pub mod git;
 pub mod netns;
+
+/// A reconciler configuration for tests on the fake runtime: millisecond backoffs and grace, and
+/// no resync or stability reset during a test (an hour), with `workers` workers.
+pub fn fast_reconciler_config(workers: usize) -> crate::reconcile::ReconcilerConfig {
+    use std::time::Duration;
+    crate::reconcile::ReconcilerConfig {
+        workers,
+        stop_grace: Duration::from_millis(10),
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(50),
+        resync: Duration::from_secs(3600),
+        stable_after: Duration::from_secs(3600),
+    }
+}
