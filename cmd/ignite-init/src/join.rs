@@ -1,14 +1,17 @@
-//! Joining a Kubernetes cluster before the main process starts: when the config drive carries a
-//! [`JoinConfig`] and the image has `kubeadm`, run `kubeadm join --config FILE` once.
+//! Joining a Kubernetes cluster (alongside the main process and the kubelet, see [`crate::node`]):
+//! when the config drive carries a [`JoinConfig`] and the image has `kubeadm`, run
+//! `kubeadm join --config FILE` once.
 //!
 //! Everything is relative to a root directory (`/` in the guest, a temporary directory in tests), and
 //! the outcome comes back as console lines with the bootstrap token already removed: the console log
 //! is readable on the host (`ignite logs`), so the token must never reach it.
 
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::children::Children;
 use crate::config::JoinConfig;
 use crate::spec::DEFAULT_PATH;
 
@@ -43,7 +46,7 @@ pub struct JoinReport {
 }
 
 /// `path` (absolute in the guest) under `root`.
-fn under(root: &Path, path: &str) -> PathBuf {
+pub fn under(root: &Path, path: &str) -> PathBuf {
     root.join(path.trim_start_matches('/'))
 }
 
@@ -75,10 +78,10 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
 }
 
 /// Runs the join under `root` unless the node already joined or the program is missing. The
-/// configuration file must already be written (`setup::write_files`). `configure` adjusts the
-/// command before it starts (PID 1 resets its signal mask in the child). Arguments naming guest
-/// paths are rewritten under `root`, so tests can run it in a temporary directory.
-pub fn run(root: &Path, join: &JoinConfig, configure: &mut dyn FnMut(&mut Command)) -> JoinReport {
+/// configuration file must already be written (`setup::write_files`). The command is started and
+/// waited for through `children` (in the guest, PID 1's reaper). Arguments naming guest paths are
+/// rewritten under `root`, so tests can run it in a temporary directory.
+pub fn run(root: &Path, join: &JoinConfig, children: &dyn Children) -> JoinReport {
     let report = |outcome, lines| JoinReport { outcome, lines };
     if under(root, JOINED_MARKER).exists() {
         let line = format!("kubernetes: {JOINED_MARKER} exists, the node joined on an earlier boot: not joining again");
@@ -87,7 +90,7 @@ pub fn run(root: &Path, join: &JoinConfig, configure: &mut dyn FnMut(&mut Comman
     let argv = command_line(join);
     let Some(program) = find_program(root, &argv[0]) else {
         let line = format!(
-            "kubernetes: the image has no {} (looked in {}): not joining the cluster, starting the entrypoint",
+            "kubernetes: the image has no {} (looked in {}): not joining the cluster",
             argv[0],
             KUBEADM_DIRS.join(", ")
         );
@@ -105,33 +108,66 @@ pub fn run(root: &Path, join: &JoinConfig, configure: &mut dyn FnMut(&mut Comman
         .collect();
     let mut lines = vec![format!("kubernetes: running {} with {}", argv.join(" "), join.config_path)];
     let mut cmd = Command::new(&program);
-    cmd.args(&args).env_clear().env("PATH", DEFAULT_PATH).env("HOME", "/root").current_dir(root).stdin(Stdio::null());
-    configure(&mut cmd);
-    let output = match cmd.output() {
-        Ok(output) => output,
-        Err(e) => {
-            let msg = format!("cannot start {}: {e}", argv[0]);
-            lines.push(format!("kubernetes: join failed: {msg}; starting the entrypoint"));
-            return report(JoinOutcome::Failed(msg), lines);
-        }
+    cmd.args(&args).env_clear().env("PATH", DEFAULT_PATH).env("HOME", "/root").current_dir(root);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let failed = |mut lines: Vec<String>, msg: String| {
+        lines.push(format!("kubernetes: join failed: {msg}"));
+        report(JoinOutcome::Failed(msg), lines)
     };
-    for stream in [&output.stdout, &output.stderr] {
+    let (stdout, stderr, status) = match children.spawn(&mut cmd) {
+        Ok(mut child) => {
+            let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+            let reader = std::thread::spawn(move || read_all(err.as_mut()));
+            let stdout = read_all(out.as_mut());
+            let stderr = reader.join().unwrap_or_default();
+            (stdout, stderr, children.wait(child.id()))
+        }
+        Err(e) => return failed(lines, format!("cannot start {}: {e}", argv[0])),
+    };
+    for stream in [&stdout, &stderr] {
         let text = redact(&String::from_utf8_lossy(stream), &join.redact);
         lines.extend(text.lines().filter(|l| !l.trim().is_empty()).map(|l| format!("kubeadm: {l}")));
     }
-    if output.status.success() {
-        lines.push("kubernetes: joined the cluster".into());
-        report(JoinOutcome::Joined, lines)
-    } else {
-        let msg = format!("{} ended with {}", argv[0], output.status);
-        lines.push(format!("kubernetes: join failed: {msg}; starting the entrypoint"));
-        report(JoinOutcome::Failed(msg), lines)
+    match status {
+        Ok(status) if status.success() => {
+            lines.push("kubernetes: joined the cluster".into());
+            report(JoinOutcome::Joined, lines)
+        }
+        Ok(status) => failed(lines, format!("{} ended with {status}", argv[0])),
+        Err(e) => failed(lines, format!("cannot learn how {} ended: {e}", argv[0])),
     }
+}
+
+/// Everything `from` has until its end (nothing for a missing pipe or a read error).
+fn read_all(from: Option<&mut impl Read>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Some(from) = from {
+        let _ = from.read_to_end(&mut buf);
+    }
+    buf
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::children::Direct;
+
+    /// [`Direct`], recording the programs it starts.
+    #[derive(Default)]
+    struct Recording(std::sync::Mutex<Vec<PathBuf>>);
+
+    impl Children for Recording {
+        fn spawn(&self, cmd: &mut Command) -> std::io::Result<std::process::Child> {
+            self.0.lock().unwrap().push(PathBuf::from(cmd.get_program()));
+            Direct.spawn(cmd)
+        }
+        fn wait(&self, pid: u32) -> std::io::Result<std::process::ExitStatus> {
+            Direct.wait(pid)
+        }
+        fn signal(&self, pid: u32, signal: libc::c_int) {
+            Direct.signal(pid, signal)
+        }
+    }
 
     const TOKEN: &str = "abcdef.0123456789abcdef";
 
@@ -166,7 +202,7 @@ mod tests {
     fn runs_kubeadm_join_with_the_config_and_hides_the_token() {
         let root = tempfile::tempdir().unwrap();
         fake_kubeadm(root.path(), "/usr/local/bin", 0);
-        let report = run(root.path(), &join(), &mut |_| {});
+        let report = run(root.path(), &join(), &Direct);
         assert_eq!(report.outcome, JoinOutcome::Joined, "{}", all(&report));
         let args = std::fs::read_to_string(root.path().join("args")).unwrap();
         let config = root.path().join("etc/ignite/kubeadm-join.yaml");
@@ -182,7 +218,7 @@ mod tests {
     fn a_failing_join_is_reported_without_the_token() {
         let root = tempfile::tempdir().unwrap();
         fake_kubeadm(root.path(), "/usr/bin", 3);
-        let report = run(root.path(), &join(), &mut |_| {});
+        let report = run(root.path(), &join(), &Direct);
         assert!(matches!(&report.outcome, JoinOutcome::Failed(m) if m.contains("exit status: 3")), "{report:?}");
         assert!(!all(&report).contains("0123456789abcdef"), "{}", all(&report));
         assert!(all(&report).contains("join failed"), "{}", all(&report));
@@ -194,7 +230,7 @@ mod tests {
         std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
         // Not executable: does not count.
         std::fs::write(root.path().join("usr/bin/kubeadm"), "#!/bin/sh\n").unwrap();
-        let report = run(root.path(), &join(), &mut |_| {});
+        let report = run(root.path(), &join(), &Direct);
         assert_eq!(report.outcome, JoinOutcome::NoKubeadm("kubeadm".into()));
         assert!(all(&report).contains("the image has no kubeadm (looked in /usr/bin, /usr/local/bin, /bin)"));
     }
@@ -205,21 +241,21 @@ mod tests {
         fake_kubeadm(root.path(), "/bin", 0);
         std::fs::create_dir_all(root.path().join("etc/kubernetes")).unwrap();
         std::fs::write(root.path().join("etc/kubernetes/kubelet.conf"), "").unwrap();
-        let report = run(root.path(), &join(), &mut |_| {});
+        let report = run(root.path(), &join(), &Direct);
         assert_eq!(report.outcome, JoinOutcome::AlreadyJoined);
         assert!(!root.path().join("args").exists(), "kubeadm must not run");
     }
 
     #[test]
-    fn configure_sees_the_command_and_an_explicit_command_is_used() {
+    fn children_start_the_command_and_an_explicit_command_is_used() {
         let root = tempfile::tempdir().unwrap();
         fake_kubeadm(root.path(), "/usr/bin", 0);
         let mut join = join();
         join.command = vec!["/usr/bin/kubeadm".into(), "join".into(), "--v=1".into()];
-        let mut seen = None;
-        let report = run(root.path(), &join, &mut |cmd| seen = Some(cmd.get_program().to_owned()));
+        let children = Recording::default();
+        let report = run(root.path(), &join, &children);
         assert_eq!(report.outcome, JoinOutcome::Joined);
-        assert_eq!(seen.unwrap(), root.path().join("usr/bin/kubeadm"));
+        assert_eq!(*children.0.lock().unwrap(), [root.path().join("usr/bin/kubeadm")]);
         assert_eq!(std::fs::read_to_string(root.path().join("args")).unwrap().trim(), "join --v=1");
     }
 

@@ -1,10 +1,11 @@
 //! `ignite-init`: PID 1 inside every ignite guest. Mounts the pseudo filesystems, reads the VM's config
-//! drive, sets hostname and name resolution, writes ssh keys and copied files, runs `kubeadm join` for
-//! Kubernetes nodes, runs the image's entrypoint (merged with the VM's overrides) as a child, reaps
-//! children, forwards signals, then reports the main process's exit on the console (`ignite-init: exit
+//! drive, sets hostname and name resolution, writes ssh keys and copied files, runs the image's
+//! entrypoint (merged with the VM's overrides) as a child and, for Kubernetes nodes, `kubeadm join`
+//! and the kubelet alongside it (`ignite_init::node`), reaps children, forwards signals, then reports the main process's exit on the console (`ignite-init: exit
 //! status=N` or `signal=S`) and powers the VM off through the ignite power port (0xf4), falling back to
 //! a reset.
 
+mod registered;
 mod setup;
 mod supervise;
 mod sys;
@@ -62,19 +63,25 @@ fn run() -> Result<sys::Exit, (String, u8)> {
     let root_home = spec::resolve_user("0", &passwd, &group).map(|u| u.home).unwrap_or_else(|_| "/root".into());
     setup::network_identity(&vm);
     setup::write_files(&vm, if root_home == "/" { "/root" } else { &root_home }).map_err(fail)?;
-    if let Some(join) = &vm.join {
-        let report = ignite_init::join::run(std::path::Path::new("/"), join, &mut |cmd| {
-            // SAFETY: `in_child` only makes async-signal-safe calls (sigprocmask, setsid) between fork and exec.
-            unsafe { std::os::unix::process::CommandExt::pre_exec(cmd, sys::in_child) };
-        });
-        report.lines.iter().for_each(|line| log(line));
-    }
     log(&format!("starting {:?} as {} in {}", spec.argv, spec.user, spec.working_dir));
     let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     if !spec.env.contains_key("HOME") {
         env.push(("HOME".into(), root_home.clone()));
     }
     vsock_agent::start(ignite_init::agent::ExecDefaults { env, cwd: spec.working_dir.clone() });
+    // The entrypoint first: on a node image it is the container runtime kubeadm join needs.
     let main = supervise::spawn(&spec, &user)?;
-    Ok(supervise::supervise(main))
+    let node = vm.join.and_then(|join| {
+        let console: ignite_init::node::Log = std::sync::Arc::new(|line: &str| log(line));
+        let children = std::sync::Arc::new(registered::Reaped);
+        let started = ignite_init::node::Node::start("/".into(), join, children, Default::default(), console);
+        started.map_err(|e| log(&format!("kubernetes: cannot start the node bootstrap: {e}"))).ok()
+    });
+    let stop_node = || {
+        if let Some(node) = &node {
+            log("stop requested: SIGTERM to the kubelet");
+            node.stop();
+        }
+    };
+    Ok(supervise::supervise(main, &stop_node))
 }

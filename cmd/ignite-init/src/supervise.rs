@@ -36,9 +36,9 @@ pub fn spawn(spec: &ProcessSpec, user: &User) -> Result<libc::pid_t, (String, u8
 }
 
 /// Waits for the main process `main` to end while reaping every other child and forwarding signals.
-/// SIGINT (Ctrl-Alt-Del from the VMM) and SIGTERM start a graceful stop: SIGTERM, then SIGKILL after
-/// [`STOP_GRACE`].
-pub fn supervise(main: libc::pid_t) -> Exit {
+/// SIGINT (Ctrl-Alt-Del from the VMM) and SIGTERM start a graceful stop: `on_stop` (the other
+/// services get their SIGTERM), SIGTERM to the main process, then SIGKILL after [`STOP_GRACE`].
+pub fn supervise(main: libc::pid_t, on_stop: &dyn Fn()) -> Exit {
     let mut kill_at: Option<Instant> = None;
     loop {
         let timeout = kill_at.map(|at| at.saturating_duration_since(Instant::now()));
@@ -46,6 +46,7 @@ pub fn supervise(main: libc::pid_t) -> Exit {
             Some(libc::SIGCHLD) | None => {}
             Some(sig @ (libc::SIGINT | libc::SIGTERM)) => {
                 log(&format!("stop requested (signal {sig}): SIGTERM to the main process"));
+                on_stop();
                 sys::kill(main, libc::SIGTERM);
                 kill_at.get_or_insert_with(|| Instant::now() + STOP_GRACE);
             }
@@ -56,8 +57,9 @@ pub fn supervise(main: libc::pid_t) -> Exit {
             sys::kill(main, libc::SIGKILL);
             kill_at = None;
         }
-        // The agent's commands are reaped here too; their exits go to the agent (see `vsock_agent`).
-        let mut reaping = crate::vsock_agent::EXEC_CHILDREN.reaping();
+        // The agent's commands and the node's processes are reaped here too; their exits go to whoever
+        // waits for them (see `registered`).
+        let mut reaping = crate::registered::CHILDREN.reaping();
         while let Some((pid, exit)) = sys::reap(-1, false) {
             if pid == main {
                 return exit;
