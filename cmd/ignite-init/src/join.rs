@@ -79,9 +79,10 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
 
 /// Runs the join under `root` unless the node already joined or the program is missing. The
 /// configuration file must already be written (`setup::write_files`). The command is started and
-/// waited for through `children` (in the guest, PID 1's reaper). Arguments naming guest paths are
-/// rewritten under `root`, so tests can run it in a temporary directory.
-pub fn run(root: &Path, join: &JoinConfig, children: &dyn Children) -> JoinReport {
+/// waited for through `children` (in the guest, PID 1's reaper); `started` gets the line saying so
+/// at once (the command's output comes in the report when it ends). Arguments naming guest paths
+/// are rewritten under `root`, so tests can run it in a temporary directory.
+pub fn run(root: &Path, join: &JoinConfig, children: &dyn Children, started: &dyn Fn(&str)) -> JoinReport {
     let report = |outcome, lines| JoinReport { outcome, lines };
     if under(root, JOINED_MARKER).exists() {
         let line = format!("kubernetes: {JOINED_MARKER} exists, the node joined on an earlier boot: not joining again");
@@ -106,7 +107,8 @@ pub fn run(root: &Path, join: &JoinConfig, children: &dyn Children) -> JoinRepor
             }
         })
         .collect();
-    let mut lines = vec![format!("kubernetes: running {} with {}", argv.join(" "), join.config_path)];
+    started(&redact(&format!("kubernetes: running {}", argv.join(" ")), &join.redact));
+    let mut lines = Vec::new();
     let mut cmd = Command::new(&program);
     cmd.args(&args).env_clear().env("PATH", DEFAULT_PATH).env("HOME", "/root").current_dir(root);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -202,7 +204,7 @@ mod tests {
     fn runs_kubeadm_join_with_the_config_and_hides_the_token() {
         let root = tempfile::tempdir().unwrap();
         fake_kubeadm(root.path(), "/usr/local/bin", 0);
-        let report = run(root.path(), &join(), &Direct);
+        let report = run(root.path(), &join(), &Direct, &|_| {});
         assert_eq!(report.outcome, JoinOutcome::Joined, "{}", all(&report));
         let args = std::fs::read_to_string(root.path().join("args")).unwrap();
         let config = root.path().join("etc/ignite/kubeadm-join.yaml");
@@ -218,7 +220,7 @@ mod tests {
     fn a_failing_join_is_reported_without_the_token() {
         let root = tempfile::tempdir().unwrap();
         fake_kubeadm(root.path(), "/usr/bin", 3);
-        let report = run(root.path(), &join(), &Direct);
+        let report = run(root.path(), &join(), &Direct, &|_| {});
         assert!(matches!(&report.outcome, JoinOutcome::Failed(m) if m.contains("exit status: 3")), "{report:?}");
         assert!(!all(&report).contains("0123456789abcdef"), "{}", all(&report));
         assert!(all(&report).contains("join failed"), "{}", all(&report));
@@ -230,7 +232,7 @@ mod tests {
         std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
         // Not executable: does not count.
         std::fs::write(root.path().join("usr/bin/kubeadm"), "#!/bin/sh\n").unwrap();
-        let report = run(root.path(), &join(), &Direct);
+        let report = run(root.path(), &join(), &Direct, &|_| {});
         assert_eq!(report.outcome, JoinOutcome::NoKubeadm("kubeadm".into()));
         assert!(all(&report).contains("the image has no kubeadm (looked in /usr/bin, /usr/local/bin, /bin)"));
     }
@@ -241,7 +243,7 @@ mod tests {
         fake_kubeadm(root.path(), "/bin", 0);
         std::fs::create_dir_all(root.path().join("etc/kubernetes")).unwrap();
         std::fs::write(root.path().join("etc/kubernetes/kubelet.conf"), "").unwrap();
-        let report = run(root.path(), &join(), &Direct);
+        let report = run(root.path(), &join(), &Direct, &|_| {});
         assert_eq!(report.outcome, JoinOutcome::AlreadyJoined);
         assert!(!root.path().join("args").exists(), "kubeadm must not run");
     }
@@ -253,7 +255,7 @@ mod tests {
         let mut join = join();
         join.command = vec!["/usr/bin/kubeadm".into(), "join".into(), "--v=1".into()];
         let children = Recording::default();
-        let report = run(root.path(), &join, &children);
+        let report = run(root.path(), &join, &children, &|_| {});
         assert_eq!(report.outcome, JoinOutcome::Joined);
         assert_eq!(*children.0.lock().unwrap(), [root.path().join("usr/bin/kubeadm")]);
         assert_eq!(std::fs::read_to_string(root.path().join("args")).unwrap().trim(), "join --v=1");

@@ -149,7 +149,7 @@ fn bootstrap(root: &Path, join: &JoinConfig, shared: &Arc<Shared>, options: Node
             }
         })
     });
-    let report = join::run(root, join, &*shared.children);
+    let report = join::run(root, join, &*shared.children, &|line| log(line));
     report.lines.iter().for_each(|line| log(line));
     drop(joined);
     if let Some(watcher) = watcher {

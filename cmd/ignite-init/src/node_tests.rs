@@ -153,6 +153,8 @@ fn the_join_succeeds_once_the_runtime_is_up_and_the_kubelet_runs_with_the_drop_i
     let shown = lines.join("\n");
     assert_eq!(outcome, JoinOutcome::Joined, "{shown}");
     assert!(shown.contains("the container runtime's socket /var/run/containerd/containerd.sock is there"), "{shown}");
+    let at = |what: &str| lines.iter().position(|l| l.contains(what)).unwrap();
+    assert!(at("kubernetes: running kubeadm join --config") < at("kubelet: started"), "{shown}");
     assert!(shown.contains("kubeadm: This node has joined the cluster"), "{shown}");
     assert!(shown.contains("kubeadm: [kubelet-start] Starting the kubelet (token <redacted>)"), "{shown}");
     assert_eq!(count(&lines, "kubelet: exited (exit status: 1); starting it again in 0.01s"), 1, "{shown}");
