@@ -372,10 +372,7 @@ pub async fn serve(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
+    remove_stale_socket(path).await?;
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -385,6 +382,21 @@ pub async fn serve(
             tracing::error!(error = %e, "the API server stopped");
         }
     }))
+}
+
+/// Removes the socket file at `path` left by a daemon that is gone, so this one can bind it; a
+/// socket some process still answers on is never taken over (AddrInUse, saying what to do).
+async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another ignite daemon answers on this socket: stop it, or give this one its own --socket",
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Serves the API on TCP `addr` with mutual TLS until `shutdown`; returns the address bound (so
@@ -422,4 +434,30 @@ fn services(mut builder: tonic::transport::Server, state: ApiState) -> tonic::tr
         .add_service(images_server::ImagesServer::new(state.clone()))
         .add_service(kernels_server::KernelsServer::new(state.clone()))
         .add_service(host_server::HostServer::new(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_stale_socket;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ignite.sock");
+        // Nothing there: nothing to do.
+        remove_stale_socket(&path).await.unwrap();
+
+        // A daemon that answers keeps its socket.
+        let live = tokio::net::UnixListener::bind(&path).unwrap();
+        let err = remove_stale_socket(&path).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("another ignite daemon answers"), "{err}");
+        assert!(path.exists(), "a live daemon's socket was removed");
+
+        // The daemon is gone but its socket file stayed (a crash): it is removed.
+        drop(live);
+        assert!(path.exists());
+        remove_stale_socket(&path).await.unwrap();
+        assert!(!path.exists());
+    }
 }

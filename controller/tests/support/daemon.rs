@@ -16,7 +16,8 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Starts `ignite daemon` on `root` following `url` (path `vms`), with `extra` args and env.
+    /// Starts `ignite daemon` on `root` following `url` (path `vms`), with `extra` args and env; its
+    /// API socket is `root/ignite.sock` unless `extra` gives `--socket`.
     pub fn start(root: &Path, url: &str, extra: &[&str], env: &[(&str, &str)]) -> DaemonProcess {
         let log = root.join(format!(
             "daemon-{}.log",
@@ -28,8 +29,13 @@ impl DaemonProcess {
             .arg(root)
             .args(["--log", "info", "daemon", "--gitops", url, "--path", "vms", "--interval", "300ms", "--kernel"])
             .arg(kernel)
-            .args(extra)
-            .stdin(Stdio::null())
+            .args(extra);
+        // Each test daemon has its own API socket unless the test names one: tests run in parallel,
+        // and a second daemon is refused the socket another one answers on.
+        if !extra.contains(&"--socket") {
+            cmd.arg("--socket").arg(root.join("ignite.sock"));
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
