@@ -10,10 +10,6 @@ use super::errors::KubeError;
 /// A client from `kubeconfig` when given, else inferred as kubectl does (`$KUBECONFIG`,
 /// `~/.kube/config`, then the in-cluster service account).
 pub async fn connect(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
-    // Both of rustls' providers are compiled in (tonic and the registry client use aws-lc-rs,
-    // kube ring), so rustls cannot pick one by itself: use aws-lc-rs for the whole process.
-    // An error means one is installed already, which is as good.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let config_err = |source: Box<dyn std::error::Error + Send + Sync>| KubeError::Config {
         path: kubeconfig.map(Path::to_path_buf),
         source,
