@@ -10,7 +10,19 @@ use clap::{Parser, Subcommand};
 
 /// ignite: declarative microVMs with container ergonomics.
 #[derive(Parser)]
-#[command(name = "ignite", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "ignite",
+    version,
+    about = "Declarative microVMs: VM manifests in git (or from this CLI) become running KVM microVMs",
+    long_about = None,
+    propagate_version = true,
+    after_help = "Getting started:\n  \
+        ignite run 127.0.0.1:5000/busybox:latest --name web -p 8080:80 -d -- httpd -f -p 80\n  \
+        ignite ps -a                 # the fleet; ignite dashboard for a live view\n  \
+        ignite exec web -- ps        # a command in the VM; ignite attach web for its console\n  \
+        ignite daemon --gitops URL --path vms   # follow a git repository of VM manifests\n\n\
+        The VM commands are clients of the daemon's API; when no daemon answers, the CLI starts one."
+)]
 struct Cli {
     /// Log filter for diagnostics on stderr (e.g. `info`, `vmm_core=debug`). Also read from IGNITE_LOG.
     #[arg(long, global = true, help_heading = "Global options", env = "IGNITE_LOG", default_value = "warn")]
