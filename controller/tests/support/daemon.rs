@@ -35,9 +35,7 @@ impl DaemonProcess {
         if !extra.contains(&"--socket") {
             cmd.arg("--socket").arg(root.join("ignite.sock"));
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {
             cmd.env(k, v);
         }
