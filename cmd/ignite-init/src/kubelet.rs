@@ -155,7 +155,12 @@ mod tests {
         write(root.path(), KUBEADM_FLAGS, "KUBELET_KUBEADM_ARGS=\"--provider-id=x\n");
         let err = args(root.path()).unwrap_err();
         assert!(matches!(err, KubeletError::EnvFile { path: KUBEADM_FLAGS, .. }), "{err:?}");
-        let shown = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        let mut shown = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            shown.push_str(&format!(": {s}"));
+            source = s.source();
+        }
         assert_eq!(shown, "/var/lib/kubelet/kubeadm-flags.env: line 1: unterminated double quote");
         write(root.path(), KUBEADM_FLAGS, "KUBELET_KUBEADM_ARGS=ok\n");
         write(root.path(), KUBELET_DEFAULTS, "KUBELET_EXTRA_ARGS=\"--a='b\"\n");

@@ -131,8 +131,9 @@ fn bootstrap(root: &Path, join: &JoinConfig, shared: &Arc<Shared>, options: Node
     let already = under(root, JOINED_MARKER).exists();
     let kubelet = find_program(root, "kubelet");
     if kubelet.is_none() {
+        let consequence = if already { "" } else { " (kubeadm join waits for one until its timeout)" };
         log(&format!(
-            "kubelet: the image has no kubelet (looked in {}): not starting it, so kubeadm join cannot finish",
+            "kubelet: the image has no kubelet (looked in {}): not starting it{consequence}",
             KUBEADM_DIRS.join(", ")
         ));
     }

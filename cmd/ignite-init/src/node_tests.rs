@@ -253,3 +253,34 @@ fn the_configured_cri_socket_is_read_from_the_join_configuration() {
     assert_eq!(configured_cri_socket("kind: JoinConfiguration\n"), None);
     assert_eq!(configured_cri_socket("criSocket: npipe:////./pipe/x"), None);
 }
+
+#[test]
+fn a_malformed_flags_file_is_a_console_line_and_the_next_start_reads_it_again() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    fake_kubelet(root);
+    extra_args(root);
+    for (path, text) in [
+        ("etc/kubernetes/kubelet.conf", "kind: Config\n"),
+        ("var/lib/kubelet/config.yaml", "kind: x\n"),
+        ("var/lib/kubelet/kubeadm-flags.env", "KUBELET_KUBEADM_ARGS=\"--provider-id=x\n"),
+    ] {
+        std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
+        std::fs::write(root.join(path), text).unwrap();
+    }
+    let (node, rx) = start(root, options());
+    let mut lines = Vec::new();
+    until(&rx, &mut lines, |l| count(l, "kubelet: cannot start it") == 1);
+    assert_eq!(
+        lines.last().unwrap(),
+        "kubelet: cannot start it: /var/lib/kubelet/kubeadm-flags.env: line 1: unterminated double quote; \
+         starting it again in 0.01s"
+    );
+    std::fs::write(root.join("var/lib/kubelet/kubeadm-flags.env"), format!("KUBELET_KUBEADM_ARGS=\"{FLAGS}\"\n"))
+        .unwrap();
+    until(&rx, &mut lines, |l| count(l, "kubelet: started") == 1);
+    until_up(root);
+    node.stop();
+    assert_eq!(node.wait(), JoinOutcome::AlreadyJoined);
+    assert_eq!(runs(root), [expected_argv(true)], "{}", lines.join("\n"));
+}
