@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::children::Children;
 use crate::config::JoinConfig;
+use crate::error_chain as chain;
 use crate::join::{self, command_line, find_program, redact, under, JoinOutcome, JOINED_MARKER, KUBEADM_DIRS};
 use crate::kubelet::{self, KUBEADM_FLAGS, KUBELET_CONFIG, KUBELET_LOG};
 
@@ -279,17 +280,6 @@ fn supervise(root: &Path, program: &Path, shared: &Shared, restart_delay: Durati
             return;
         }
     }
-}
-
-/// An error and its sources, joined with `: `.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::Path;
 
 use ignite_init::config::{self, GuestConfig};
+use ignite_init::error_chain as chain;
 
 use crate::log;
 use crate::sys;
@@ -108,15 +109,4 @@ fn write(path: &Path, content: &[u8], mode: u32) -> Result<(), String> {
     }
     std::fs::write(path, content).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)
-}
-
-/// An error and its sources, joined with `: `.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
 }
