@@ -63,6 +63,23 @@ pub fn guest_kernel() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
 }
 
+/// `ignite vmm run` booting the cached guest kernel with ignite-init as PID 1: `rootfs` as `/dev/vda`
+/// (read-write), the config drive `drive` as `/dev/vdb` (read-only), the console into `console`.
+pub fn ignite_init_vm(rootfs: &Path, drive: &Path, console: &Path) -> Command {
+    let mut cmd = Command::new(ignite_bin());
+    cmd.args(["vmm", "run", "--memory", "128", "--kernel"])
+        .arg(guest_kernel())
+        .arg("--disk")
+        .arg(rootfs)
+        .arg("--disk")
+        .arg(format!("{},ro", drive.display()))
+        .arg("--cmdline")
+        .arg("console=ttyS0 reboot=k panic=-1 root=/dev/vda rw init=/sbin/ignite-init ignite.config=/dev/vdb")
+        .arg("--console")
+        .arg(console);
+    cmd
+}
+
 /// The tiny static `/init` of `guests/init.S`, assembled into `dir`: prints `IGNITE-INIT-MARKER`, then
 /// the first 16 bytes of `/dev/vda`, then reboots.
 pub fn tiny_init(dir: &Path) -> PathBuf {

@@ -5,10 +5,9 @@
 //!
 //! One boot (~90 s of emulated CPU on hosts without hardware virtualization).
 
-use std::process::Command;
 use std::time::Instant;
 
-use ignite_e2e::{busybox_root, guest_kernel, ignite_bin, ignite_init_bin, kvm_unavailable};
+use ignite_e2e::{busybox_root, ignite_init_bin, ignite_init_vm, kvm_unavailable};
 use ignite_init::config::{encode_content, write_config_drive, CopiedFile, GuestConfig};
 
 #[test]
@@ -47,19 +46,7 @@ fn ignite_init_runs_the_configured_command_and_reports_its_exit() {
     let console = dir.path().join("console.log");
 
     let started = Instant::now();
-    let out = Command::new(ignite_bin())
-        .args(["vmm", "run", "--memory", "128", "--timings", "--kernel"])
-        .arg(guest_kernel())
-        .arg("--disk")
-        .arg(&rootfs)
-        .arg("--disk")
-        .arg(format!("{},ro", drive.display()))
-        .arg("--cmdline")
-        .arg("console=ttyS0 reboot=k panic=-1 root=/dev/vda rw init=/sbin/ignite-init ignite.config=/dev/vdb")
-        .arg("--console")
-        .arg(&console)
-        .output()
-        .expect("run ignite vmm run");
+    let out = ignite_init_vm(&rootfs, &drive, &console).arg("--timings").output().expect("run ignite vmm run");
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let context = format!("status {:?}\nstderr:\n{stderr}\nconsole:\n{log}", out.status);

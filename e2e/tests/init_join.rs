@@ -12,7 +12,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{busybox_root, guest_kernel, ignite_bin, ignite_init_bin, kvm_unavailable};
+use ignite_e2e::{busybox_root, ignite_init_bin, ignite_init_vm, kvm_unavailable};
 use ignite_init::config::{write_config_drive, GuestConfig, JoinConfig};
 
 const NAME: &str = "ignite_init_bootstraps_a_node_with_kubeadm_and_the_kubelet_and_hides_the_token";
@@ -101,17 +101,7 @@ fn ignite_init_bootstraps_a_node_with_kubeadm_and_the_kubelet_and_hides_the_toke
     let console = dir.path().join("console.log");
 
     let started = Instant::now();
-    let mut vmm = Command::new(ignite_bin())
-        .args(["vmm", "run", "--memory", "128", "--kernel"])
-        .arg(guest_kernel())
-        .arg("--disk")
-        .arg(&rootfs)
-        .arg("--disk")
-        .arg(format!("{},ro", drive.display()))
-        .arg("--cmdline")
-        .arg("console=ttyS0 reboot=k panic=-1 root=/dev/vda rw init=/sbin/ignite-init ignite.config=/dev/vdb")
-        .arg("--console")
-        .arg(&console)
+    let mut vmm = ignite_init_vm(&rootfs, &drive, &console)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
