@@ -178,6 +178,11 @@ fn exec_and_attach_status_codes(
         let err = exec(start("idle", &["true"], false)).await;
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
         assert!(err.message().contains("not running"), "{}", err.message());
+        assert!(
+            err.message().contains("`ignite start idle`"),
+            "the API's own VM is started from the CLI: {}",
+            err.message()
+        );
         let err = exec(start("fromdir", &["true"], true)).await;
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
         assert!(err.message().contains("tty"), "{}", err.message());

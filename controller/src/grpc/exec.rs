@@ -31,8 +31,14 @@ fn running_vm_dir(state: &ApiState, name: &str) -> Result<PathBuf, Status> {
         return Err(Status::not_found(format!("no VM named {name:?} (see `ignite ps -a`)")));
     };
     if record.status.phase != Phase::Running {
+        // Only the API's own VMs can be started from the CLI; a source's follow their manifest.
+        let how = if record.owner == "api" {
+            format!("start it with `ignite start {name}`")
+        } else {
+            format!("it belongs to {}: its manifest's `state` and `restartPolicy` decide when it runs", record.owner)
+        };
         return Err(Status::failed_precondition(format!(
-            "VM {name:?} is not running (phase {:?}); start it with `ignite start {name}`",
+            "VM {name:?} is not running (phase {:?}); {how}",
             record.status.phase
         )));
     }
