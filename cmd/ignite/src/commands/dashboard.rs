@@ -186,7 +186,36 @@ fn header(s: &State, daemon: &str) -> Line<'static> {
     Line::from(spans)
 }
 
-fn vm_table(s: &State) -> Table<'static> {
+/// The VM table's columns: header, width, and whether it is shown on a narrow pane. The essential
+/// ones always fit whole (a phase cut to "Runnin" or an address to "10.61." reads as garbage); the
+/// others are dropped, last first, when the pane is too narrow for them.
+const VM_COLUMNS: [(&str, u16, bool); 8] = [
+    ("NAME", 10, true),
+    ("PHASE", 9, true),
+    ("READY", 5, true),
+    ("IP", 15, true),
+    ("UPTIME", 10, true),
+    ("IMAGE", 20, false),
+    ("OWNER", 12, false),
+    ("REVISION", 12, false),
+];
+
+/// Which of [`VM_COLUMNS`] fit in a pane `width` columns wide (borders included).
+fn vm_columns(width: u16) -> Vec<usize> {
+    let mut budget = width.saturating_sub(2);
+    let mut shown = Vec::new();
+    for (i, (_, w, essential)) in VM_COLUMNS.iter().enumerate() {
+        let need = w + u16::from(!shown.is_empty());
+        if *essential || need <= budget {
+            budget = budget.saturating_sub(need);
+            shown.push(i);
+        }
+    }
+    shown
+}
+
+fn vm_table(s: &State, width: u16) -> Table<'static> {
+    let columns = vm_columns(width);
     let rows: Vec<Row> = s
         .vms
         .values()
@@ -194,33 +223,29 @@ fn vm_table(s: &State) -> Table<'static> {
             let st = vm.status.clone().unwrap_or_default();
             let ready =
                 st.conditions.iter().find(|c| c.r#type == "Ready").map(|c| c.status.clone()).unwrap_or_default();
-            Row::new(vec![
+            let cells = [
                 Cell::from(vm.name.clone()),
                 Cell::from(st.phase.clone()).style(phase_style(&st.phase)),
                 Cell::from(ready),
                 Cell::from(st.ip.clone()),
                 Cell::from(uptime(vm)),
                 Cell::from(vm.image.clone()),
-                Cell::from(st.observed_revision.chars().take(12).collect::<String>()),
                 Cell::from(vm.owner.clone()),
-            ])
+                Cell::from(st.observed_revision.chars().take(12).collect::<String>()),
+            ];
+            Row::new(cells.into_iter().enumerate().filter(|(i, _)| columns.contains(i)).map(|(_, c)| c))
         })
         .collect();
-    let widths = [
-        Constraint::Min(10),
-        Constraint::Length(9),
-        Constraint::Length(6),
-        Constraint::Length(15),
-        Constraint::Length(12),
-        Constraint::Min(20),
-        Constraint::Length(12),
-        Constraint::Length(12),
-    ];
+    // NAME as wide as the longest name (within reason), IMAGE takes what is left over.
+    let longest = s.vms.keys().map(|n| n.chars().count()).max().unwrap_or(0);
+    let name_width = (longest as u16).clamp(VM_COLUMNS[0].1, 32);
+    let widths = columns.iter().map(|&i| match VM_COLUMNS[i] {
+        ("IMAGE", _, _) => Constraint::Fill(1),
+        ("NAME", _, _) => Constraint::Length(name_width),
+        (_, w, _) => Constraint::Length(w),
+    });
     Table::new(rows, widths)
-        .header(
-            Row::new(["NAME", "PHASE", "READY", "IP", "UPTIME", "IMAGE", "REVISION", "OWNER"])
-                .style(Style::new().bold().underlined()),
-        )
+        .header(Row::new(columns.iter().map(|&i| VM_COLUMNS[i].0)).style(Style::new().bold().underlined()))
         .row_highlight_style(Style::new().reversed())
         .block(Block::default().borders(Borders::ALL).title(" VMs "))
 }
@@ -311,7 +336,7 @@ fn draw(frame: &mut Frame, s: &State, table: &mut TableState, daemon: &str) {
     frame.render_widget(Paragraph::new(header(s, daemon)), top);
     let [list, detail]: [Rect; 2] =
         Layout::horizontal([Constraint::Percentage(62), Constraint::Percentage(38)]).areas(main);
-    frame.render_stateful_widget(vm_table(s), list, table);
+    frame.render_stateful_widget(vm_table(s, list.width), list, table);
     frame.render_widget(details(s), detail);
     frame.render_widget(sources_table(s), sources);
     frame.render_widget(events_list(s, events.height), events);
@@ -378,4 +403,26 @@ pub fn run(args: DashboardArgs, ctx: &Ctx) -> anyhow::Result<()> {
     ratatui::restore();
     runtime.shutdown_background();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{vm_columns, VM_COLUMNS};
+
+    fn headers(width: u16) -> Vec<&'static str> {
+        vm_columns(width).into_iter().map(|i| VM_COLUMNS[i].0).collect()
+    }
+
+    #[test]
+    fn narrow_panes_drop_the_optional_columns_last_first_and_keep_the_essential_whole() {
+        assert_eq!(headers(200), ["NAME", "PHASE", "READY", "IP", "UPTIME", "IMAGE", "OWNER", "REVISION"]);
+        // The VM pane of a 140-column terminal.
+        assert_eq!(headers(86), ["NAME", "PHASE", "READY", "IP", "UPTIME", "IMAGE"]);
+        assert_eq!(headers(30), ["NAME", "PHASE", "READY", "IP", "UPTIME"]);
+        // What is shown fits: the widths and one space between columns, inside the borders.
+        for width in [60u16, 86, 100, 120] {
+            let used: u16 = vm_columns(width).iter().map(|&i| VM_COLUMNS[i].1 + 1).sum::<u16>() - 1;
+            assert!(used <= width - 2, "{width}: {used}");
+        }
+    }
 }
