@@ -105,6 +105,14 @@ async fn api_server(mut handle: tower_test::mock::Handle<Request<Body>, Response
     }
 }
 
+/// The daemon's sources: the directory `path`, polled every 200 ms, as source `local`.
+fn local_dir(path: &std::path::Path) -> Vec<SourceSpec> {
+    vec![SourceSpec {
+        name: "local".into(),
+        kind: SourceKind::Directory(DirSpec { path: path.into(), interval: Duration::from_millis(200) }),
+    }]
+}
+
 fn bootstrap_spec() -> String {
     format!(
         "  bootstrap:\n    kubernetes:\n      apiServerEndpoint: 10.61.0.1:6443\n      caCertHash: sha256:{}\n      createToken: true\n",
@@ -132,10 +140,7 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _guard = support::daemon::KillVmsOnDrop(r);
-    let sources = vec![SourceSpec {
-        name: "local".into(),
-        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
-    }];
+    let sources = local_dir(fleet.path());
     let config = daemon_config(r, sources, None);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cluster = Arc::new(Mutex::new(Cluster::default()));
@@ -207,10 +212,7 @@ fn create_token_without_kubernetes_access_is_a_precise_permanent_error() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _guard = support::daemon::KillVmsOnDrop(r);
-    let sources = vec![SourceSpec {
-        name: "local".into(),
-        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
-    }];
+    let sources = local_dir(fleet.path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let daemon = runtime.block_on(Daemon::start(daemon_config(r, sources, None))).unwrap();
     let store = daemon.store().clone();
