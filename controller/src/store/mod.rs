@@ -18,6 +18,7 @@ mod sources;
 mod vms;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub use events::{Event, EventKind, DEFAULT_EVENT_RETENTION};
 pub use leases::Lease;
@@ -43,8 +44,14 @@ const KEY_REVISION: &[u8] = b"revision";
 /// A store failure, naming what was being read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be opened (another daemon holding it is the usual cause).
-    #[error("cannot open the state store at {path} (is another ignite daemon running on this root?)")]
+    /// Another process holds the database's lock.
+    #[error("the state store at {path} is locked by another process: is another ignite daemon running on this root? (stop it, or give this one its own --root)")]
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+    /// The database could not be opened.
+    #[error("cannot open the state store at {path}")]
     Open {
         /// The database directory.
         path: PathBuf,
@@ -124,11 +131,7 @@ impl Store {
     /// Opens (or creates) the store under `root/state`, checking the schema version.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         let path = root.join("state");
-        let db = sled::Config::new()
-            .path(&path)
-            .flush_every_ms(Some(200))
-            .open()
-            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        let db = open_db(&path)?;
         let store = Store {
             meta: db.open_tree(META)?,
             vms: db.open_tree(VMS)?,
@@ -183,6 +186,33 @@ impl Store {
     }
 }
 
+/// How long [`Store::open`] waits for a lock that a just-closed store still holds.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens the sled database, waiting up to [`LOCK_WAIT`] for its file lock: a store
+/// dropped a moment ago keeps the lock until sled's flusher thread has finished, so
+/// an immediate reopen in the same process (a restart, a test) would otherwise fail.
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(Some(200)).open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_error(&e) => {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Locked { path: path.to_path_buf() });
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(source) => return Err(StoreError::Open { path: path.to_path_buf(), source }),
+        }
+    }
+}
+
+/// sled reports a held lock as an `Other` I/O error with this text (sled 0.34, config.rs).
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock"))
+}
+
 /// The revision of the removal of `name`, 0 if no tombstone is kept.
 fn tombstone_revision(tombstones: &sled::Tree, name: &str) -> u64 {
     match tombstones.get(name.as_bytes()) {
@@ -230,5 +260,19 @@ mod tests {
         }
         let err = Store::open(dir.path()).err().expect("newer schema refused").to_string();
         assert!(err.contains("schema version 2") && err.contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn a_store_held_open_is_refused_as_locked_and_a_dropped_one_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().expect("second open refused");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        assert!(err.to_string().contains("another ignite daemon"), "{err}");
+        drop(held);
+        // sled's flusher may still hold the lock for a moment; open waits for it.
+        for _ in 0..5 {
+            drop(Store::open(dir.path()).unwrap());
+        }
     }
 }
