@@ -22,3 +22,24 @@ pub const EXIT_STOPPED: u8 = 130;
 pub fn error_chain(err: &anyhow::Error) -> String {
     err.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
+
+/// The value parser of `-e/--env NAME=VALUE` (`ignite run`, `create` and `exec`): a name that is
+/// not empty, then `=`, then the value (which may be empty or contain `=`).
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_flags_must_be_name_equals_value() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+    }
+}

@@ -66,8 +66,8 @@ pub struct VmFlags {
     #[arg(long = "copy-files")]
     copy_files: Vec<String>,
     /// An environment variable, NAME=VALUE. Repeatable.
-    #[arg(short, long)]
-    env: Vec<String>,
+    #[arg(short, long, value_name = "NAME=VALUE", value_parser = super::parse_env)]
+    env: Vec<(String, String)>,
     /// The command and its arguments (replace the image's entrypoint and cmd).
     #[arg(last = true)]
     command: Vec<String>,
@@ -103,14 +103,8 @@ fn manifest(args: &VmFlags, name: &str, state: &str) -> anyhow::Result<serde_jso
         spec["command"] = serde_json::json!([command]);
         spec["args"] = serde_json::json!(rest);
     }
-    let env: Vec<serde_json::Value> = args
-        .env
-        .iter()
-        .map(|e| {
-            let (k, v) = e.split_once('=').with_context(|| format!("--env {e:?}: expected NAME=VALUE"))?;
-            Ok(serde_json::json!({"name": k, "value": v}))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let env: Vec<serde_json::Value> =
+        args.env.iter().map(|(k, v)| serde_json::json!({"name": k, "value": v})).collect();
     spec["env"] = env.into();
     let copies: Vec<serde_json::Value> = args
         .copy_files
@@ -224,8 +218,10 @@ mod tests {
         assert_eq!(vm.spec.args.as_deref(), Some(&["-c".to_string(), "echo hi".to_string()][..]));
         assert_eq!(vm.spec.network.ports[0].to_string(), "8080:80/tcp");
         assert_eq!(vm.spec.memory.mib(), 128);
-        let bad = Cli::parse_from(["ignite", "busybox", "-e", "NOEQUALS"]);
-        assert!(manifest(&bad.run.vm, "x", "Running").unwrap_err().to_string().contains("NAME=VALUE"));
+        for bad in ["NOEQUALS", "=value"] {
+            let err = Cli::try_parse_from(["ignite", "busybox", "-e", bad]).err().expect("refused").to_string();
+            assert!(err.contains("--env <NAME=VALUE>") && err.contains(&format!("`{bad}` is not NAME=VALUE")), "{err}");
+        }
         assert!(controller::api::validate::is_dns_label(&default_name("127.0.0.1:5000/demo/Busy_Box:1")));
     }
 }
