@@ -148,6 +148,15 @@ fn exec_and_attach(r: &Path) {
     let (_, err, code) = ignite_exec(r, &["web", "--", "/no/such/program"], b"");
     assert_eq!(code, Some(127), "{err}");
     assert!(err.contains("/no/such/program"), "{err}");
+    // The main process runs as root; -u picks another user from the image's /etc/passwd.
+    let (out, err, code) = ignite_exec(r, &["web", "--", "id", "-u"], b"");
+    assert_eq!((out.as_str(), code), ("0\n", Some(0)), "stderr: {err}");
+    let (out, err, code) =
+        ignite_exec(r, &["-u", "nobody", "web", "--", "sh", "-c", "echo $(id -u):$(id -g) $HOME"], b"");
+    assert_eq!((out.as_str(), code), ("65534:65534 /\n", Some(0)), "stderr: {err}");
+    let (_, err, code) = ignite_exec(r, &["-u", "ghost", "web", "--", "true"], b"");
+    assert_eq!(code, Some(126), "{err}");
+    assert!(err.contains("user \"ghost\" not found in /etc/passwd"), "{err}");
     let (_, err, code) = ignite_exec(r, &["nosuchvm", "--", "true"], b"");
     assert!(code != Some(0) && err.contains("no VM named \"nosuchvm\""), "{err}");
     let timed = Instant::now();

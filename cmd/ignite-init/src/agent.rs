@@ -44,6 +44,10 @@ pub struct ExecRequest {
     /// Working directory (empty: the main process's).
     #[serde(default)]
     pub cwd: String,
+    /// The user to run as, as in an image's `User` (`name`, `uid`, `name:group`, `uid:gid`; empty:
+    /// the main process's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub user: String,
 }
 
 /// What a frame carries.
@@ -180,28 +184,70 @@ pub fn decode_exit(payload: &[u8]) -> Option<i32> {
     <[u8; 4]>::try_from(payload).ok().map(i32::from_be_bytes)
 }
 
-/// The base a command starts from: the main process's environment and working directory.
+/// The base a command starts from: the main process's environment, working directory and user.
 #[derive(Clone, Debug, Default)]
 pub struct ExecDefaults {
     /// The main process's environment.
     pub env: Vec<(String, String)>,
     /// The main process's working directory.
     pub cwd: String,
+    /// The main process's user as written (empty: root).
+    pub user: String,
 }
 
-/// Builds the command for `request` on top of `defaults`, with piped standard streams.
-pub fn command(request: &ExecRequest, defaults: &ExecDefaults) -> Command {
+/// The guest's user database, read when a command starts (an image may add users at run time).
+#[derive(Clone, Debug, Default)]
+pub struct Accounts {
+    /// The text of `/etc/passwd`.
+    pub passwd: String,
+    /// The text of `/etc/group`.
+    pub group: String,
+}
+
+impl Accounts {
+    /// Reads `/etc/passwd` and `/etc/group`; a missing file reads as empty (numeric users still work).
+    pub fn read() -> Accounts {
+        let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+        Accounts { passwd: read("/etc/passwd"), group: read("/etc/group") }
+    }
+}
+
+/// Builds the command for `request` on top of `defaults`, with piped standard streams, running as
+/// the request's user (else the main process's), resolved in `accounts`. `HOME` is that user's home
+/// unless the environment sets it. An unknown user is an `InvalidInput` error naming it.
+pub fn command(request: &ExecRequest, defaults: &ExecDefaults, accounts: &Accounts) -> io::Result<Command> {
+    use std::os::unix::process::CommandExt;
+    let user = [request.user.as_str(), defaults.user.as_str(), "root"].into_iter().find(|u| !u.is_empty());
+    let user = crate::spec::resolve_user(user.unwrap_or("root"), &accounts.passwd, &accounts.group)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut cmd = Command::new(&request.argv[0]);
     cmd.args(&request.argv[1..]).env_clear();
-    cmd.envs(defaults.env.iter().map(|(k, v)| (k, v)));
-    if !defaults.env.iter().any(|(k, _)| k == "PATH") {
+    let has = |name: &str| defaults.env.iter().chain(&request.env).any(|(k, _)| k == name);
+    if !has("PATH") {
         cmd.env("PATH", DEFAULT_PATH);
     }
+    if !has("HOME") {
+        cmd.env("HOME", &user.home);
+    }
+    cmd.envs(defaults.env.iter().map(|(k, v)| (k, v)));
     cmd.envs(request.env.iter().map(|(k, v)| (k, v)));
     let cwd = if request.cwd.is_empty() { defaults.cwd.as_str() } else { request.cwd.as_str() };
     cmd.current_dir(if cwd.is_empty() { "/" } else { cwd });
+    // Only a change of identity is asked for: a non-root agent (a test) can still run as itself.
+    if (user.uid, user.gid) != current_ids() {
+        cmd.uid(user.uid).gid(user.gid);
+    }
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
+    Ok(cmd)
+}
+
+/// This process's effective user and group ids.
+fn current_ids() -> (u32, u32) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    // SAFETY: getegid has no preconditions and cannot fail.
+    let gid = unsafe { libc::getegid() };
+    (uid, gid)
 }
 
 /// A started command: its pipes and how to wait for its exit code.
@@ -395,23 +441,41 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     /// Runs `serve` on one end of a socketpair with plain `Child::wait`, returns the other end.
-    fn agent(defaults: ExecDefaults) -> (UnixStream, std::thread::JoinHandle<Result<i32, ProtocolError>>) {
+    /// An agent whose main process runs as the test itself (unless `defaults` names a user).
+    fn agent(mut defaults: ExecDefaults) -> (UnixStream, std::thread::JoinHandle<Result<i32, ProtocolError>>) {
+        if defaults.user.is_empty() {
+            let (uid, gid) = current_ids();
+            defaults.user = format!("{uid}:{gid}");
+        }
+        agent_with(defaults, Accounts { passwd: PASSWD.into(), group: GROUP.into() })
+    }
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+    const GROUP: &str = "root:x:0:\nnogroup:x:65534:\nstaff:x:50:\n";
+
+    fn agent_with(
+        defaults: ExecDefaults,
+        accounts: Accounts,
+    ) -> (UnixStream, std::thread::JoinHandle<Result<i32, ProtocolError>>) {
         let (client, server) = UnixStream::pair().unwrap();
         let handle = std::thread::spawn(move || {
             let reader = server.try_clone().unwrap();
-            serve(reader, server, move |req| {
-                let mut child = command(req, &defaults).spawn()?;
-                let (stdin, stdout, stderr) =
-                    (child.stdin.take().unwrap(), child.stdout.take().unwrap(), child.stderr.take().unwrap());
-                let wait = Box::new(move || {
-                    use std::os::unix::process::ExitStatusExt;
-                    let status = child.wait().unwrap();
-                    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-                });
-                Ok(Spawned { stdin, stdout, stderr, wait })
-            })
+            serve(reader, server, move |req| spawn_waited(req, &defaults, &accounts))
         });
         (client, handle)
+    }
+
+    /// Starts `req` with plain `Child::wait` (no PID 1 reaper in tests).
+    fn spawn_waited(req: &ExecRequest, defaults: &ExecDefaults, accounts: &Accounts) -> io::Result<Spawned> {
+        let mut child = command(req, defaults, accounts)?.spawn()?;
+        let (stdin, stdout, stderr) =
+            (child.stdin.take().unwrap(), child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let wait = Box::new(move || {
+            use std::os::unix::process::ExitStatusExt;
+            let status = child.wait().unwrap();
+            status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+        });
+        Ok(Spawned { stdin, stdout, stderr, wait })
     }
 
     fn req(argv: &[&str]) -> ExecRequest {
@@ -459,6 +523,7 @@ mod tests {
         let defaults = ExecDefaults {
             env: vec![("A".into(), "base".into()), ("B".into(), "base".into())],
             cwd: dir.path().display().to_string(),
+            ..Default::default()
         };
         let (mut client, _handle) = agent(defaults);
         let mut request = req(&["sh", "-c", "echo $A $B $PATH; pwd"]);
@@ -466,6 +531,42 @@ mod tests {
         let out = run_to_end(&mut client, &request, b"").unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert_eq!(text, format!("base mine {DEFAULT_PATH}\n{}\n", dir.path().display()), "{out:?}");
+    }
+
+    #[test]
+    fn commands_run_as_the_requested_user_else_the_main_processs_with_that_users_home() {
+        if current_ids().0 != 0 {
+            eprintln!("skipping: changing to another user needs root (this test runs as uid {})", current_ids().0);
+            return;
+        }
+        let script = req(&["sh", "-c", "echo $(id -u) $(id -g) $(id -G) $HOME"]);
+        let run = |defaults_user: &str, request_user: &str| {
+            let defaults = ExecDefaults { user: defaults_user.into(), cwd: "/".into(), ..Default::default() };
+            let (mut client, _handle) = agent(defaults);
+            let request = ExecRequest { user: request_user.into(), ..script.clone() };
+            let out = run_to_end(&mut client, &request, b"").unwrap();
+            assert_eq!(out.exit, Some(0), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(run("nobody", ""), "65534 65534 65534 /nonexistent\n", "the main process's user");
+        assert_eq!(run("nobody", "root:staff"), "0 50 50 /root\n", "the request's user and group");
+        assert_eq!(run("nobody", "4321"), "4321 0 0 /\n", "a uid without a passwd entry, as runc");
+        assert_eq!(run("root", ""), "0 0 0 /root\n");
+    }
+
+    #[test]
+    fn an_unknown_user_is_refused_with_its_name_and_126() {
+        for (defaults_user, request_user, named) in
+            [("", "bob", "bob"), ("ghost", "", "ghost"), ("", "root:nogrp", "nogrp")]
+        {
+            let (mut client, handle) = agent(ExecDefaults { user: defaults_user.into(), ..Default::default() });
+            let request = ExecRequest { user: request_user.into(), ..req(&["true"]) };
+            let out = run_to_end(&mut client, &request, b"").unwrap();
+            assert_eq!(out.exit, Some(126), "{out:?}");
+            let error = out.error.unwrap_or_default();
+            assert!(error.contains(&format!("{named:?} not found in /etc/")), "{error}");
+            assert_eq!(handle.join().unwrap().unwrap(), 126);
+        }
     }
 
     #[test]
@@ -560,17 +661,9 @@ mod tests {
         let server = std::thread::spawn(move || {
             let conn = accept(&listener).unwrap();
             let reader = conn.try_clone().unwrap();
-            serve(reader, conn, |req| {
-                let mut child = command(req, &ExecDefaults::default()).spawn()?;
-                let (stdin, stdout, stderr) =
-                    (child.stdin.take().unwrap(), child.stdout.take().unwrap(), child.stderr.take().unwrap());
-                Ok(Spawned {
-                    stdin,
-                    stdout,
-                    stderr,
-                    wait: Box::new(move || child.wait().unwrap().code().unwrap_or(-1)),
-                })
-            })
+            let (uid, gid) = current_ids();
+            let defaults = ExecDefaults { user: format!("{uid}:{gid}"), ..Default::default() };
+            serve(reader, conn, |req| spawn_waited(req, &defaults, &Accounts::default()))
         });
         // CID 1 is VMADDR_CID_LOCAL: the vsock_loopback transport.
         let Some(mut client) = vsock_connect(1, port) else {

@@ -64,11 +64,13 @@ fn run() -> Result<sys::Exit, (String, u8)> {
     setup::network_identity(&vm);
     setup::write_files(&vm, if root_home == "/" { "/root" } else { &root_home }).map_err(fail)?;
     log(&format!("starting {:?} as {} in {}", spec.argv, spec.user, spec.working_dir));
-    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    if !spec.env.contains_key("HOME") {
-        env.push(("HOME".into(), root_home.clone()));
-    }
-    vsock_agent::start(ignite_init::agent::ExecDefaults { env, cwd: spec.working_dir.clone() });
+    // `ignite exec` runs as the main process's user by default; HOME follows the user it runs as.
+    let env = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vsock_agent::start(ignite_init::agent::ExecDefaults {
+        env,
+        cwd: spec.working_dir.clone(),
+        user: spec.user.clone(),
+    });
     // The entrypoint first: on a node image it is the container runtime kubeadm join needs.
     let main = supervise::spawn(&spec, &user)?;
     let node = vm.join.and_then(|join| {

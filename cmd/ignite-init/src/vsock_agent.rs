@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::process::CommandExt;
 
-use ignite_init::agent::{self, accept, listen, ExecDefaults, Spawned, AGENT_PORT};
+use ignite_init::agent::{self, accept, listen, Accounts, ExecDefaults, Spawned, AGENT_PORT};
 
 use crate::log;
 use crate::registered::CHILDREN;
@@ -49,7 +49,7 @@ fn session(conn: File, defaults: &ExecDefaults) {
         Err(e) => return log(&format!("guest agent: {e}")),
     };
     let result = agent::serve(reader, conn, |request| {
-        let mut cmd = agent::command(request, defaults);
+        let mut cmd = agent::command(request, defaults, &Accounts::read())?;
         // SAFETY: `in_child` only makes async-signal-safe calls (sigprocmask, setsid) between fork and exec.
         unsafe { cmd.pre_exec(sys::in_child) };
         let (mut child, pid) = CHILDREN.spawn(&mut cmd)?;

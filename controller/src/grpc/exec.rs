@@ -121,11 +121,11 @@ pub(super) async fn exec(
     let (read_half, mut write_half) = stream.into_split();
     let mut env: Vec<(String, String)> = start.env.into_iter().collect();
     env.sort();
-    let request = ExecRequest { argv: start.argv, env, cwd: start.working_dir };
+    let request = ExecRequest { argv: start.argv, env, cwd: start.working_dir, user: start.user };
     let mut line = serde_json::to_vec(&request).map_err(|e| Status::internal(e.to_string()))?;
     line.push(b'\n');
     write_half.write_all(&line).await.map_err(|e| Status::unavailable(format!("{AGENT_UNAVAILABLE} ({e})")))?;
-    tracing::info!(vm = start.name, argv = ?request.argv, "exec");
+    tracing::info!(vm = start.name, argv = ?request.argv, user = request.user, "exec");
 
     let input = tokio::spawn(async move {
         while let Ok(Some(message)) = inbound.message().await {

@@ -14,15 +14,17 @@ use super::client::{self, Ctx};
 /// `ignite exec`.
 #[derive(Args)]
 #[command(after_help = "\
-The command runs as root in the VM, started by the guest agent of ignite-init (vsock port 1024), \
-with the main process's environment and working directory, and with pipes, not a terminal (guest \
-kernels have no pseudo-terminals): use `ignite attach` for the console. The exit code of the command \
-becomes ignite's own (128+N when signal N ended it; 127 not found, 126 not executable).
+The command runs in the VM as the main process's user (-u for another), started by the guest \
+agent of ignite-init (vsock port 1024), with the main process's environment and working directory, \
+and with pipes, not a terminal (guest kernels have no pseudo-terminals): use `ignite attach` for \
+the console. The exit code of the command becomes ignite's own (128+N when signal N ended it; 127 \
+not found, 126 not executable or an unknown user).
 
 Examples:
   ignite exec web -- cat /etc/hostname
   ignite exec web -- sh -c 'ps; df -h /'
   echo hello | ignite exec -i web -- tr a-z A-Z
+  ignite exec -u root web -- id
   ignite exec -e DEBUG=1 -w /www web -- ls -l; echo \"exit code $?\"")]
 pub struct ExecArgs {
     /// Forward this standard input to the command, like `docker exec -i` (without it the command's
@@ -39,6 +41,10 @@ pub struct ExecArgs {
     /// Working directory in the guest (default: the main process's).
     #[arg(short, long, value_name = "DIR")]
     workdir: Option<String>,
+    /// Run as this user: NAME, UID, NAME:GROUP or UID:GID, resolved in the guest's /etc/passwd and
+    /// /etc/group (default: the main process's user, the VM's `user` or else the image's).
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    user: Option<String>,
     /// The VM.
     name: String,
     /// The command and its arguments; put them after `--` when they start with `-`.
@@ -79,6 +85,7 @@ pub fn exec(args: ExecArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             env: args.env.iter().cloned().collect(),
             working_dir: args.workdir.clone().unwrap_or_default(),
             tty: args.tty,
+            user: args.user.clone().unwrap_or_default(),
         };
         let input = |i| proto::ExecInput { input: Some(i) };
         tx.send(input(exec_input::Input::Start(start))).await?;
