@@ -14,16 +14,21 @@
 //!    keeps running), applied as a one-object revision for owner `kube:NS/NAME`, and the store's
 //!    status is written back through the status subresource when it changed.
 //!
+//! A pass runs when the MicroVM changes, when its VM's record changes in the store (a new
+//! status, a nodeRef, its removal: [`store_triggers`]), and besides every `poll` while the VM
+//! converges or is being removed, every `resync` once settled.
+//!
 //! API errors never delete anything: a VM is only removed for a MicroVM that carries a
 //! `deletionTimestamp` or names another host. A watch that fails is retried with backoff.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::api::{Api, ListParams, Patch, PatchParams};
 use ::kube::core::{ApiResource, DynamicObject};
 use ::kube::runtime::controller::{Action, Controller};
+use ::kube::runtime::reflector::ObjectRef;
 use ::kube::runtime::watcher;
 use ::kube::{Client, ResourceExt as _};
 use futures_util::future::BoxFuture;
@@ -111,6 +116,9 @@ pub struct Context {
     pub on_vm_deleted: Option<DeletionHook>,
     resource: ApiResource,
     backoff: Backoff,
+    /// Per MicroVM (`NS/NAME`): the last status this host wrote, and the object version it was
+    /// written from.
+    written: std::sync::Mutex<HashMap<String, (Option<String>, MicroVmStatus)>>,
 }
 
 impl Context {
@@ -124,6 +132,7 @@ impl Context {
             settings,
             on_vm_deleted: None,
             resource: ApiResource::erase::<MicroVM>(&()),
+            written: Default::default(),
         }
     }
 
@@ -194,6 +203,7 @@ pub async fn run(ctx: Arc<Context>) {
     let backoff = TriggerBackoff::new(ctx.settings.retry_base, ctx.settings.retry_max);
     Controller::new_with(ctx.watched_api(), watcher::Config::default(), ctx.resource.clone())
         .trigger_backoff(backoff)
+        .reconcile_on(store_triggers(&ctx.store, ctx.resource.clone()))
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             match result {
@@ -203,10 +213,50 @@ pub async fn run(ctx: Arc<Context>) {
                 }
                 // Reported (with its backoff) by the error policy.
                 Err(::kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A store trigger for a MicroVM that is gone (or not listed yet): nothing to do.
+                Err(::kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                    debug!(%object, "VM changed for a MicroVM not in the cache")
+                }
                 Err(err) => warn!(error = %error_chain(&err), "MicroVM controller"),
             }
         })
         .await;
+}
+
+/// The MicroVMs whose VM record changed in the store (the reconciler wrote its status, the Node
+/// watcher its nodeRef, or it was removed), so each one's status follows its VM at once, also a
+/// settled one whose next resync is far away. Removals are mapped through the owners seen before.
+fn store_triggers(store: &Store, resource: ApiResource) -> impl futures_util::Stream<Item = ObjectRef<DynamicObject>> {
+    // Subscribe before listing, so no change falls between the two.
+    let changes = store.watch_vms();
+    let owners: HashMap<String, (String, String)> = store
+        .list_vms()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| microvm_of(&r.owner).map(|key| (r.vm.metadata.name, key)))
+        .collect();
+    futures_util::stream::unfold((changes, owners), move |(mut changes, mut owners)| {
+        let resource = resource.clone();
+        async move {
+            loop {
+                let change = changes.next_change().await?;
+                let key = match &change.record {
+                    Some(record) => microvm_of(&record.owner).inspect(|key| {
+                        owners.insert(change.name.clone(), key.clone());
+                    }),
+                    None => owners.remove(&change.name),
+                };
+                if let Some((namespace, name)) = key {
+                    let object = ObjectRef::new_with(&name, resource).within(&namespace);
+                    return Some((object, (changes, owners)));
+                }
+            }
+        }
+    })
+}
+
+fn microvm_of(owner: &str) -> Option<(String, String)> {
+    select::parse_owner(owner).map(|(ns, name)| (ns.to_string(), name.to_string()))
 }
 
 fn classify_watch(err: watcher::Error) -> KubeError {
@@ -281,7 +331,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
                 "removing the VM and everything it owns",
             );
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, obj.metadata.generation);
-            patch_status(&api, &key, &name, previous.as_ref(), &status).await?;
+            patch_status(ctx, &api, obj, &key, &status).await?;
             return Ok(Action::requeue(ctx.settings.poll));
         }
         if let Some(hook) = &ctx.on_vm_deleted {
@@ -295,6 +345,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
         }
         let remaining: Vec<&String> = obj.finalizers().iter().filter(|f| *f != FINALIZER).collect();
         patch_finalizers(&api, &key, &name, obj, json!(remaining)).await?;
+        ctx.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
         info!("VM removed; finalizer released");
         return Ok(Action::await_change());
     }
@@ -315,7 +366,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
             warn!(error = %message, "invalid MicroVM spec; the VM (if any) keeps its previous spec");
             let summary = Summary::new(current_phase(ctx, &vm_name), ConditionType::Stalled, "InvalidSpec", message);
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, generation);
-            patch_status(&api, &key, &name, previous.as_ref(), &with_placement(status, ctx, &vm_name)).await?;
+            patch_status(ctx, &api, obj, &key, &with_placement(status, ctx, &vm_name)).await?;
             return Ok(Action::await_change());
         }
     };
@@ -330,7 +381,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
             warn!(error = %message, "name conflict");
             let summary = Summary::new(Phase::Pending, ConditionType::Stalled, "NameConflict", message);
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, generation);
-            patch_status(&api, &key, &name, previous.as_ref(), &status).await?;
+            patch_status(ctx, &api, obj, &key, &status).await?;
             // The other object may go away: look again later.
             return Ok(Action::requeue(ctx.settings.resync));
         }
@@ -338,7 +389,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
         Err(err @ ApplyError::Invalid { .. }) => {
             let summary = Summary::new(Phase::Pending, ConditionType::Stalled, "InvalidSpec", error_chain(&err));
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, generation);
-            patch_status(&api, &key, &name, previous.as_ref(), &status).await?;
+            patch_status(ctx, &api, obj, &key, &status).await?;
             return Ok(Action::await_change());
         }
     }
@@ -346,8 +397,9 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
     let Some(record) = record else {
         return Ok(Action::requeue(ctx.settings.poll));
     };
-    let status = MicroVmStatus::observed(&record.status, generation, &ctx.settings.host_name, &vm_name);
-    patch_status(&api, &key, &name, previous.as_ref(), &status).await?;
+    let status =
+        MicroVmStatus::observed(&record.status, record.generation, generation, &ctx.settings.host_name, &vm_name);
+    patch_status(ctx, &api, obj, &key, &status).await?;
     let settled = status.is_ready() || status.current().is_some_and(|c| c.type_ == ConditionType::Stalled);
     Ok(Action::requeue(if settled { ctx.settings.resync } else { ctx.settings.poll }))
 }
@@ -481,19 +533,29 @@ pub fn desired_vm(obj: &DynamicObject, vm_name: &str) -> Result<Vm, Vec<(String,
 
 /// Writes `status` through the status subresource unless it is what the object already shows.
 async fn patch_status(
+    ctx: &Context,
     api: &Api<DynamicObject>,
+    obj: &DynamicObject,
     key: &str,
-    name: &str,
-    previous: Option<&MicroVmStatus>,
     status: &MicroVmStatus,
 ) -> Result<(), KubeError> {
-    if previous == Some(status) {
+    if previous_status(obj).as_ref() == Some(status) {
+        return Ok(());
+    }
+    let version = obj.resource_version();
+    let unseen_own_write = |w: &HashMap<String, (Option<String>, MicroVmStatus)>| {
+        w.get(key).is_some_and(|(v, s)| *v == version && s == status)
+    };
+    if unseen_own_write(&ctx.written.lock().unwrap_or_else(|p| p.into_inner())) {
+        // This very status was written from this version of the object; the watch has not
+        // brought the result yet (a store trigger came first). Writing it again is noise.
         return Ok(());
     }
     let patch = json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+    api.patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| KubeError::from_api("patch", STATUS_RESOURCE, Some(key.to_string()), e))?;
+    ctx.written.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), (version, status.clone()));
     debug!(phase = ?status.phase, "status written");
     Ok(())
 }

@@ -99,6 +99,12 @@ pub fn owner(namespace: &str, name: &str) -> String {
     format!("kube:{namespace}/{name}")
 }
 
+/// The MicroVM `(namespace, name)` a store owner stands for; `None` for owners that are not
+/// MicroVMs (git, directories, the API).
+pub fn parse_owner(owner: &str) -> Option<(&str, &str)> {
+    owner.strip_prefix("kube:")?.split_once('/')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +141,8 @@ mod tests {
         assert_eq!(vm_name("prod", "web"), "prod-web");
         assert_eq!(owner("prod", "web"), "kube:prod/web");
         assert_ne!(owner("a-b", "c"), owner("a", "b-c"), "same VM name, different owners: a conflict, not a takeover");
+        assert_eq!(parse_owner(&owner("a-b", "c")), Some(("a-b", "c")));
+        assert_eq!(parse_owner("git:fleet"), None);
+        assert_eq!(parse_owner("api"), None);
     }
 }

@@ -37,17 +37,26 @@ pub struct MicroVmStatus {
 }
 
 impl MicroVmStatus {
-    /// The status of a MicroVM whose VM is in the store with status `vm`, at `generation`.
-    pub fn observed(vm: &VmStatus, generation: Option<i64>, host: &str, vm_name: &str) -> Self {
+    /// The status of a MicroVM at `generation` whose VM is in the store with status `vm`, the
+    /// record being at store generation `stored`. A `Ready` the host has not yet confirmed for
+    /// `stored` (the VM still runs an older spec: `vm.observed_generation` is behind) is reported
+    /// as `Reconciling`, so no one takes a rollout for done before the new VM runs.
+    pub fn observed(vm: &VmStatus, stored: u64, generation: Option<i64>, host: &str, vm_name: &str) -> Self {
         let mut conditions = vm.conditions.clone();
-        if conditions.is_empty() {
+        let ready = conditions.iter().any(|c| c.type_ == ConditionType::Ready && c.status == ConditionStatus::True);
+        let summary = if conditions.is_empty() {
             // Stored, not yet looked at by the reconciler.
-            let mut pending = VmStatus::default();
-            conditions::apply(
-                &mut pending,
-                &Summary::new(Phase::Pending, ConditionType::Reconciling, "Pending", "queued on the host"),
-                &crate::reconcile::now_rfc3339(),
-            );
+            Some(Summary::new(Phase::Pending, ConditionType::Reconciling, "Pending", "queued on the host"))
+        } else if ready && vm.observed_generation < stored {
+            let message =
+                format!("the host is applying the new spec (its VM runs generation {})", vm.observed_generation);
+            Some(Summary::new(vm.phase, ConditionType::Reconciling, "Progressing", message))
+        } else {
+            None
+        };
+        if let Some(summary) = summary {
+            let mut pending = VmStatus { conditions, ..Default::default() };
+            conditions::apply(&mut pending, &summary, &crate::reconcile::now_rfc3339());
             conditions = pending.conditions;
         }
         MicroVmStatus {
@@ -97,7 +106,8 @@ mod tests {
             ..Default::default()
         };
         conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
-        let status = MicroVmStatus::observed(&vm, Some(3), "h1", "ns-web");
+        vm.observed_generation = 4;
+        let status = MicroVmStatus::observed(&vm, 4, Some(3), "h1", "ns-web");
         assert_eq!(status.observed_generation, Some(3));
         assert!(status.is_ready());
         assert_eq!((status.ip.as_deref(), status.node_ref.as_deref()), (Some("10.61.0.2"), Some("node-a")));
@@ -111,7 +121,7 @@ mod tests {
     fn a_stalled_summary_keeps_the_transition_time_of_unchanged_conditions() {
         let mut vm = VmStatus::default();
         conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
-        let running = MicroVmStatus::observed(&vm, Some(1), "h1", "ns-web");
+        let running = MicroVmStatus::observed(&vm, 0, Some(1), "h1", "ns-web");
         let bad = Summary::new(Phase::Running, ConditionType::Stalled, "InvalidSpec", "spec.memory: lots");
         let stalled = MicroVmStatus::with_summary(Some(&running), &bad, Some(2));
         let current = stalled.current().unwrap();
@@ -120,5 +130,24 @@ mod tests {
         assert!(!stalled.is_ready());
         let reconciling = stalled.conditions.iter().find(|c| c.type_ == ConditionType::Reconciling).unwrap();
         assert_eq!(reconciling.last_transition_time, "t1", "stayed False");
+    }
+
+    #[test]
+    fn a_ready_the_host_has_not_confirmed_for_the_stored_generation_is_progressing() {
+        let mut vm = VmStatus { phase: Phase::Running, observed_generation: 1, ..Default::default() };
+        conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
+        let stale = MicroVmStatus::observed(&vm, 2, Some(2), "h1", "ns-web");
+        let current = stale.current().unwrap();
+        assert_eq!((current.type_, current.reason.as_str()), (ConditionType::Reconciling, "Progressing"));
+        assert!(current.message.contains("generation 1"), "{current:?}");
+        assert!(!stale.is_ready());
+        assert_eq!(stale.phase, Some(Phase::Running), "the phase is what runs now");
+        vm.observed_generation = 2;
+        assert!(MicroVmStatus::observed(&vm, 2, Some(2), "h1", "ns-web").is_ready(), "confirmed");
+        // Not Ready: mirrored as it is (a failure or work in progress is never taken for success).
+        conditions::apply(&mut vm, &Summary::new(Phase::Failed, ConditionType::Stalled, "Exited", "exit 3"), "t2");
+        vm.observed_generation = 1;
+        let stalled = MicroVmStatus::observed(&vm, 2, Some(2), "h1", "ns-web");
+        assert_eq!(stalled.current().unwrap().reason, "Exited");
     }
 }

@@ -335,14 +335,20 @@ impl Reconciler {
         if settled == Settled::Running && record.is_some_and(|r| self.up_for(r) >= self.ctx.config.stable_after) {
             self.ctx.restart_backoff.reset(name);
         }
-        if let (Settled::Running, Some(record)) = (&settled, record) {
-            // A crash between starting the process and recording it leaves these unset.
-            if record.status.observed_generation != record.generation || record.status.boot_time.is_none() {
+        if let Some(record) = record {
+            // Settled: the host reflects this generation, also for a VM kept stopped or one that
+            // completed (a state change needs no new process). A crash between starting the
+            // process and recording it leaves these unset for a running one.
+            let running = settled == Settled::Running;
+            if record.status.observed_generation != record.generation || (running && record.status.boot_time.is_none())
+            {
                 let generation = record.generation;
                 self.ctx.store.update_status(name, |s| {
                     s.observed_generation = generation;
                     s.observed_revision = s.source_revision.clone();
-                    s.boot_time.get_or_insert_with(now_rfc3339);
+                    if running {
+                        s.boot_time.get_or_insert_with(now_rfc3339);
+                    }
                 })?;
             }
         }

@@ -132,6 +132,11 @@ impl FakeApi {
         }
     }
 
+    /// Whether a watch is held, waiting for events (the controller is watching).
+    pub fn watching(&self) -> bool {
+        !self.lock().watches.is_empty()
+    }
+
     /// Every request so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.lock().seen.clone()
