@@ -116,9 +116,8 @@ pub struct Context {
     pub on_vm_deleted: Option<DeletionHook>,
     resource: ApiResource,
     backoff: Backoff,
-    /// Per MicroVM (`NS/NAME`): the last status this host wrote, and the object version it was
-    /// written from.
-    written: std::sync::Mutex<HashMap<String, (Option<String>, MicroVmStatus)>>,
+    /// Per MicroVM (`NS/NAME`): the last status this host wrote (see [`shown_status`]).
+    written: std::sync::Mutex<HashMap<String, Written>>,
 }
 
 impl Context {
@@ -317,7 +316,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
         return Ok(Action::await_change());
     }
     let api = ctx.api(&namespace);
-    let previous = previous_status(obj);
+    let previous = shown_status(ctx, obj, &key);
 
     if obj.metadata.deletion_timestamp.is_some() {
         if !has_finalizer {
@@ -331,7 +330,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
                 "removing the VM and everything it owns",
             );
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, obj.metadata.generation);
-            patch_status(ctx, &api, obj, &key, &status).await?;
+            patch_status(ctx, &api, obj, &key, previous.as_ref(), &status).await?;
             return Ok(Action::requeue(ctx.settings.poll));
         }
         if let Some(hook) = &ctx.on_vm_deleted {
@@ -366,7 +365,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
             warn!(error = %message, "invalid MicroVM spec; the VM (if any) keeps its previous spec");
             let summary = Summary::new(current_phase(ctx, &vm_name), ConditionType::Stalled, "InvalidSpec", message);
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, generation);
-            patch_status(ctx, &api, obj, &key, &with_placement(status, ctx, &vm_name)).await?;
+            patch_status(ctx, &api, obj, &key, previous.as_ref(), &with_placement(status, ctx, &vm_name)).await?;
             return Ok(Action::await_change());
         }
     };
@@ -381,7 +380,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
             warn!(error = %message, "name conflict");
             let summary = Summary::new(Phase::Pending, ConditionType::Stalled, "NameConflict", message);
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, generation);
-            patch_status(ctx, &api, obj, &key, &status).await?;
+            patch_status(ctx, &api, obj, &key, previous.as_ref(), &status).await?;
             // The other object may go away: look again later.
             return Ok(Action::requeue(ctx.settings.resync));
         }
@@ -389,7 +388,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
         Err(err @ ApplyError::Invalid { .. }) => {
             let summary = Summary::new(Phase::Pending, ConditionType::Stalled, "InvalidSpec", error_chain(&err));
             let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, generation);
-            patch_status(ctx, &api, obj, &key, &status).await?;
+            patch_status(ctx, &api, obj, &key, previous.as_ref(), &status).await?;
             return Ok(Action::await_change());
         }
     }
@@ -397,9 +396,10 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
     let Some(record) = record else {
         return Ok(Action::requeue(ctx.settings.poll));
     };
+    let host = &ctx.settings.host_name;
     let status =
-        MicroVmStatus::observed(&record.status, record.generation, generation, &ctx.settings.host_name, &vm_name);
-    patch_status(ctx, &api, obj, &key, &status).await?;
+        MicroVmStatus::observed(&record.status, record.generation, generation, host, &vm_name, previous.as_ref());
+    patch_status(ctx, &api, obj, &key, previous.as_ref(), &status).await?;
     let settled = status.is_ready() || status.current().is_some_and(|c| c.type_ == ConditionType::Stalled);
     Ok(Action::requeue(if settled { ctx.settings.resync } else { ctx.settings.poll }))
 }
@@ -531,31 +531,55 @@ pub fn desired_vm(obj: &DynamicObject, vm_name: &str) -> Result<Vm, Vec<(String,
     }
 }
 
-/// Writes `status` through the status subresource unless it is what the object already shows.
+/// The last status this host wrote to a MicroVM, and the object versions up to that write: the
+/// one each write started from and the one it produced.
+struct Written {
+    status: MicroVmStatus,
+    versions: std::collections::VecDeque<String>,
+}
+
+/// How many versions [`Written`] remembers per MicroVM.
+const WRITTEN_VERSIONS: usize = 16;
+
+/// The status the MicroVM shows: the object's, unless the cached object is a version from before
+/// this host's last write (a store trigger can run a pass before the watch brings the write's
+/// echo), then what that write set. A version this host did not see is someone else's write, and
+/// its status counts.
+fn shown_status(ctx: &Context, obj: &DynamicObject, key: &str) -> Option<MicroVmStatus> {
+    let written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
+    match (written.get(key), obj.resource_version()) {
+        (Some(w), Some(version)) if w.versions.contains(&version) => Some(w.status.clone()),
+        _ => previous_status(obj),
+    }
+}
+
+/// Writes `status` through the status subresource unless it is what the object shows (`shown`,
+/// from [`shown_status`]).
 async fn patch_status(
     ctx: &Context,
     api: &Api<DynamicObject>,
     obj: &DynamicObject,
     key: &str,
+    shown: Option<&MicroVmStatus>,
     status: &MicroVmStatus,
 ) -> Result<(), KubeError> {
-    if previous_status(obj).as_ref() == Some(status) {
-        return Ok(());
-    }
-    let version = obj.resource_version();
-    let unseen_own_write = |w: &HashMap<String, (Option<String>, MicroVmStatus)>| {
-        w.get(key).is_some_and(|(v, s)| *v == version && s == status)
-    };
-    if unseen_own_write(&ctx.written.lock().unwrap_or_else(|p| p.into_inner())) {
-        // This very status was written from this version of the object; the watch has not
-        // brought the result yet (a store trigger came first). Writing it again is noise.
+    if shown == Some(status) {
         return Ok(());
     }
     let patch = json!({ "status": status });
-    api.patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+    let updated = api
+        .patch_status(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| KubeError::from_api("patch", STATUS_RESOURCE, Some(key.to_string()), e))?;
-    ctx.written.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), (version, status.clone()));
+    let mut written = ctx.written.lock().unwrap_or_else(|p| p.into_inner());
+    let entry = written
+        .entry(key.to_string())
+        .or_insert_with(|| Written { status: status.clone(), versions: Default::default() });
+    entry.status = status.clone();
+    entry.versions.extend(obj.resource_version().into_iter().chain(updated.resource_version()));
+    while entry.versions.len() > WRITTEN_VERSIONS {
+        entry.versions.pop_front();
+    }
     debug!(phase = ?status.phase, "status written");
     Ok(())
 }
