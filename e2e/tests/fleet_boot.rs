@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use controller::testing::git::Repo;
 use controller::testing::netns::run_inside;
+use controller::testing::tmux::{tmux_missing, Tmux};
 use ignite_e2e::{guest_kernel, ignite_bin, ignite_init_bin, kvm_unavailable};
 use image_store::testing::{fixtures, registry::Registry};
 
@@ -212,6 +213,49 @@ fn exec_and_attach(r: &Path) {
     let _ = attach.wait();
     let _ = reader.join();
     eprintln!("ignite attach: console input read by the guest, console output seen");
+    attach_on_a_terminal(r);
+}
+
+/// `ignite attach` on a real terminal (tmux): raw mode, so Enter reaches the guest as typed;
+/// Ctrl-P Ctrl-Q detaches with status 0 and gives the terminal back in canonical mode.
+fn attach_on_a_terminal(r: &Path) {
+    if tmux_missing() {
+        eprintln!("skipping attach on a terminal: tmux is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let command = format!(
+        "IGNITE_AUTOSTART=0 {} --root {} --socket {} attach web; echo ATTACH-EXIT-$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; sleep 60",
+        ignite_bin().display(),
+        r.display(),
+        r.join("ignite.sock").display()
+    );
+    let tmux = Tmux::start("ignite-e2e-attach", &command);
+    tmux.wait("ignite attach to say how to detach", Duration::from_secs(30), |s| s.contains("Ctrl-P Ctrl-Q detaches"));
+    let root = r.to_path_buf();
+    let console_reader = std::thread::spawn(move || {
+        // Lines typed for the attach above may still wait in the console's input: skip them.
+        let script = "while read line < /dev/console; do [ \"$line\" = from-a-tty ] && break; done; \
+                      echo console-got-$line > /dev/console";
+        ignite_exec(&root, &["web", "--", "sh", "-c", script], b"")
+    });
+    let started = Instant::now();
+    while !console_reader.is_finished() {
+        assert!(started.elapsed() < Duration::from_secs(120), "the guest never read the line typed on the terminal");
+        tmux.keys("from-a-tty");
+        tmux.keys("Enter");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (_, err, code) = console_reader.join().unwrap();
+    assert_eq!(code, Some(0), "stderr: {err}");
+    tmux.wait("the guest's answer on the terminal", Duration::from_secs(30), |s| s.contains("console-got-from-a-tty"));
+    tmux.keys("C-p");
+    tmux.keys("C-q");
+    let screen = tmux.wait("the detach", Duration::from_secs(30), |s| s.contains("ATTACH-EXIT-"));
+    assert!(screen.contains("detached from web") && screen.contains("ATTACH-EXIT-0"), "{screen}");
+    assert!(screen.lines().any(|l| l.trim() == "icanon"), "the terminal is back in canonical mode: {screen}");
+    eprintln!(
+        "ignite attach on a terminal: raw input reached the guest; Ctrl-P Ctrl-Q detached and restored the terminal"
+    );
 }
 
 fn manifest(image: &str, memory: &str, ports: &str) -> String {

@@ -1,9 +1,10 @@
 //! Test support shared by the controller's and the end-to-end tests (feature `test-utils`): real
-//! git repositories and a `git daemon`, and running a test inside a network namespace it
-//! creates. Panics on setup failures, as test helpers do.
+//! git repositories and a `git daemon`, running a test inside a network namespace it creates, and
+//! driving a command on a terminal in tmux. Panics on setup failures, as test helpers do.
 
 pub mod git;
 pub mod netns;
+pub mod tmux;
 
 /// A reconciler configuration for tests on the fake runtime: millisecond backoffs and grace, and
 /// no resync or stability reset during a test (an hour), with `workers` workers.
