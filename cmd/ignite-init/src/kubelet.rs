@@ -12,13 +12,14 @@
 //! Paths are guest paths resolved under a root directory (`/` in the guest), so tests run in a
 //! temporary directory. When and how often the kubelet runs is [`crate::node`]'s business.
 
-use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 
 use crate::envfile::{self, EnvFileError, QuoteError};
 use crate::join::{under, JOINED_MARKER};
+use crate::logfile;
 use crate::spec::DEFAULT_PATH;
 
 /// The kubelet configuration kubeadm's `kubelet-start` phase writes; the kubelet starts once it exists.
@@ -31,6 +32,8 @@ pub const KUBELET_DEFAULTS: &str = "/etc/default/kubelet";
 pub const BOOTSTRAP_KUBECONFIG: &str = "/etc/kubernetes/bootstrap-kubelet.conf";
 /// Where the kubelet's standard output and error go (appended; the console only gets start and exit lines).
 pub const KUBELET_LOG: &str = "/var/log/kubelet.log";
+/// The size at which [`KUBELET_LOG`] moves to `kubelet.log.1` and a new one starts.
+pub const KUBELET_LOG_MAX: u64 = 10 << 20;
 
 /// The kubelet could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -104,20 +107,24 @@ pub fn args(root: &Path) -> Result<KubeletArgs, KubeletError> {
 }
 
 /// The kubelet's command: `program` with `args`, in `root`, output appended to [`KUBELET_LOG`]
-/// (created with its directory) after a line saying which start this is.
-pub fn command(root: &Path, program: &Path, args: &KubeletArgs, start: u32) -> Result<Command, KubeletError> {
-    let log_path = under(root, KUBELET_LOG);
-    if let Some(dir) = log_path.parent() {
-        std::fs::create_dir_all(dir).map_err(KubeletError::Log)?;
-    }
-    let mut log = OpenOptions::new().create(true).append(true).open(&log_path).map_err(KubeletError::Log)?;
+/// (created with its directory; at `log_max` bytes it moves to `kubelet.log.1`, see
+/// [`crate::logfile`]) after a line saying which start this is; also the thread copying the
+/// output into the log, which ends once the kubelet (and whatever inherited its output) is gone.
+pub fn command(
+    root: &Path,
+    program: &Path,
+    args: &KubeletArgs,
+    start: u32,
+    log_max: u64,
+) -> Result<(Command, JoinHandle<()>), KubeletError> {
+    let (mut log, copy) = logfile::capped(&under(root, KUBELET_LOG), log_max).map_err(KubeletError::Log)?;
     writeln!(log, "--- ignite-init: kubelet start {start}").map_err(KubeletError::Log)?;
     let stderr = log.try_clone().map_err(KubeletError::Log)?;
     let mut cmd = Command::new(program);
     cmd.args(&args.args).env_clear().env("PATH", DEFAULT_PATH).env("HOME", "/root");
     cmd.envs(args.env.iter().map(|(k, v)| (k, v))).current_dir(root);
     cmd.stdin(Stdio::null()).stdout(log).stderr(stderr);
-    Ok(cmd)
+    Ok((cmd, copy))
 }
 
 #[cfg(test)]

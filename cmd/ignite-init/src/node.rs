@@ -34,6 +34,9 @@ use crate::kubelet::{self, KUBEADM_FLAGS, KUBELET_CONFIG, KUBELET_LOG};
 pub const KNOWN_CRI_SOCKETS: [&str; 3] =
     ["/var/run/containerd/containerd.sock", "/var/run/crio/crio.sock", "/var/run/cri-dockerd.sock"];
 
+/// How long the kubelet's log may take to receive its last output after it exited.
+const LOG_DRAIN: Duration = Duration::from_secs(1);
+
 /// Timing of the bootstrap; [`Default`] is what the guest uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeOptions {
@@ -43,6 +46,8 @@ pub struct NodeOptions {
     pub cri_wait: Duration,
     /// The pause between the kubelet's exit and its next start.
     pub restart_delay: Duration,
+    /// The size at which the kubelet's log is rotated ([`kubelet::KUBELET_LOG_MAX`] in the guest).
+    pub kubelet_log_max: u64,
 }
 
 impl Default for NodeOptions {
@@ -51,6 +56,7 @@ impl Default for NodeOptions {
             poll: Duration::from_millis(200),
             cri_wait: Duration::from_secs(60),
             restart_delay: Duration::from_secs(10),
+            kubelet_log_max: kubelet::KUBELET_LOG_MAX,
         }
     }
 }
@@ -147,7 +153,7 @@ fn bootstrap(root: &Path, join: &JoinConfig, shared: &Arc<Shared>, options: Node
         std::thread::spawn(move || {
             let needed: &[&str] = if already { &[KUBELET_CONFIG] } else { &[KUBELET_CONFIG, KUBEADM_FLAGS] };
             if wait_for_files(&root, needed, &join_done, &shared, options.poll, &log) {
-                supervise(&root, &program, &shared, options.restart_delay, &log);
+                supervise(&root, &program, &shared, &options, &log);
             }
         })
     });
@@ -228,7 +234,8 @@ fn wait_for_files(
 }
 
 /// Runs the kubelet until a stop, starting it again `restart_delay` after each exit.
-fn supervise(root: &Path, program: &Path, shared: &Shared, restart_delay: Duration, log: &Log) {
+fn supervise(root: &Path, program: &Path, shared: &Shared, options: &NodeOptions, log: &Log) {
+    let restart_delay = options.restart_delay;
     let shown = Path::new("/").join(program.strip_prefix(root).unwrap_or(program));
     let again = format!("starting it again in {}s", restart_delay.as_secs_f32());
     for start in 1.. {
@@ -237,22 +244,22 @@ fn supervise(root: &Path, program: &Path, shared: &Shared, restart_delay: Durati
             return;
         }
         let spawned = kubelet::args(root).and_then(|args| {
-            let cmd = kubelet::command(root, program, &args, start)?;
-            Ok((args, cmd))
+            let (cmd, copy) = kubelet::command(root, program, &args, start, options.kubelet_log_max)?;
+            Ok((args, cmd, copy))
         });
         // The spawn happens under the lock, so a stop either comes first or sees the pid.
-        let started = spawned.map_err(|e| chain(&e)).and_then(|(args, mut cmd)| {
+        let started = spawned.map_err(|e| chain(&e)).and_then(|(args, mut cmd, copy)| {
             let child =
                 shared.children.spawn(&mut cmd).map_err(|e| format!("cannot start {}: {e}", shown.display()))?;
             state.kubelet = Some(child.id());
-            Ok((args, child.id()))
+            Ok((args, child.id(), copy))
         });
         drop(state);
-        let pid = match started {
-            Ok((args, pid)) => {
+        let (pid, copy) = match started {
+            Ok((args, pid, copy)) => {
                 let line = format!("{} {}", shown.display(), args.args.join(" "));
                 log(&format!("kubelet: started (pid {pid}, start {start}, output in {KUBELET_LOG}): {line}"));
-                pid
+                (pid, copy)
             }
             Err(e) => {
                 log(&format!("kubelet: cannot start it: {e}; {again}"));
@@ -263,6 +270,12 @@ fn supervise(root: &Path, program: &Path, shared: &Shared, restart_delay: Durati
             }
         };
         let status = shared.children.wait(pid);
+        // Its last words reach the log before the exit is told (unless a process it left behind
+        // still holds the output).
+        let drained = Instant::now() + LOG_DRAIN;
+        while !copy.is_finished() && Instant::now() < drained {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let stopping = {
             let mut state = shared.lock();
             state.kubelet = None;

@@ -78,6 +78,7 @@ fn options() -> NodeOptions {
         poll: Duration::from_millis(20),
         cri_wait: Duration::from_secs(120),
         restart_delay: Duration::from_millis(10),
+        kubelet_log_max: kubelet::KUBELET_LOG_MAX,
     }
 }
 
@@ -198,12 +199,16 @@ fn a_node_that_joined_before_starts_the_kubelet_without_kubeadm() {
         std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
         std::fs::write(root.join(path), text).unwrap();
     }
-    let (node, rx) = start(root, options());
+    // A log cap smaller than the kubelet's first two lines: the second starts kubelet.log anew.
+    let (node, rx) = start(root, NodeOptions { kubelet_log_max: 64, ..options() });
     let mut lines = Vec::new();
     until(&rx, &mut lines, |l| count(l, "kubelet: started") == 1);
     until_up(root);
     node.stop();
     assert_eq!(node.wait(), JoinOutcome::AlreadyJoined);
+    let log = |name: &str| std::fs::read_to_string(root.join("var/log").join(name)).unwrap();
+    assert_eq!(log("kubelet.log.1"), "--- ignite-init: kubelet start 1\n");
+    assert_eq!(log("kubelet.log"), format!("kubelet chatter {TOKEN}\n"), "complete once the exit is told");
     lines.extend(rx.try_iter());
     let shown = lines.join("\n");
     assert!(!root.join("kubeadm-args").exists(), "kubeadm must not run: {shown}");
