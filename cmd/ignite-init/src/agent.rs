@@ -217,7 +217,7 @@ impl Accounts {
 /// unless the environment sets it. An unknown user is an `InvalidInput` error naming it.
 pub fn command(request: &ExecRequest, defaults: &ExecDefaults, accounts: &Accounts) -> io::Result<Command> {
     use std::os::unix::process::CommandExt;
-    let user = [request.user.as_str(), defaults.user.as_str(), "root"].into_iter().find(|u| !u.is_empty());
+    let user = [request.user.as_str(), defaults.user.as_str()].into_iter().find(|u| !u.is_empty());
     let user = crate::spec::resolve_user(user.unwrap_or("root"), &accounts.passwd, &accounts.group)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let mut cmd = Command::new(&request.argv[0]);
@@ -440,7 +440,6 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
-    /// Runs `serve` on one end of a socketpair with plain `Child::wait`, returns the other end.
     /// An agent whose main process runs as the test itself (unless `defaults` names a user).
     fn agent(mut defaults: ExecDefaults) -> (UnixStream, std::thread::JoinHandle<Result<i32, ProtocolError>>) {
         if defaults.user.is_empty() {
@@ -453,6 +452,7 @@ mod tests {
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
     const GROUP: &str = "root:x:0:\nnogroup:x:65534:\nstaff:x:50:\n";
 
+    /// Runs `serve` on one end of a socketpair with plain `Child::wait`, returns the other end.
     fn agent_with(
         defaults: ExecDefaults,
         accounts: Accounts,
