@@ -224,7 +224,7 @@ fn attach_on_a_terminal(r: &Path) {
         return;
     }
     let command = format!(
-        "IGNITE_AUTOSTART=0 {} --root {} --socket {} attach web; echo ATTACH-EXIT-$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; sleep 60",
+        "IGNITE_AUTOSTART=0 {} --root {} --socket {} attach web; echo ATTACH-EXIT-$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; echo STTY-SHOWN; sleep 60",
         ignite_bin().display(),
         r.display(),
         r.join("ignite.sock").display()
@@ -250,7 +250,7 @@ fn attach_on_a_terminal(r: &Path) {
     tmux.wait("the guest's answer on the terminal", Duration::from_secs(30), |s| s.contains("console-got-from-a-tty"));
     tmux.keys("C-p");
     tmux.keys("C-q");
-    let screen = tmux.wait("the detach", Duration::from_secs(30), |s| s.contains("ATTACH-EXIT-"));
+    let screen = tmux.wait("the detach and the terminal's mode", Duration::from_secs(30), |s| s.contains("STTY-SHOWN"));
     assert!(screen.contains("detached from web") && screen.contains("ATTACH-EXIT-0"), "{screen}");
     assert!(screen.lines().any(|l| l.trim() == "icanon"), "the terminal is back in canonical mode: {screen}");
     eprintln!(
