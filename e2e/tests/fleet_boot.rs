@@ -102,29 +102,23 @@ fn start_daemon(root: &Path, repo: &Repo, kernel: &Path) -> Daemon {
 }
 
 /// The `ignite` CLI against the test's daemon (never starting one of its own).
+fn ignite_cmd(root: &Path) -> Command {
+    let mut cmd = Command::new(ignite_bin());
+    cmd.arg("--root").arg(root).arg("--socket").arg(root.join("ignite.sock")).env("IGNITE_AUTOSTART", "0");
+    cmd
+}
+
+/// Runs `ignite ARGS` against the test's daemon; its stdout and stderr.
 fn ignite(root: &Path, args: &[&str]) -> (String, String) {
-    let out = Command::new(ignite_bin())
-        .arg("--root")
-        .arg(root)
-        .arg("--socket")
-        .arg(root.join("ignite.sock"))
-        .args(args)
-        .env("IGNITE_AUTOSTART", "0")
-        .output()
-        .unwrap();
+    let out = ignite_cmd(root).args(args).output().unwrap();
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// `ignite exec` with `stdin`, returning stdout, stderr and the exit code.
 fn ignite_exec(root: &Path, args: &[&str], stdin: &[u8]) -> (String, String, Option<i32>) {
-    let mut child = Command::new(ignite_bin())
-        .arg("--root")
-        .arg(root)
-        .arg("--socket")
-        .arg(root.join("ignite.sock"))
+    let mut child = ignite_cmd(root)
         .arg("exec")
         .args(args)
-        .env("IGNITE_AUTOSTART", "0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -166,13 +160,8 @@ fn exec_and_attach(r: &Path) {
     eprintln!("ignite exec: output, stdin, exit codes and errors work; `exec web -- true` took {:?}", timed.elapsed());
 
     // Attach, then a command in the guest reads a line from the console and writes to it.
-    let mut attach = Command::new(ignite_bin())
-        .arg("--root")
-        .arg(r)
-        .arg("--socket")
-        .arg(r.join("ignite.sock"))
+    let mut attach = ignite_cmd(r)
         .args(["attach", "web"])
-        .env("IGNITE_AUTOSTART", "0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
