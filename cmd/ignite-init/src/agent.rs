@@ -375,11 +375,20 @@ pub fn run_to_end<S: Read + Write>(
     stdin: &[u8],
 ) -> Result<ExecOutput, ProtocolError> {
     write_request(stream, request)?;
-    if !stdin.is_empty() {
-        write_frame(stream, Tag::Stdin, stdin)?;
+    let input = (|| {
+        if !stdin.is_empty() {
+            write_frame(stream, Tag::Stdin, stdin)?;
+        }
+        write_frame(stream, Tag::CloseStdin, &[])?;
+        stream.flush().map_err(ProtocolError::from)
+    })();
+    match input {
+        // The agent may answer and close before it reads the input (an unknown user, a missing
+        // program): the answer is still there to read.
+        Err(ProtocolError::Io(e)) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+        }
+        other => other?,
     }
-    write_frame(stream, Tag::CloseStdin, &[])?;
-    stream.flush()?;
     let mut output = ExecOutput::default();
     while let Some((tag, payload)) = read_frame(stream)? {
         match tag {
@@ -560,8 +569,10 @@ mod tests {
             [("", "bob", "bob"), ("ghost", "", "ghost"), ("", "root:nogrp", "nogrp")]
         {
             let (mut client, handle) = agent(ExecDefaults { user: defaults_user.into(), ..Default::default() });
-            let request = ExecRequest { user: request_user.into(), ..req(&["true"]) };
-            let out = run_to_end(&mut client, &request, b"").unwrap();
+            let request = ExecRequest { user: request_user.into(), ..req(&["cat"]) };
+            // More input than the socket buffers hold: the agent answers and closes while the
+            // client is still writing it, and the answer must still arrive.
+            let out = run_to_end(&mut client, &request, &vec![b'x'; 4 << 20]).unwrap();
             assert_eq!(out.exit, Some(126), "{out:?}");
             let error = out.error.unwrap_or_default();
             assert!(error.contains(&format!("{named:?} not found in /etc/")), "{error}");
