@@ -82,7 +82,9 @@ fn a_spec_change_recreates_and_a_state_change_only_stops() {
     env.reconcile("web");
     env.runtime.clear_calls();
     env.apply("git:fleet", "rev2", &[("web.yaml", &manifest("web", "512Mi", ""))]).unwrap();
+    assert_eq!(env.ready("web"), (ConditionStatus::False, String::new()), "the old VM's Ready is not the new spec's");
     env.reconcile("web");
+    assert_eq!(env.ready("web"), (ConditionStatus::True, "Running".into()));
     assert_eq!(
         env.runtime.calls(),
         [

@@ -3,7 +3,9 @@
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
-use crate::api::{Vm, VmStatus};
+use crate::api::{ConditionType, Vm, VmStatus};
+use crate::reconcile::conditions::{self, Summary};
+use crate::reconcile::now_rfc3339;
 
 use super::records::{PutOutcome, VmChange, VmChanges, VmRecord};
 use super::{decode, decode_u64, encode, Store, StoreError, KEY_REVISION, META, VMS};
@@ -52,9 +54,17 @@ impl Store {
                         requested: owner.to_string(),
                     })
                 }
-                Some(old) => {
+                Some(mut old) => {
                     let changed = old.vm != *vm || old.deletion_requested || old.owner != owner;
                     let generation = if old.vm != *vm { old.generation + 1 } else { old.generation };
+                    if generation != old.generation && !old.status.conditions.is_empty() {
+                        // What the status says is about the previous spec: until the reconciler
+                        // has looked at this one, no reader may take the old Ready for it.
+                        let message = format!("generation {generation} is declared; the host is applying it");
+                        let summary =
+                            Summary::new(old.status.phase, ConditionType::Reconciling, "Progressing", message);
+                        conditions::apply(&mut old.status, &summary, &now_rfc3339());
+                    }
                     let record = VmRecord {
                         vm: vm.clone(),
                         owner: owner.to_string(),
@@ -71,7 +81,7 @@ impl Store {
                         generation: 1,
                         status: VmStatus::default(),
                         deletion_requested: false,
-                        created_at: crate::reconcile::now_rfc3339(),
+                        created_at: now_rfc3339(),
                         revision: 0,
                     };
                     (record, PutOutcome { generation: 1, changed: true, created: true })
@@ -251,6 +261,27 @@ mod tests {
         let record = store.get_vm("web").unwrap().unwrap();
         assert_eq!(record.status.phase, Phase::Running);
         assert_eq!(record.generation, 2);
+    }
+
+    #[test]
+    fn a_new_spec_turns_a_settled_status_into_progressing_until_the_reconciler_settles_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        assert!(store.get_vm("web").unwrap().unwrap().status.conditions.is_empty(), "never looked at: no conditions");
+        let ready = Summary::new(Phase::Running, ConditionType::Ready, "Running", "");
+        store.update_status("web", |s| _ = conditions::apply(s, &ready, "t1")).unwrap();
+
+        store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
+        let current = |store: &Store| conditions::current(&store.get_vm("web").unwrap().unwrap().status);
+        assert_eq!(current(&store), Some((ConditionType::Ready, "Running".into())), "same spec: still Ready");
+
+        store.put_vm(&vm("web", "128Mi"), "git:a", false).unwrap();
+        let record = store.get_vm("web").unwrap().unwrap();
+        assert_eq!(current(&store), Some((ConditionType::Reconciling, "Progressing".into())));
+        assert_eq!(record.status.phase, Phase::Running, "the old VM still runs");
+        let progressing = record.status.conditions.iter().find(|c| c.type_ == ConditionType::Reconciling).unwrap();
+        assert!(progressing.message.contains("generation 2"), "{progressing:?}");
     }
 
     #[test]
