@@ -8,9 +8,10 @@
 //!    configuration names (`criSocket`), else any of [`KNOWN_CRI_SOCKETS`] (kubeadm's autodetection).
 //! 2. Run the join ([`crate::join::run`]). Meanwhile, when the image has a `kubelet`, poll for the
 //!    files kubeadm's `kubelet-start` phase writes ([`KUBELET_CONFIG`] and [`KUBEADM_FLAGS`]) and
-//!    start the kubelet once they exist, which is when kubeadm would (re)start the systemd unit and
-//!    then wait for the kubelet's TLS bootstrap. On a disk that joined on an earlier boot, no join
-//!    runs and the kubelet starts at once (when [`KUBELET_CONFIG`] exists).
+//!    start the kubelet once they are written (not empty, unchanged over one poll), which is when
+//!    kubeadm would (re)start the systemd unit and then wait for the kubelet's TLS bootstrap. On a
+//!    disk that joined on an earlier boot, no join runs and the kubelet starts at once (when
+//!    [`KUBELET_CONFIG`] exists).
 //! 3. Keep the kubelet running, as `Restart=always` with `RestartSec=10` would: each exit is
 //!    logged and followed by a new start after [`NodeOptions::restart_delay`] (the environment
 //!    files are read again). [`Node::stop`] sends it SIGTERM and ends the restarts.
@@ -200,7 +201,9 @@ fn wait_for_cri(root: &Path, join: &JoinConfig, shared: &Shared, options: NodeOp
     }
 }
 
-/// Polls for `needed` until they all exist (true), the join ended without them or a stop (false).
+/// Polls for `needed` until they are all written (true), the join ended without them or a stop
+/// (false). While the join runs, written means not empty and unchanged over one poll: kubeadm
+/// creates a file before it writes it, and a kubelet started in between would miss its flags.
 fn wait_for_files(
     root: &Path,
     needed: &[&str],
@@ -209,18 +212,26 @@ fn wait_for_files(
     poll: Duration,
     log: &Log,
 ) -> bool {
-    let ready = || needed.iter().all(|p| under(root, p).exists());
+    let exist = || needed.iter().all(|p| under(root, p).exists());
+    let sizes_and_times = || {
+        let file = |p: &&str| std::fs::metadata(under(root, p)).ok().filter(|m| m.len() > 0);
+        needed.iter().map(|p| file(p).map(|m| (m.len(), m.modified().ok()))).collect::<Option<Vec<_>>>()
+    };
+    let mut last = None;
     loop {
         if shared.lock().stopping {
             return false;
         }
-        if ready() {
+        let now = sizes_and_times();
+        if now.is_some() && now == last {
             return true;
         }
+        last = now;
         match join_done.recv_timeout(poll) {
             Err(RecvTimeoutError::Timeout) => {}
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                if ready() {
+                // kubeadm has ended: what it wrote is complete.
+                if exist() {
                     return true;
                 }
                 log(&format!(

@@ -32,12 +32,20 @@ fn script(root: &Path, name: &str, body: &str) {
 
 /// kubeadm join as far as ignite-init is concerned (it runs in the root, so paths are relative).
 fn fake_kubeadm(root: &Path) {
+    fake_kubeadm_writing_flags(root, "");
+}
+
+/// [`fake_kubeadm`], running `before_flags` (shell) after it created the flags file and before it
+/// writes it.
+fn fake_kubeadm_writing_flags(root: &Path, before_flags: &str) {
     let body = format!(
         r#"echo "$@" > kubeadm-args
 [ -e var/run/containerd/containerd.sock ] || {{ echo "[preflight] container runtime is not running" >&2; exit 1; }}
 mkdir -p etc/kubernetes var/lib/kubelet
 echo "token: {TOKEN}" > etc/kubernetes/bootstrap-kubelet.conf
 echo "kind: KubeletConfiguration" > var/lib/kubelet/config.yaml
+: > var/lib/kubelet/kubeadm-flags.env
+{before_flags}
 echo 'KUBELET_KUBEADM_ARGS="{FLAGS}"' > var/lib/kubelet/kubeadm-flags.env
 echo "[kubelet-start] Starting the kubelet (token {TOKEN})"
 i=0
@@ -166,6 +174,25 @@ fn the_join_succeeds_once_the_runtime_is_up_and_the_kubelet_runs_with_the_drop_i
     let log = std::fs::read_to_string(root.join("var/log/kubelet.log")).unwrap();
     assert_eq!(count(&log.lines().map(String::from).collect::<Vec<_>>(), "kubelet chatter"), 2, "{log}");
     assert!(log.starts_with("--- ignite-init: kubelet start 1\n"), "{log}");
+}
+
+#[test]
+fn the_kubelet_waits_for_a_flags_file_that_kubeadm_created_but_has_not_written_yet() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
+    // Many polls (20 ms) between the file's creation and its content, as a slow guest can have.
+    fake_kubeadm_writing_flags(root, "sleep 0.5");
+    fake_kubelet(root);
+    extra_args(root);
+    std::fs::create_dir_all(root.join("var/run/containerd")).unwrap();
+    std::fs::write(root.join("var/run/containerd/containerd.sock"), "").unwrap();
+    let (node, rx) = start(root, options());
+    let mut lines = Vec::new();
+    until(&rx, &mut lines, |l| count(l, "kubernetes: joined the cluster") == 1 && count(l, "kubelet: started") == 2);
+    until_up(root);
+    node.stop();
+    assert_eq!(node.wait(), JoinOutcome::Joined);
+    assert_eq!(runs(root), [expected_argv(true), expected_argv(true)], "{}", lines.join("\n"));
 }
 
 #[test]
