@@ -382,12 +382,13 @@ pub fn run_to_end<S: Read + Write>(
         write_frame(stream, Tag::CloseStdin, &[])?;
         stream.flush().map_err(ProtocolError::from)
     })();
-    match input {
+    if let Err(e) = input {
         // The agent may answer and close before it reads the input (an unknown user, a missing
         // program): the answer is still there to read.
-        Err(ProtocolError::Io(e)) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+        let closed = |e: &io::Error| matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset);
+        if !matches!(&e, ProtocolError::Io(io) if closed(io)) {
+            return Err(e);
         }
-        other => other?,
     }
     let mut output = ExecOutput::default();
     while let Some((tag, payload)) = read_frame(stream)? {

@@ -40,8 +40,9 @@ fn read(vms: &TransactionalTree, name: &str) -> TxResult<Option<VmRecord>> {
 
 impl Store {
     /// Stores the declared `vm` for `owner`. The generation moves only when metadata or spec
-    /// change; status is kept. Refuses an object owned by another source unless `force_owner`.
-    /// Durable on return.
+    /// change; status is kept, except that a new generation makes a looked-at status
+    /// `Reconciling/Progressing` until the reconciler settles it. Refuses an object owned by
+    /// another source unless `force_owner`. Durable on return.
     pub fn put_vm(&self, vm: &Vm, owner: &str, force_owner: bool) -> Result<PutOutcome, StoreError> {
         let name = vm.metadata.name.as_str();
         let outcome = (&self.vms, &self.meta).transaction(|(vms, meta)| {
