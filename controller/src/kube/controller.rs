@@ -397,8 +397,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
         return Ok(Action::requeue(ctx.settings.poll));
     };
     let host = &ctx.settings.host_name;
-    let status =
-        MicroVmStatus::observed(&record.status, record.generation, generation, host, &vm_name, previous.as_ref());
+    let status = MicroVmStatus::observed(&record.status, generation, host, &vm_name, previous.as_ref());
     patch_status(ctx, &api, obj, &key, previous.as_ref(), &status).await?;
     let settled = status.is_ready() || status.current().is_some_and(|c| c.type_ == ConditionType::Stalled);
     Ok(Action::requeue(if settled { ctx.settings.resync } else { ctx.settings.poll }))

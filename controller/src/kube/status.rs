@@ -37,32 +37,23 @@ pub struct MicroVmStatus {
 }
 
 impl MicroVmStatus {
-    /// The status of a MicroVM at `generation` whose VM is in the store with status `vm`, the
-    /// record being at store generation `stored`. A `Ready` the host has not yet confirmed for
-    /// `stored` (the VM still runs an older spec: `vm.observed_generation` is behind) is reported
-    /// as `Reconciling`, so no one takes a rollout for done before the new VM runs. Such a stand-in
-    /// condition keeps the transition times `previous` (what the object shows) has for it.
+    /// The status of a MicroVM at `generation` whose VM is in the store with status `vm`. The
+    /// store holds a `Ready` only for the spec the VM runs ([`Store::update_status`]), so a rollout
+    /// is never taken for done before the new VM runs. A VM not looked at yet shows as
+    /// `Reconciling/Pending`, with the transition times `previous` (what the object shows) has.
+    ///
+    /// [`Store::update_status`]: crate::store::Store::update_status
     pub fn observed(
         vm: &VmStatus,
-        stored: u64,
         generation: Option<i64>,
         host: &str,
         vm_name: &str,
         previous: Option<&MicroVmStatus>,
     ) -> Self {
         let mut conditions = vm.conditions.clone();
-        let ready = conditions.iter().any(|c| c.type_ == ConditionType::Ready && c.status == ConditionStatus::True);
-        let summary = if conditions.is_empty() {
+        if conditions.is_empty() {
             // Stored, not yet looked at by the reconciler.
-            Some(Summary::new(Phase::Pending, ConditionType::Reconciling, "Pending", "queued on the host"))
-        } else if ready && vm.observed_generation < stored {
-            let message =
-                format!("the host is applying the new spec (its VM runs generation {})", vm.observed_generation);
-            Some(Summary::new(vm.phase, ConditionType::Reconciling, "Progressing", message))
-        } else {
-            None
-        };
-        if let Some(summary) = summary {
+            let summary = Summary::new(Phase::Pending, ConditionType::Reconciling, "Pending", "queued on the host");
             let base = previous.filter(|p| !p.conditions.is_empty()).map_or(conditions, |p| p.conditions.clone());
             let mut pending = VmStatus { conditions: base, ..Default::default() };
             conditions::apply(&mut pending, &summary, &crate::reconcile::now_rfc3339());
@@ -116,7 +107,7 @@ mod tests {
         };
         conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
         vm.observed_generation = 4;
-        let status = MicroVmStatus::observed(&vm, 4, Some(3), "h1", "ns-web", None);
+        let status = MicroVmStatus::observed(&vm, Some(3), "h1", "ns-web", None);
         assert_eq!(status.observed_generation, Some(3));
         assert!(status.is_ready());
         assert_eq!((status.ip.as_deref(), status.node_ref.as_deref()), (Some("10.61.0.2"), Some("node-a")));
@@ -130,7 +121,7 @@ mod tests {
     fn a_stalled_summary_keeps_the_transition_time_of_unchanged_conditions() {
         let mut vm = VmStatus::default();
         conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
-        let running = MicroVmStatus::observed(&vm, 0, Some(1), "h1", "ns-web", None);
+        let running = MicroVmStatus::observed(&vm, Some(1), "h1", "ns-web", None);
         let bad = Summary::new(Phase::Running, ConditionType::Stalled, "InvalidSpec", "spec.memory: lots");
         let stalled = MicroVmStatus::with_summary(Some(&running), &bad, Some(2));
         let current = stalled.current().unwrap();
@@ -142,25 +133,13 @@ mod tests {
     }
 
     #[test]
-    fn a_ready_the_host_has_not_confirmed_for_the_stored_generation_is_progressing() {
-        let mut vm = VmStatus { phase: Phase::Running, observed_generation: 1, ..Default::default() };
-        conditions::apply(&mut vm, &Summary::new(Phase::Running, ConditionType::Ready, "Running", ""), "t1");
-        let stale = MicroVmStatus::observed(&vm, 2, Some(2), "h1", "ns-web", None);
-        let current = stale.current().unwrap();
-        assert_eq!((current.type_, current.reason.as_str()), (ConditionType::Reconciling, "Progressing"));
-        assert!(current.message.contains("generation 1"), "{current:?}");
-        assert!(!stale.is_ready());
-        assert_eq!(stale.phase, Some(Phase::Running), "the phase is what runs now");
-        let mut shown = stale.clone();
+    fn a_vm_not_looked_at_yet_is_pending_and_keeps_the_transition_time_the_object_shows() {
+        let pending = MicroVmStatus::observed(&VmStatus::default(), Some(1), "h1", "ns-web", None);
+        let current = pending.current().unwrap();
+        assert_eq!((current.type_, current.reason.as_str()), (ConditionType::Reconciling, "Pending"));
+        let mut shown = pending.clone();
         shown.conditions.iter_mut().for_each(|c| c.last_transition_time = "t0".into());
-        let again = MicroVmStatus::observed(&vm, 2, Some(2), "h1", "ns-web", Some(&shown));
-        assert_eq!(again, shown, "a pass while progressing writes nothing new");
-        vm.observed_generation = 2;
-        assert!(MicroVmStatus::observed(&vm, 2, Some(2), "h1", "ns-web", Some(&shown)).is_ready(), "confirmed");
-        // Not Ready: mirrored as it is (a failure or work in progress is never taken for success).
-        conditions::apply(&mut vm, &Summary::new(Phase::Failed, ConditionType::Stalled, "Exited", "exit 3"), "t2");
-        vm.observed_generation = 1;
-        let stalled = MicroVmStatus::observed(&vm, 2, Some(2), "h1", "ns-web", None);
-        assert_eq!(stalled.current().unwrap().reason, "Exited");
+        let again = MicroVmStatus::observed(&VmStatus::default(), Some(1), "h1", "ns-web", Some(&shown));
+        assert_eq!(again, shown, "a pass while pending writes nothing new");
     }
 }

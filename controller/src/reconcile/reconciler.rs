@@ -416,7 +416,8 @@ impl Reconciler {
         runtime_err(name, step, err)
     }
 
-    /// Writes the summary into the status; true if the visible condition changed.
+    /// Writes the summary into the status; true if the visible condition changed to it (the store
+    /// keeps a Ready for a spec replaced meanwhile as Progressing: no change then).
     fn summarize(&self, name: &str, summary: Summary) -> Result<bool, ReconcileError> {
         let mut changed = false;
         match self.ctx.store.update_status(name, |s| {
@@ -425,7 +426,9 @@ impl Reconciler {
                 s.last_error = None;
             }
         }) {
-            Ok(_) => Ok(changed),
+            Ok(record) => {
+                Ok(changed && conditions::current(&record.status).is_some_and(|(c, _)| c == summary.condition))
+            }
             Err(StoreError::NotFound { .. }) => Ok(false),
             Err(err) => Err(err.into()),
         }

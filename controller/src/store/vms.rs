@@ -28,6 +28,23 @@ fn bump_revision(meta: &TransactionalTree) -> TxResult<u64> {
     Ok(current + 1)
 }
 
+/// Marks `status` `Reconciling/Progressing`: the record is at `generation`, which the host has not
+/// applied yet.
+fn progressing(status: &mut VmStatus, generation: u64) {
+    let message = format!("generation {generation} is declared; the host is applying it");
+    let summary = Summary::new(status.phase, ConditionType::Reconciling, "Progressing", message);
+    conditions::apply(status, &summary, &now_rfc3339());
+}
+
+/// A Ready status is about the record's generation: one the host reflects only for an older
+/// generation (a reconciler pass that settled a spec replaced meanwhile) is still progressing.
+fn ready_only_when_observed(record: &mut VmRecord) {
+    let ready = conditions::current(&record.status).is_some_and(|(kind, _)| kind == ConditionType::Ready);
+    if ready && record.status.observed_generation < record.generation {
+        progressing(&mut record.status, record.generation);
+    }
+}
+
 fn read(vms: &TransactionalTree, name: &str) -> TxResult<Option<VmRecord>> {
     match vms.get(name.as_bytes())? {
         Some(v) => match decode(VMS, name.as_bytes(), &v) {
@@ -59,12 +76,8 @@ impl Store {
                     let changed = old.vm != *vm || old.deletion_requested || old.owner != owner;
                     let generation = if old.vm != *vm { old.generation + 1 } else { old.generation };
                     if generation != old.generation && !old.status.conditions.is_empty() {
-                        // What the status says is about the previous spec: until the reconciler
-                        // has looked at this one, no reader may take the old Ready for it.
-                        let message = format!("generation {generation} is declared; the host is applying it");
-                        let summary =
-                            Summary::new(old.status.phase, ConditionType::Reconciling, "Progressing", message);
-                        conditions::apply(&mut old.status, &summary, &now_rfc3339());
+                        // What the status says (Ready, or a failure) is about the previous spec.
+                        progressing(&mut old.status, generation);
                     }
                     let record = VmRecord {
                         vm: vm.clone(),
@@ -119,7 +132,8 @@ impl Store {
     }
 
     /// Changes the status of `name` with `update` (re-run on a concurrent write, so no update is
-    /// lost). Returns the new record.
+    /// lost). A `Ready` for a generation older than the record's stays `Reconciling/Progressing`.
+    /// Returns the new record.
     pub fn update_status(&self, name: &str, update: impl FnMut(&mut VmStatus)) -> Result<VmRecord, StoreError> {
         // sled may run the transaction closure again on a conflict, and wants an `Fn`.
         let update = std::cell::RefCell::new(update);
@@ -129,6 +143,7 @@ impl Store {
             };
             let before = record.status.clone();
             (update.borrow_mut())(&mut record.status);
+            ready_only_when_observed(&mut record);
             if record.status != before {
                 record.revision = bump_revision(meta)?;
                 vms.insert(name.as_bytes(), encode(&record))?;
@@ -265,13 +280,22 @@ mod tests {
     }
 
     #[test]
-    fn a_new_spec_turns_a_settled_status_into_progressing_until_the_reconciler_settles_again() {
+    fn a_new_spec_turns_a_settled_status_into_progressing_until_the_host_reflects_that_generation() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
         assert!(store.get_vm("web").unwrap().unwrap().status.conditions.is_empty(), "never looked at: no conditions");
         let ready = Summary::new(Phase::Running, ConditionType::Ready, "Running", "");
-        store.update_status("web", |s| _ = conditions::apply(s, &ready, "t1")).unwrap();
+        // As the reconciler settles: the generation it applied, then Ready.
+        let settle = |store: &Store, generation: u64| {
+            store
+                .update_status("web", |s| {
+                    s.observed_generation = generation;
+                    conditions::apply(s, &ready, "t1");
+                })
+                .unwrap()
+        };
+        settle(&store, 1);
 
         store.put_vm(&vm("web", "64Mi"), "git:a", false).unwrap();
         let current = |store: &Store| conditions::current(&store.get_vm("web").unwrap().unwrap().status);
@@ -283,6 +307,17 @@ mod tests {
         assert_eq!(record.status.phase, Phase::Running, "the old VM still runs");
         let progressing = record.status.conditions.iter().find(|c| c.type_ == ConditionType::Reconciling).unwrap();
         assert!(progressing.message.contains("generation 2"), "{progressing:?}");
+
+        // A pass that started before the change settles generation 1: not Ready for generation 2.
+        let stale = settle(&store, 1);
+        assert_eq!(conditions::current(&stale.status), Some((ConditionType::Reconciling, "Progressing".into())));
+        assert_eq!(stale.status.phase, Phase::Running);
+        // A failure is shown as it is, whichever generation it is about.
+        let exited = Summary::new(Phase::Failed, ConditionType::Stalled, "Exited", "exit 3");
+        let failed = store.update_status("web", |s| _ = conditions::apply(s, &exited, "t2")).unwrap();
+        assert_eq!(conditions::current(&failed.status), Some((ConditionType::Stalled, "Exited".into())));
+        let settled = settle(&store, 2);
+        assert_eq!(conditions::current(&settled.status), Some((ConditionType::Ready, "Running".into())));
     }
 
     #[test]
