@@ -1,8 +1,8 @@
 //! `ignite-init`'s library: the per-VM config drive format shared with the controller ([`config`]), and the
 //! pure logic the guest init applies (image config + overrides merge, user resolution: [`spec`]), and the
 //! Kubernetes node bootstrap run alongside the entrypoint ([`node`]: `kubeadm join` ([`join`]) and the
-//! kubelet ([`kubelet`], its environment files: [`envfile`], its size-capped log: [`logfile`]), relative to a root directory so it is
-//! testable, its processes started through [`children`]).
+//! kubelet ([`kubelet`], its environment files: [`envfile`], its size-capped log: [`logfile`]),
+//! relative to a root directory so it is testable, its processes started through [`children`]).
 //!
 //! The binary (`src/main.rs`) is PID 1 in every guest; only it mounts, signals and powers off.
 

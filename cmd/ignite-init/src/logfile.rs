@@ -134,32 +134,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("service.log");
         let (mut writer, thread) = capped(&path, 10).unwrap();
-        writer
-            .write_all(
-                b"1234567
-",
-            )
-            .unwrap();
-        writer
-            .write_all(
-                b"abcdef
-",
-            )
-            .unwrap();
-        writer
-            .write_all(
-                b"0123456789abc
-",
-            )
-            .unwrap();
+        writer.write_all(b"1234567\n").unwrap();
+        writer.write_all(b"abcdef\n").unwrap();
+        writer.write_all(b"0123456789abc\n").unwrap();
         drop(writer);
         thread.join().unwrap();
         assert_eq!(std::fs::read_to_string(rotated_path(&path)).unwrap(), "0123456789");
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            "abc
-"
-        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "abc\n");
     }
 
     #[test]
