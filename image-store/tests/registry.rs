@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use image_store::testing::mount::Mounted;
 use image_store::{
     import, pull_blocking, ContentError, ContentStore, Digest, ImageIndex, ImportError, PullError, PullOptions,
     PullProgress, StorePaths,
@@ -258,7 +259,7 @@ fn gc_removes_only_unreferenced_blobs() {
     );
 }
 
-fn mounted_small_fs(dir: &Path) -> Result<MountGuard, String> {
+fn mounted_small_fs(dir: &Path) -> Result<Mounted, String> {
     if !nix_is_root() {
         return Err("needs root to loop-mount a small filesystem".into());
     }
@@ -270,24 +271,13 @@ fn mounted_small_fs(dir: &Path) -> Result<MountGuard, String> {
     if !ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img)) {
         return Err("mkfs.ext4 failed or is missing".into());
     }
-    if !ok(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt)) {
-        return Err("mount -o loop failed".into());
-    }
-    Ok(MountGuard(mnt))
+    Mounted::loop_mount(&img, &mnt, "")
 }
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
-}
-
-struct MountGuard(std::path::PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]
@@ -304,7 +294,7 @@ fn full_disk_leaves_nothing_behind() {
     };
     let img: Image = fixtures::big_image(12 << 20, 42);
     fixtures::push_image(&host, "big", "v1", &img, None);
-    let paths = StorePaths::new(mount.0.join("store"));
+    let paths = StorePaths::new(mount.mountpoint.join("store"));
     let e = pull_blocking(&paths, &format!("{host}/big:v1"), &insecure()).unwrap_err();
     println!("full disk: {}", chain(&e));
     assert!(matches!(e, PullError::Content(ContentError::NoSpace { .. })), "{}", chain(&e));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use image_store::kernel::{self, KernelError};
+use image_store::testing::mount::Mounted;
 use image_store::{build_base_rootfs, remove_base_rootfs, Digest, GuestImageConfig, ImageRecord, Layer, RootfsError};
 use image_store::{StorePaths, UnpackError};
 use tar::{EntryType, Header};
@@ -221,27 +222,19 @@ fn mounted_tree(root: &Path) -> (BTreeMap<String, Node>, BTreeMap<String, u64>) 
     (tree, inodes)
 }
 
-/// Unmounts on drop, so a failing assertion does not leave the mount behind.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 fn check_mounted(img: &Path, mnt: &Path, expected: &BTreeMap<String, Node>) {
     if !is_root() {
         eprintln!("skipping mount check: not root (debugfs check ran instead)");
         return;
     }
     std::fs::create_dir_all(mnt).unwrap();
-    let out = Command::new("mount").arg("-o").arg("loop,ro").arg(img).arg(mnt).output().unwrap();
-    if !out.status.success() {
-        eprintln!("skipping mount check: mount -o loop,ro failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-        return;
-    }
-    let guard = Mounted(mnt.to_path_buf());
+    let guard = match Mounted::loop_mount(img, mnt, "ro") {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("skipping mount check: {e}");
+            return;
+        }
+    };
     let (tree, inodes) = mounted_tree(mnt);
     assert_eq!(&tree, expected, "mounted tree");
     assert_eq!(inodes["usr/bin/tool"], inodes["usr/bin/tool2"], "hardlink kept in the mounted image");

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use image_store::snapshot::{
     choose, DmSnapshotter, FileSnapshotter, HostOps, LinuxHostOps, SnapshotError, Snapshotter,
 };
+use image_store::testing::mount::LoopMount;
 use image_store::StorePaths;
 
 const MIB: u64 = 1 << 20;
@@ -171,37 +172,6 @@ fn reflink_refused_on_ext4_or_tmpfs_falls_back_to_copy() {
     }
 }
 
-/// A loop-mounted filesystem that is unmounted and detached on drop, also when the test panics.
-struct LoopMount {
-    device: PathBuf,
-    mountpoint: PathBuf,
-}
-
-impl LoopMount {
-    fn new(dir: &Path, mkfs: &[&str]) -> Self {
-        let image = dir.join("fs.img");
-        fs::File::create(&image).unwrap().set_len(300 * MIB).unwrap();
-        let mut args = mkfs[1..].to_vec();
-        args.push(s(&image));
-        run(mkfs[0], &args);
-        let device = LinuxHostOps.loop_attach(&image, false).unwrap();
-        let mountpoint = dir.join("mnt");
-        fs::create_dir_all(&mountpoint).unwrap();
-        let mounted = LoopMount { device, mountpoint };
-        run("mount", &[s(&mounted.device), s(&mounted.mountpoint)]);
-        mounted
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mountpoint).status();
-        if let Err(e) = LinuxHostOps.loop_detach(&self.device) {
-            eprintln!("detaching {}: {e}", self.device.display());
-        }
-    }
-}
-
 fn reflink_on(fs_name: &str, mkfs: &[&str]) {
     if !is_root() {
         println!("skipping: reflink on {fs_name} needs root to loop-mount a filesystem");
@@ -209,7 +179,7 @@ fn reflink_on(fs_name: &str, mkfs: &[&str]) {
     }
     let tmp = tempfile::tempdir().unwrap();
     {
-        let mnt = LoopMount::new(tmp.path(), mkfs);
+        let mnt = LoopMount::new(tmp.path(), 300 * MIB, mkfs);
         let store = mnt.mountpoint.join("store");
         let base = make_base(&mnt.mountpoint);
         let paths = StorePaths::new(&store);

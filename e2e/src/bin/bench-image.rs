@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use ignite_e2e::bench::{median, print_table, Row};
 use image_store::pull::{pull_blocking, PullOptions};
 use image_store::snapshot::{DmSnapshotter, FileSnapshotter, HostOps, LinuxHostOps, Snapshotter};
+use image_store::testing::mount::LoopMount;
 use image_store::{build_base_rootfs, remove_base_rootfs, ImageRecord, PullProgress, StorePaths};
 
 /// Per-VM disk size.
@@ -360,62 +361,6 @@ fn image_rows(dir: &Path, reference: &str, runs: usize, rows: &mut Vec<Row>) -> 
 // ---------------------------------------------------------------------------------------------
 // Per-VM disks
 
-/// An xfs with reflink=1 in a sparse file, loop-mounted; unmounted and detached on drop.
-struct XfsMount {
-    file: PathBuf,
-    mount: PathBuf,
-    mounted: bool,
-}
-
-impl XfsMount {
-    fn new(dir: &Path) -> XfsMount {
-        let file = dir.join("xfs.img");
-        let mount = dir.join("xfs-mnt");
-        std::fs::File::create(&file).and_then(|f| f.set_len(XFS_BYTES)).expect("xfs image file");
-        std::fs::create_dir_all(&mount).expect("xfs mount point");
-        check(Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&file));
-        let mut xfs = XfsMount { file, mount, mounted: false };
-        check(Command::new("mount").args(["-o", "loop"]).arg(&xfs.file).arg(&xfs.mount));
-        xfs.mounted = true;
-        xfs
-    }
-
-    /// Loop devices still backed by the image file.
-    fn loop_devices(&self) -> Vec<String> {
-        let out = Command::new("losetup").arg("-j").arg(&self.file).output();
-        out.map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.split(':').next())
-                .filter(|d| d.starts_with("/dev/"))
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
-    }
-}
-
-impl Drop for XfsMount {
-    fn drop(&mut self) {
-        if self.mounted {
-            let ok = Command::new("umount").arg(&self.mount).status().is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-            }
-            self.mounted = false;
-        }
-        for dev in self.loop_devices() {
-            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
-        }
-        let left = self.loop_devices();
-        if left.is_empty() {
-            println!("bench-image: cleanup: xfs unmounted, no loop device left on {}", self.file.display());
-        } else {
-            eprintln!("bench-image: cleanup: loop devices still attached to {}: {left:?}", self.file.display());
-        }
-    }
-}
-
 /// Times `runs` creations of a VM disk by `snapshotter` (each removed after).
 fn time_snapshotter(snapshotter: &dyn Snapshotter, base: &Path, runs: usize) -> Option<f64> {
     let mut times = Vec::new();
@@ -458,13 +403,13 @@ fn disk_rows(dir: &Path, store: &StorePaths, base: &Path, runs: usize, rows: &mu
 
     // reflink: a store on a loop-mounted xfs with reflink=1, holding its own copy of the base.
     {
-        let xfs = XfsMount::new(dir);
-        let xfs_store = StorePaths::new(xfs.mount.join("store"));
-        let xfs_base = xfs.mount.join("base.ext4");
+        let xfs = LoopMount::new(dir, XFS_BYTES, &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]);
+        let xfs_store = StorePaths::new(xfs.mountpoint.join("store"));
+        let xfs_base = xfs.mountpoint.join("base.ext4");
         check(Command::new("cp").arg("--sparse=always").arg(base).arg(&xfs_base));
         let reflink = FileSnapshotter::reflink(&xfs_store, ops.clone());
         let ours = time_snapshotter(&reflink, &xfs_base, runs);
-        let theirs = time_by_hand("--reflink=always", &xfs_base, &xfs.mount.join("hand-disk.ext4"), runs);
+        let theirs = time_by_hand("--reflink=always", &xfs_base, &xfs.mountpoint.join("hand-disk.ext4"), runs);
         rows.push(Row::ms("2 GiB disk: reflink on xfs (cp --reflink + resize2fs)", ours, theirs));
     }
 
