@@ -80,7 +80,10 @@ pub struct Daemon {
     store: Store,
     reconciler: Reconciler,
     runtime: Arc<HostRuntime>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    /// The reconciler's worker threads; the health task watches that they all run.
+    workers: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    health: crate::grpc::standard::Health,
+    health_task: Option<tokio::task::JoinHandle<()>>,
     triggers: Vec<(String, mpsc::Sender<()>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     api_stop: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -150,19 +153,23 @@ impl Daemon {
         let reconciler = Reconciler::new(store.clone(), runtime.clone() as Arc<dyn Runtime>, config.reconciler.clone());
         let queued = reconciler.enqueue_all()?;
         info!(queued, "reconciling the fleet");
-        let workers = reconciler.spawn_workers();
+        let workers = Arc::new(std::sync::Mutex::new(reconciler.spawn_workers()));
 
         let mut daemon = Daemon {
             store,
             reconciler,
             runtime,
             workers,
+            health: crate::grpc::standard::Health::new().await,
+            health_task: None,
             triggers: Vec::new(),
             tasks: Vec::new(),
             api_stop: Vec::new(),
             tcp_addr: None,
         };
         daemon.watch_exits(exits);
+        daemon.health_task =
+            Some(tokio::spawn(keep_health(daemon.health.clone(), daemon.store.clone(), daemon.workers.clone())));
         if let Some(access) = kube {
             info!(host = access.host, "watching Kubernetes Nodes for the VMs' nodeRef");
             daemon.tasks.push(tokio::spawn(crate::kube::nodes::watch_nodes(access, daemon.store.clone())));
@@ -186,6 +193,7 @@ impl Daemon {
                 insecure_registries: config.host.insecure_registries,
                 snapshotter: snapshotter_name,
                 runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
+                health: daemon.health.clone(),
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let server = crate::grpc::serve(socket, state.clone(), async move {
@@ -290,6 +298,10 @@ impl Daemon {
 
     /// Stops the workers and background tasks; VMs keep running.
     pub async fn shutdown(mut self) {
+        if let Some(task) = self.health_task.take() {
+            task.abort();
+        }
+        self.health.set(false).await;
         for stop in self.api_stop.drain(..) {
             let _ = stop.send(());
         }
@@ -297,12 +309,37 @@ impl Daemon {
         for task in &self.tasks {
             task.abort();
         }
-        let workers = self.workers;
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         let _ = tokio::task::spawn_blocking(move || workers.into_iter().for_each(|w| drop(w.join()))).await;
         if let Err(e) = self.store.flush() {
             warn!(error = %e, "flushing the store");
         }
         info!("daemon stopped; VMs keep running and will be re-adopted");
+    }
+}
+
+/// Keeps the health service current: SERVING while the store answers and every reconciler worker
+/// runs, NOT_SERVING otherwise (a worker that panicked, a store that fails).
+async fn keep_health(
+    health: crate::grpc::standard::Health,
+    store: Store,
+    workers: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+) {
+    let mut reported = None;
+    loop {
+        let workers_run = {
+            let workers = workers.lock().unwrap_or_else(|e| e.into_inner());
+            !workers.is_empty() && workers.iter().all(|w| !w.is_finished())
+        };
+        let serving = workers_run && store.revision().is_ok();
+        if reported != Some(serving) {
+            if !serving {
+                warn!(workers_run, "the daemon is not serving: its health check says NOT_SERVING");
+            }
+            health.set(serving).await;
+            reported = Some(serving);
+        }
+        tokio::time::sleep(crate::grpc::standard::HEALTH_INTERVAL).await;
     }
 }
 
@@ -367,5 +404,40 @@ fn record(store: &Store, object: &str, kind: EventKind, reason: &str, message: &
     };
     if let Err(e) = store.append_event(&event) {
         warn!(error = %e, "cannot record an event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn health_is_serving_only_while_every_worker_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let health = crate::grpc::standard::Health::new().await;
+        assert!(!health.serving().await, "a new health service starts NOT_SERVING");
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            let _ = stopped.recv();
+        });
+        let workers = Arc::new(std::sync::Mutex::new(vec![worker]));
+        let task = tokio::spawn(keep_health(health.clone(), store, workers));
+        let wait_for = |want: bool| {
+            let health = health.clone();
+            async move {
+                for _ in 0..100 {
+                    if health.serving().await == want {
+                        return true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                false
+            }
+        };
+        assert!(wait_for(true).await, "SERVING while the worker runs");
+        drop(stop); // the worker ends, as a panicked one would
+        assert!(wait_for(false).await, "NOT_SERVING once a worker is gone");
+        task.abort();
     }
 }

@@ -11,44 +11,9 @@ use controller::daemon::{Daemon, TcpApi};
 use controller::grpc::tls::ServerTls;
 use support::fleet::daemon_config;
 use support::tiny_guest;
+use support::tls::{daemon_and_client, leaf, CLIENT_EXTENSIONS};
 
 const NAME: &str = "the_cli_reaches_a_daemon_over_tcp_with_mutual_tls_only";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-const EC: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-
-/// A self-signed CA: `name.pem` and `name.key`.
-fn ca(dir: &Path, name: &str) {
-    let (key, pem, subject) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN={name}"));
-    let mut args = vec!["req", "-x509"];
-    args.extend(EC);
-    args.extend(["-keyout", &key, "-out", &pem, "-days", "1", "-subj", &subject]);
-    openssl(dir, &args);
-}
-
-/// A certificate signed by CA `ca`, with the X.509v3 `extensions`: `name.pem` and `name.key`.
-fn leaf(dir: &Path, name: &str, ca: &str, extensions: &str) {
-    let ext = format!("{name}.ext");
-    std::fs::write(dir.join(&ext), extensions).unwrap();
-    let (key, csr, pem, subject) =
-        (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("/CN={name}"));
-    let mut args = vec!["req"];
-    args.extend(EC);
-    args.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
-    openssl(dir, &args);
-    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
-    openssl(
-        dir,
-        &["x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial", "-out", &pem]
-            .into_iter()
-            .chain(["-days", "1", "-extfile", &ext])
-            .collect::<Vec<_>>(),
-    );
-}
 
 /// `ignite --host URL` with the TLS files of `client` (none: no TLS flags), never the socket.
 fn ignite(dir: &Path, url: &str, client: Option<&str>, args: &[&str]) -> Output {
@@ -74,12 +39,8 @@ fn the_cli_reaches_a_daemon_over_tcp_with_mutual_tls_only() {
     }
     let certs = tempfile::tempdir().unwrap();
     let c = certs.path();
-    ca(c, "daemon-ca");
-    ca(c, "clients-ca");
-    leaf(c, "daemon", "daemon-ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\n");
-    let client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n";
-    leaf(c, "alice", "clients-ca", client_ext);
-    leaf(c, "mallory", "daemon-ca", client_ext); // a valid certificate, from the wrong CA
+    daemon_and_client(c, "alice");
+    leaf(c, "mallory", "daemon-ca", CLIENT_EXTENSIONS); // a valid certificate, from the wrong CA
 
     let root = tempfile::tempdir().unwrap();
     let mut config = daemon_config(root.path(), Vec::new(), None);
@@ -93,6 +54,14 @@ fn the_cli_reaches_a_daemon_over_tcp_with_mutual_tls_only() {
     assert!(out.status.success() && text(&out.stdout).starts_with("NAME"), "{}", text(&out.stderr));
     let out = ignite(c, &url, Some("alice"), &["version"]);
     assert!(text(&out.stdout).contains(&format!("(daemon on {url})")), "{}", text(&out.stdout));
+    // The standard services answer over TCP too: health, and reflection listing ignite's services.
+    support::daemon::wait_for("the daemon's health to be SERVING", std::time::Duration::from_secs(20), || {
+        text(&ignite(c, &url, Some("alice"), &["version"]).stdout).contains("health (grpc.health.v1): SERVING")
+    });
+    let stdout = text(&ignite(c, &url, Some("alice"), &["version"]).stdout);
+    for service in ["ignite.v1alpha1.Vms", "ignite.v1alpha1.Host", "grpc.health.v1.Health"] {
+        assert!(stdout.contains(service), "reflection does not list {service}: {stdout}");
+    }
 
     let out = ignite(c, &url, Some("mallory"), &["ps"]);
     assert!(!out.status.success(), "a certificate from another CA is refused: {}", text(&out.stdout));

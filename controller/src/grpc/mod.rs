@@ -2,10 +2,12 @@
 //! TCP with mutual TLS: the server the daemon runs, the conversions from store records (secrets
 //! redacted), and client connectors.
 
+pub mod authority;
 mod convert;
 pub mod exec;
 pub mod images;
 mod server;
+pub mod standard;
 pub mod tls;
 
 use std::path::Path;
@@ -16,6 +18,9 @@ pub use server::{serve, serve_tcp, ApiState};
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("ignite.v1alpha1");
+
+    /// The encoded descriptors of `ignite.proto`, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ignite_descriptor");
 }
 
 /// The default socket path.

@@ -34,6 +34,8 @@ pub struct ApiState {
     pub snapshotter: String,
     /// The runtime, for `Kill` (`None`: killing is refused as unavailable).
     pub runtime: Option<Arc<dyn Runtime>>,
+    /// What the standard health service reports (the daemon keeps it current).
+    pub health: super::standard::Health,
 }
 
 pub(super) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -375,7 +377,10 @@ pub async fn serve(
     remove_stale_socket(path).await?;
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Every client's bytes go through the authority fix: see `authority.rs` for why.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(listener), |conn| {
+        conn.map(super::authority::AuthorityFix::new)
+    });
     let router = services(tonic::transport::Server::builder(), state);
     Ok(tokio::spawn(async move {
         if let Err(e) = router.serve_with_incoming_shutdown(incoming, shutdown).await {
@@ -425,9 +430,13 @@ pub async fn serve_tcp(
     ))
 }
 
-/// Every API service, on `builder`.
+/// Every API service, with the standard health and reflection services, on `builder`.
 fn services(mut builder: tonic::transport::Server, state: ApiState) -> tonic::transport::server::Router {
+    let (reflection_v1, reflection_v1alpha) = super::standard::reflection();
     builder
+        .add_service(state.health.service())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(vms_server::VmsServer::new(state.clone()))
         .add_service(events_server::EventsServer::new(state.clone()))
         .add_service(sources_server::SourcesServer::new(state.clone()))

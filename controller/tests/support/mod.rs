@@ -5,3 +5,4 @@ pub mod daemon;
 pub mod fleet;
 pub use controller::testing::{git, netns};
 pub mod tiny_guest;
+pub mod tls;

@@ -173,11 +173,6 @@ pub async fn sources(ctx: &Ctx) -> anyhow::Result<SourcesClient<Channel>> {
     Ok(SourcesClient::new(channel(ctx).await?))
 }
 
-/// The host client, if a daemon answers (never starts one).
-pub async fn host(ctx: &Ctx) -> Option<HostClient<Channel>> {
-    try_channel(ctx).await.map(HostClient::new)
-}
-
 /// The images and kernels clients, if a local daemon answers (never starts one: the image store
 /// works without a daemon too); a remote daemon must answer.
 pub async fn image_store(ctx: &Ctx) -> anyhow::Result<Option<(ImagesClient<Channel>, KernelsClient<Channel>)>> {

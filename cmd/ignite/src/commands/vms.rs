@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use controller::grpc::proto;
+use controller::grpc::proto::host_client::HostClient;
 
 use super::client::{self, Ctx};
 use super::table::render;
@@ -189,26 +190,39 @@ pub fn sources(cmd: SourcesCommand, ctx: &Ctx) -> anyhow::Result<()> {
     })
 }
 
-/// Prints the CLI's version and, if a daemon answers, the daemon's.
+/// Prints the CLI's version and, if a daemon answers, the daemon's, with its health and the services
+/// its reflection lists.
 pub fn version(ctx: &Ctx) -> anyhow::Result<()> {
+    use controller::grpc::standard;
     println!("ignite {} (client)", env!("CARGO_PKG_VERSION"));
-    let info = client::runtime()?.block_on(async {
-        let mut host = client::host(ctx).await?;
-        host.info(proto::Empty {}).await.ok().map(|r| r.into_inner())
+    let answer = client::runtime()?.block_on(async {
+        let channel = client::try_channel(ctx).await?;
+        let info = HostClient::new(channel.clone()).info(proto::Empty {}).await.ok()?.into_inner();
+        let health =
+            standard::check_health(channel.clone()).await.unwrap_or_else(|s| format!("unavailable ({})", s.message()));
+        let reflection = match standard::list_services(channel).await {
+            Ok(names) => format!("{} services ({})", names.len(), names.join(", ")),
+            Err(s) => format!("unavailable ({})", s.message()),
+        };
+        Some((info, health, reflection))
     });
-    match info {
-        Some(i) => println!(
-            "ignite {} (daemon on {}): root {}, virtualization {}, snapshotter {}, {} VMs ({} running), {} CPUs, {}",
-            i.version,
-            ctx.daemon(),
-            i.root,
-            i.virt_mode,
-            i.snapshotter,
-            i.vms,
-            i.running_vms,
-            i.cpus,
-            super::table::human_size(i.memory_bytes)
-        ),
+    match answer {
+        Some((i, health, reflection)) => {
+            println!(
+                "ignite {} (daemon on {}): root {}, virtualization {}, snapshotter {}, {} VMs ({} running), {} CPUs, {}",
+                i.version,
+                ctx.daemon(),
+                i.root,
+                i.virt_mode,
+                i.snapshotter,
+                i.vms,
+                i.running_vms,
+                i.cpus,
+                super::table::human_size(i.memory_bytes)
+            );
+            println!("health (grpc.health.v1): {health}");
+            println!("reflection (grpc.reflection.v1): {reflection}");
+        }
         None => println!("no daemon answers on {}", ctx.daemon()),
     }
     Ok(())
