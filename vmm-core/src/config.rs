@@ -123,6 +123,10 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest MAC address, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// The guest's IPv4 address, when the host assigned one: frames from another source address are
+    /// dropped (see `devices::virtio::net::SourceFilter`). Frames from another MAC are dropped always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<std::net::Ipv4Addr>,
 }
 
 /// A virtio-vsock device whose host side is a unix socket, Firecracker-style: the host connects to

@@ -41,7 +41,9 @@ pub fn vm_config(vm: &Vm, prepared: &PreparedVm, virt_mode: VirtModeConfig) -> V
         DiskConfig { path: prepared.config_drive.clone(), read_only: true },
     ];
     if let (Some(tap), Some(mac)) = (&prepared.tap, &prepared.mac) {
-        config.nets.push(VmNetConfig { tap: tap.clone(), mac: mac.clone() });
+        // The guest may only send from its lease: see vmm-core's net SourceFilter.
+        let ipv4 = prepared.ip.as_deref().and_then(|ip| ip.parse().ok());
+        config.nets.push(VmNetConfig { tap: tap.clone(), mac: mac.clone(), ipv4 });
     }
     config.console = ConsoleConfig::Null; // the supervisor points it at the VM's console log
                                           // The guest agent (`ignite exec`); the supervisor puts the socket in the VM's run directory.

@@ -50,8 +50,9 @@ pub struct RunArgs {
     /// A raw disk image for virtio-blk; `,ro` makes it read-only. Repeat for more disks (vda, vdb, ...).
     #[arg(long = "disk", value_name = "PATH[,ro]", value_parser = parse_disk)]
     disks: Vec<DiskConfig>,
-    /// A virtio-net interface on an existing host tap device. Repeatable.
-    #[arg(long = "net", value_name = "TAP=MAC", value_parser = parse_net)]
+    /// A virtio-net interface on an existing host tap device. Repeatable. The guest may only send
+    /// from MAC, and from IPV4 when it is given (frames with another source are dropped).
+    #[arg(long = "net", value_name = "TAP=MAC[,IPV4]", value_parser = parse_net)]
     nets: Vec<NetConfig>,
     /// A virtio-vsock device: guest CID and host unix socket path.
     #[arg(long, value_name = "CID:PATH", value_parser = parse_vsock)]
@@ -97,8 +98,12 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
-    let (tap, mac) = s.split_once('=').ok_or("expected TAP=MAC, e.g. tap0=06:00:ac:10:00:02")?;
-    Ok(NetConfig { tap: tap.into(), mac: mac.into() })
+    let (tap, rest) = s.split_once('=').ok_or("expected TAP=MAC[,IPV4], e.g. tap0=06:00:ac:10:00:02,10.61.0.2")?;
+    let (mac, ipv4) = match rest.split_once(',') {
+        Some((mac, ip)) => (mac, Some(ip.parse().map_err(|_| format!("`{ip}` is not an IPv4 address"))?)),
+        None => (rest, None),
+    };
+    Ok(NetConfig { tap: tap.into(), mac: mac.into(), ipv4 })
 }
 
 fn parse_vsock(s: &str) -> Result<VsockConfig, String> {

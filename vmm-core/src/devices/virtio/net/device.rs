@@ -7,7 +7,8 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    MacAddr, MacError, Tap, TapError, MAX_BUFFER_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC, VNET_HDR_LEN,
+    MacAddr, MacError, SourceFilter, Tap, TapError, MAX_BUFFER_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VIRTIO_NET_F_MAC,
+    VNET_HDR_LEN,
 };
 use crate::config::NetConfig;
 use crate::devices::virtio::{
@@ -30,8 +31,10 @@ pub enum NetError {
 pub struct NetCounters {
     /// Frames written to the tap.
     pub tx_frames: u64,
-    /// Guest frames dropped (bad chain, wrong size, tap write error).
+    /// Guest frames dropped (bad chain, wrong size, tap write error, forged source).
     pub tx_dropped: u64,
+    /// Of `tx_dropped`: frames from a source MAC or IPv4 address that is not the guest's.
+    pub tx_spoofed: u64,
     /// Frames delivered to the guest.
     pub rx_frames: u64,
     /// Tap frames dropped (too big, or the guest's buffer was too small).
@@ -70,6 +73,7 @@ enum RxOutcome {
 pub struct Net {
     tap: Tap,
     mac: MacAddr,
+    filter: SourceFilter,
     acked_features: u64,
     active: Option<ActivateContext>,
     rx: RxState,
@@ -82,14 +86,15 @@ impl Net {
     pub fn new(config: &NetConfig) -> Result<Net, NetError> {
         let mac: MacAddr = config.mac.parse()?;
         let tap = Tap::open(&config.tap)?;
-        Ok(Net::with_tap(tap, mac))
+        Ok(Net::with_tap(tap, SourceFilter { mac, ipv4: config.ipv4 }))
     }
 
-    /// A device on an already attached tap.
-    pub fn with_tap(tap: Tap, mac: MacAddr) -> Net {
+    /// A device on an already attached tap, sending only what `filter` allows.
+    pub fn with_tap(tap: Tap, filter: SourceFilter) -> Net {
         Net {
             tap,
-            mac,
+            mac: filter.mac,
+            filter,
             acked_features: 0,
             active: None,
             rx: RxState {
@@ -120,11 +125,17 @@ impl Net {
 
     /// Sends every available TX chain to the tap.
     fn process_tx(&mut self) {
-        let Net { active, tap, tx_buf, counters, .. } = self;
+        let Net { active, tap, tx_buf, counters, filter, .. } = self;
         let Some(active) = active.as_mut() else { return };
         active.serve(TX_QUEUE, |mem, chain| {
             let head = chain.head_index();
-            match read_tx_frame(chain, mem, tx_buf) {
+            let frame = read_tx_frame(chain, mem, tx_buf).and_then(|()| {
+                filter.check(&tx_buf[VNET_HDR_LEN..]).map_err(|_| {
+                    counters.tx_spoofed += 1;
+                    "forged source (not the guest's MAC or IPv4 address)"
+                })
+            });
+            match frame {
                 Ok(()) => match tap.write_frame(tx_buf) {
                     Ok(n) if n == tx_buf.len() => counters.tx_frames += 1,
                     Ok(n) => {

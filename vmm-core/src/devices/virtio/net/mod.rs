@@ -8,6 +8,7 @@
 
 mod device;
 mod mac;
+mod spoof;
 mod tap;
 
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod tests;
 
 pub use device::{Net, NetCounters, NetError};
 pub use mac::{MacAddr, MacError};
+pub use spoof::{SourceFilter, Spoof};
 pub use tap::{Tap, TapError};
 
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`), the header in front of every frame.

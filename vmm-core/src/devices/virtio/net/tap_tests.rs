@@ -77,7 +77,8 @@ fn in_private_namespace() {
     assert!(links.contains(": lo:"), "{links}");
 
     ip(&["tuntap", "add", "dev", "igntun0", "mode", "tun"]);
-    let err = Net::new(&NetConfig { tap: "igntun0".into(), mac: "52:54:00:12:34:56".into() }).err().unwrap();
+    let err =
+        Net::new(&NetConfig { tap: "igntun0".into(), mac: "52:54:00:12:34:56".into(), ipv4: None }).err().unwrap();
     assert!(matches!(err, NetError::Tap(TapError::Attach { .. })), "{err}");
     assert!(err.to_string().contains("igntun0"), "{err}");
 
@@ -89,7 +90,8 @@ fn in_private_namespace() {
     let tap_mac: MacAddr =
         link.split("link/ether ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
 
-    let mut net = Net::new(&NetConfig { tap: TAP.into(), mac: "52:54:00:12:34:56".into() }).unwrap();
+    let config = NetConfig { tap: TAP.into(), mac: "52:54:00:12:34:56".into(), ipv4: Some(GUEST_IP) };
+    let mut net = Net::new(&config).unwrap();
     let mut guest = GuestDriver::new(2, QUEUE_SIZE);
     net.activate(guest.activate_context()).unwrap();
     let host = UdpSocket::bind(SocketAddrV4::new(HOST_IP, HOST_PORT)).unwrap();
@@ -105,6 +107,17 @@ fn in_private_namespace() {
     let (n, from) = host.recv_from(&mut buf).expect("the guest's datagram reaches the host");
     assert_eq!(&buf[..n], b"from the guest");
     assert_eq!(from, SocketAddrV4::new(GUEST_IP, GUEST_PORT).into());
+
+    // A datagram that claims another source address (here the neighbour 10.200.0.9) never leaves.
+    let mut forged = vec![0u8; VNET_HDR_LEN];
+    let neighbour = Ipv4Addr::new(10, 200, 0, 9);
+    forged.extend(udp_frame(tap_mac.bytes(), GUEST_MAC, neighbour, HOST_IP, GUEST_PORT, HOST_PORT, b"forged"));
+    guest.add_readable(TX_QUEUE, &forged);
+    net.process_queue(TX_QUEUE);
+    assert_eq!((net.counters().tx_frames, net.counters().tx_spoofed), (1, 1));
+    host.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(host.recv_from(&mut buf).is_err(), "a forged datagram reached the host");
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
 
     // RX: a datagram to the guest's address arrives in a guest buffer with a plain header.
     for _ in 0..8 {

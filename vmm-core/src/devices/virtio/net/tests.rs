@@ -19,11 +19,16 @@ struct Setup {
     guest: GuestDriver,
 }
 
+/// The device's source filter: its MAC, any IPv4 source.
+fn own() -> SourceFilter {
+    SourceFilter { mac: MacAddr::from_bytes(MAC), ipv4: None }
+}
+
 fn setup() -> Setup {
     let (dev, host) = UnixDatagram::pair().unwrap();
     dev.set_nonblocking(true).unwrap();
     host.set_nonblocking(true).unwrap();
-    let mut net = Net::with_tap(Tap::from_owned_fd(dev.into(), "fake0"), MacAddr::from_bytes(MAC));
+    let mut net = Net::with_tap(Tap::from_owned_fd(dev.into(), "fake0"), own());
     let guest = GuestDriver::new(2, QUEUE_SIZE);
     net.activate(guest.activate_context()).unwrap();
     Setup { net, host, guest }
@@ -69,14 +74,16 @@ fn identity_features_and_config_space() {
 
 #[test]
 fn new_reports_a_bad_mac_before_touching_the_tap() {
-    let err = Net::new(&NetConfig { tap: "tap-does-not-0".into(), mac: "52:54:00:12:34".into() }).err().unwrap();
+    let err =
+        Net::new(&NetConfig { tap: "tap-does-not-0".into(), mac: "52:54:00:12:34".into(), ipv4: None }).err().unwrap();
     assert!(matches!(err, NetError::Mac(MacError::Syntax(_))), "{err}");
     assert!(err.to_string().contains("\"52:54:00:12:34\""), "{err}");
 }
 
 #[test]
 fn new_names_a_missing_tap() {
-    let err = Net::new(&NetConfig { tap: "ignnotap0".into(), mac: "52:54:00:12:34:56".into() }).err().unwrap();
+    let err =
+        Net::new(&NetConfig { tap: "ignnotap0".into(), mac: "52:54:00:12:34:56".into(), ipv4: None }).err().unwrap();
     assert!(matches!(err, NetError::Tap(TapError::NotFound(_))), "{err}");
     assert!(err.to_string().contains("ignnotap0"), "{err}");
 }
@@ -105,6 +112,43 @@ fn tx_gathers_a_split_chain_into_one_frame_with_a_clean_header() {
     assert_eq!(s.guest.take_used(TX_QUEUE), vec![(head, 0)]);
     assert_eq!(s.guest.interrupt.irqfd().read().unwrap(), 1);
     assert_eq!(s.net.counters().tx_frames, 1);
+}
+
+#[test]
+fn tx_drops_frames_from_another_mac_or_address_and_counts_them() {
+    let (dev, host) = UnixDatagram::pair().unwrap();
+    dev.set_nonblocking(true).unwrap();
+    host.set_nonblocking(true).unwrap();
+    let lease = std::net::Ipv4Addr::new(10, 61, 0, 2);
+    let mut net = Net::with_tap(Tap::from_owned_fd(dev.into(), "fake2"), SourceFilter { ipv4: Some(lease), ..own() });
+    let mut guest = GuestDriver::new(2, QUEUE_SIZE);
+    net.activate(guest.activate_context()).unwrap();
+    let ipv4_frame = |src_mac: [u8; 6], src_ip: [u8; 4]| {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&src_mac);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&src_ip);
+        f.extend_from_slice(&[10, 61, 0, 1]);
+        f
+    };
+    let mut other_mac = MAC;
+    other_mac[5] ^= 1;
+    for frame in
+        [ipv4_frame(other_mac, lease.octets()), ipv4_frame(MAC, [10, 61, 0, 1]), ipv4_frame(MAC, lease.octets())]
+    {
+        let buf = guest.alloc(frame.len() as u64);
+        guest.write(buf, &frame);
+        guest.add_chain(TX_QUEUE, &[Desc { addr: buf, len: frame.len() as u32, writable: false }]);
+    }
+    net.process_queue(TX_QUEUE);
+    let sent = host_recv(&host).expect("the guest's own frame reaches the tap");
+    assert_eq!(sent[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12], MAC);
+    assert!(host_recv(&host).is_none(), "the forged frames never reach the tap");
+    assert_eq!(guest.take_used(TX_QUEUE).len(), 3, "every chain is returned to the guest");
+    let counters = net.counters();
+    assert_eq!((counters.tx_frames, counters.tx_dropped, counters.tx_spoofed), (1, 2, 2));
 }
 
 #[test]
@@ -219,7 +263,7 @@ fn hostile_tx_chains_are_consumed_without_panicking() {
 #[test]
 fn activation_checks_the_queues() {
     let (dev, _host) = UnixDatagram::pair().unwrap();
-    let mut net = Net::with_tap(Tap::from_owned_fd(dev.into(), "fake1"), MacAddr::from_bytes(MAC));
+    let mut net = Net::with_tap(Tap::from_owned_fd(dev.into(), "fake1"), own());
     let guest = GuestDriver::new(1, QUEUE_SIZE);
     let err = net.activate(guest.activate_context()).unwrap_err();
     assert!(matches!(err, crate::devices::virtio::ActivateError::InvalidQueue(1)), "{err}");
@@ -230,7 +274,7 @@ fn activation_checks_the_queues() {
 fn a_tap_that_fails_for_good_is_no_longer_polled() {
     // Reading a write-only fd fails with EBADF, as reading a deleted tap fails with EBADFD.
     let dead = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
-    let mut net = Net::with_tap(Tap::from_owned_fd(dead.into(), "gone0"), MacAddr::from_bytes(MAC));
+    let mut net = Net::with_tap(Tap::from_owned_fd(dead.into(), "gone0"), own());
     let mut guest = GuestDriver::new(2, QUEUE_SIZE);
     net.activate(guest.activate_context()).unwrap();
     guest.add_writable(RX_QUEUE, 2048);
