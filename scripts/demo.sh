@@ -62,7 +62,8 @@ down() {
   iptables -t nat -D OUTPUT -m addrtype --dst-type LOCAL -j IGNITE-DNAT 2>/dev/null || true
   iptables -t nat -D POSTROUTING -j IGNITE-POSTROUTING 2>/dev/null || true
   iptables -D FORWARD -j IGNITE-FORWARD 2>/dev/null || true
-  for chain in nat:IGNITE-DNAT nat:IGNITE-POSTROUTING filter:IGNITE-FORWARD; do
+  iptables -D INPUT -i ignite0 -j IGNITE-INPUT 2>/dev/null || true
+  for chain in nat:IGNITE-DNAT nat:IGNITE-POSTROUTING filter:IGNITE-FORWARD filter:IGNITE-INPUT; do
     iptables -t "${chain%%:*}" -F "${chain#*:}" 2>/dev/null && iptables -t "${chain%%:*}" -X "${chain#*:}" 2>/dev/null || true
   done
   rm -rf "$DEMO"

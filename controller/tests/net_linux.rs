@@ -135,3 +135,69 @@ fn port_forwards_reach_the_guest_from_the_host_and_are_removed() {
     .into_owned();
     assert!(!rules.contains("ignite:"), "no tagged rule remains:\n{rules}");
 }
+
+/// Whether the stand-in guest gets a TCP answer from `addr:port` (its own namespace's routes).
+fn guest_connects(guest_ns: &str, addr: &str, port: u16) -> bool {
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{addr}', {port}), timeout=2)\nprint(s.recv(64).decode())"
+    );
+    let out =
+        std::process::Command::new("ip").args(["netns", "exec", guest_ns, "python3", "-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("host-says-hi")
+}
+
+/// A TCP server in this (the host's) namespace on `addr:port` that greets every client.
+fn host_server(addr: &str, port: u16) -> Servers {
+    let script = format!(
+        "import socket\nt = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         t.bind(('{addr}', {port})); t.listen(8)\nwhile True:\n    c, _ = t.accept(); c.sendall(b'host-says-hi\\n'); c.close()"
+    );
+    let child = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Servers(child)
+}
+
+/// Guests reach neither the host's loopback (the bridge has route_localnet for port forwards) nor any
+/// host address, the gateway's included; the host still reaches them, and port forwards still work.
+#[test]
+fn guests_cannot_reach_the_host_only_what_it_forwards() {
+    if !run_inside("ignite-test-net-iso", "guests_cannot_reach_the_host_only_what_it_forwards") {
+        return;
+    }
+    let net = LinuxHostNet::new();
+    let cfg = config();
+    net.ensure_bridge(&cfg).unwrap();
+    let guest = Netns::create("ignite-test-net-iso-guest");
+    let guest_ip = Ipv4Addr::new(10, 99, 0, 2);
+    sh_in("ignite-test-net-iso", "ip link add ignveth-h type veth peer name ignveth-g");
+    sh_in("ignite-test-net-iso", &format!("ip link set ignveth-g netns {}", guest.0));
+    sh_in("ignite-test-net-iso", "ip link set ignveth-h master ignbr-test && ip link set ignveth-h up");
+    // The hostile guest routes 127.0.0.0/8 (but its own 127.0.0.1) to its gateway, not its loopback.
+    sh_in(
+        &guest.0,
+        &format!(
+            "ip addr add {guest_ip}/24 dev ignveth-g && ip link set ignveth-g up && ip link set lo up && \
+             ip route add default via 10.99.0.1 && sysctl -qw net.ipv4.conf.all.route_localnet=1 && \
+             sysctl -qw net.ipv4.conf.ignveth-g.route_localnet=1 && \
+             ip route del local 127.0.0.0/8 dev lo table local && ip route add 127.0.0.0/8 via 10.99.0.1"
+        ),
+    );
+    let _loopback = host_server("127.0.0.5", 7001);
+    let _gateway = host_server("10.99.0.1", 7002);
+    let _servers = start_guest_servers(&guest.0);
+    std::thread::sleep(Duration::from_millis(500));
+
+    assert!(!guest_connects(&guest.0, "127.0.0.5", 7001), "a guest reached a service on the host's loopback");
+    assert!(!guest_connects(&guest.0, "10.99.0.1", 7002), "a guest reached a service on the host's bridge address");
+    // The host reaches the guest, directly and through a forward.
+    assert_eq!(tcp_answer((guest_ip, 80)).unwrap().trim(), "guest-says-hi");
+    let forward = PortForward { vm: "web".into(), host_port: 8081, guest_ip, guest_port: 80, protocol: Protocol::Tcp };
+    net.add_port_forward(&forward).unwrap();
+    assert_eq!(tcp_answer((Ipv4Addr::LOCALHOST, 8081)).unwrap().trim(), "guest-says-hi", "via 127.0.0.1");
+    net.remove_port_forwards("web").unwrap();
+}

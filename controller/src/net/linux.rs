@@ -1,5 +1,5 @@
-//! [`HostNet`] on Linux: `ip` for links and addresses, `iptables` (nat table) for port forwards,
-//! /proc/sys for forwarding. Only ignite's own chains and `ign*` taps are ever changed.
+//! [`HostNet`] on Linux: `ip` for links and addresses, `iptables` (nat table) for port forwards and
+//! (filter table) for keeping guests away from the host, /proc/sys for forwarding. Only ignite's own chains and `ign*` taps are ever changed.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -12,6 +12,7 @@ use crate::api::Protocol;
 const DNAT_CHAIN: &str = "IGNITE-DNAT";
 const POST_CHAIN: &str = "IGNITE-POSTROUTING";
 const FORWARD_CHAIN: &str = "IGNITE-FORWARD";
+const INPUT_CHAIN: &str = "IGNITE-INPUT";
 const COMMENT_PREFIX: &str = "ignite:";
 
 /// The real host network. See the module docs.
@@ -159,6 +160,17 @@ impl HostNet for LinuxHostNet {
         }
         ensure_rule("filter", FORWARD_CHAIN, &["-o", br, "-j", "ACCEPT"])?;
         ensure_rule("filter", FORWARD_CHAIN, &["-i", br, "-j", "ACCEPT"])?;
+        // Guests reach no service of the host: not its loopback (which route_localnet above would
+        // otherwise route to), not the gateway address, not any other address of the host. Only
+        // replies to connections the host made (port forwards, the host talking to a guest) come in.
+        ensure_chain("filter", INPUT_CHAIN, "INPUT", &["-i", br])?;
+        ensure_rule("filter", INPUT_CHAIN, &["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])?;
+        ensure_rule("filter", INPUT_CHAIN, &["-j", "DROP"])?;
+        // No IPv6 on the bridge, so no link-local address of the host for guests to reach either.
+        let ipv6 = format!("/proc/sys/net/ipv6/conf/{br}/disable_ipv6");
+        if std::path::Path::new(&ipv6).exists() {
+            sysctl(&ipv6, "1")?;
+        }
         Ok(())
     }
 
