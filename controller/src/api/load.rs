@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use super::bounds::{check_nodes, MAX_MANIFEST_BYTES};
 use super::errors::{ManifestError, ManifestErrors};
 use super::lines::field_line;
 use super::types::Vm;
@@ -65,14 +66,50 @@ fn path_and_message(msg: &str) -> (String, String) {
     }
 }
 
+/// The `metadata.name` of a document, read from its text (never by parsing it again, which a hostile
+/// document could make expensive): the value on the `name:` line under `metadata`, unquoted.
+fn name_of(doc: &str) -> Option<String> {
+    // Flow style (`metadata: {name: web}`) has the name on the line of `metadata`.
+    let line = field_line(doc, &split_path("metadata.name")).or_else(|| field_line(doc, &split_path("metadata")))?;
+    let value = doc.lines().nth(line.checked_sub(1)?)?.split_once("name:")?.1;
+    let value = value.split([',', '}', '#']).next()?.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!value.is_empty() && value.len() <= 253 && !value.starts_with(['{', '[', '&', '*'])).then(|| value.to_string())
+}
+
 /// Parses every VM in `text` (the file named `file`). All documents are checked, and every
 /// problem is returned if any is found.
 pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors> {
     let mut vms = Vec::new();
     let mut errors = ManifestErrors::default();
+    if text.len() > MAX_MANIFEST_BYTES {
+        errors.push(ManifestError {
+            file: file.to_string(),
+            line: None,
+            column: None,
+            field: String::new(),
+            object: None,
+            message: format!(
+                "the file is {} bytes, more than the {MAX_MANIFEST_BYTES} a manifest file may have: split the fleet over several files",
+                text.len()
+            ),
+        });
+        return Err(errors);
+    }
     let mut names: HashMap<String, usize> = HashMap::new();
     for (offset, doc) in documents(text) {
         if is_empty_document(&doc) {
+            continue;
+        }
+        // Bounded before anything else reads it (see bounds.rs).
+        if let Err(e) = check_nodes(&doc) {
+            errors.push(ManifestError {
+                file: file.to_string(),
+                line: e.location().map(|l| l.line() + offset),
+                column: e.location().map(|l| l.column()),
+                field: String::new(),
+                object: name_of(&doc),
+                message: e.to_string(),
+            });
             continue;
         }
         let parsed: Result<Vm, _> = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&doc));
@@ -114,9 +151,7 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors
                     None
                 };
                 let location = location.or_else(|| if field.is_empty() { e.location() } else { None });
-                let name = serde_yaml::from_str::<serde_yaml::Value>(&doc).ok().and_then(|v| {
-                    v.get("metadata").and_then(|m| m.get("name")).and_then(|n| n.as_str()).map(String::from)
-                });
+                let name = name_of(&doc);
                 let line = location.as_ref().map(|l| l.line()).or_else(|| best_line(&doc, &field));
                 errors.push(ManifestError {
                     file: file.to_string(),

@@ -162,3 +162,44 @@ fn fingerprint_ignores_state_and_restart_policy_only() {
     assert!(base.needs_recreate(&bigger));
     assert_eq!(base.fingerprint().len(), 64);
 }
+
+/// A document of about `bytes` that makes a YAML parser expand one anchor of `width` scalars once per
+/// alias: quadratic work from a linear text ("billion laughs" made wide instead of deep).
+fn wide_alias_bomb(width: usize, bytes: usize) -> String {
+    let mut doc = String::from("apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: bomb\nspec:\n  image: x\n  memory: lots\n  extra: &a [");
+    doc.push_str(&vec!["x"; width].join(","));
+    doc.push_str("]\n  more: [");
+    while doc.len() < bytes {
+        doc.push_str("*a,");
+    }
+    doc.push_str("*a]\n");
+    doc
+}
+
+#[test]
+fn a_wide_alias_document_is_refused_quickly() {
+    let doc = wide_alias_bomb(50_000, 1_000_000);
+    let started = std::time::Instant::now();
+    let err = one_error(&doc);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(err.message.contains("more than 100000 YAML nodes"), "{err}");
+    assert_eq!((err.file.as_str(), err.object.as_deref()), ("fleet/web.yaml", Some("bomb")), "{err}");
+}
+
+#[test]
+fn a_manifest_file_larger_than_the_cap_is_refused_whole() {
+    let mut doc = GOOD.to_string();
+    while doc.len() <= crate::api::bounds::MAX_MANIFEST_BYTES {
+        doc.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    let err = one_error(&doc);
+    assert!(err.message.contains("more than the 1048576 a manifest file may have"), "{err}");
+}
+
+#[test]
+fn the_name_of_a_broken_document_is_read_from_its_text() {
+    assert_eq!(name_of("metadata:\n  name: web # the web tier\n"), Some("web".into()));
+    assert_eq!(name_of("metadata: {name: \"db\", labels: {}}\n"), Some("db".into()));
+    assert_eq!(name_of("metadata:\n  name: *alias\n"), None);
+    assert_eq!(name_of("spec: {}\n"), None);
+}

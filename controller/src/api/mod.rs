@@ -1,6 +1,7 @@
 //! The VM API: the `ignite.dev/v1alpha1` `VM` document shared by git manifests, `ignite apply`
 //! and the Kubernetes custom resource, plus the status the controller keeps in its store.
 
+pub mod bounds;
 pub mod errors;
 mod lines;
 pub mod load;
