@@ -141,6 +141,11 @@ impl Initramfs {
         self.entry(name, 0o100000 | perm, (0, 0), content)
     }
 
+    /// A symbolic link `name` to `target`.
+    pub fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
+        self.entry(name, 0o120777, (0, 0), target.as_bytes())
+    }
+
     /// A character device node.
     pub fn char_dev(&mut self, name: &str, major: u32, minor: u32) -> &mut Self {
         self.entry(name, 0o020600, (major, minor), &[])
@@ -192,4 +197,43 @@ pub fn assemble_pvh(dir: &Path, name: &str, halt: bool) -> PathBuf {
 fn run_checked(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The fork/exec probe of `guests/fsbase-probe.c`, built into `dir` as an initramfs: its static build
+/// is `/init`, beside `/probe-static`, `/probe-dynamic` (with the host's glibc loader and libc) and a
+/// busybox `/bin/sh`. Configured by `PROBE_*` variables on the kernel command line (see the source).
+pub fn fsbase_probe_initramfs(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/fsbase-probe.c");
+    let build = |name: &str, static_: bool| {
+        let out = dir.join(name);
+        let mut gcc = Command::new("gcc");
+        gcc.args(["-O2", "-Wall", "-Werror", "-pthread"]);
+        if static_ {
+            gcc.arg("-static");
+        }
+        run(gcc.arg("-o").arg(&out).arg(&src));
+        std::fs::read(out).expect("read the probe")
+    };
+    let (fixed, dynamic) = (build("probe-static", true), build("probe-dynamic", false));
+    let read =
+        |path: &str| std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (install libc6 and busybox-static)"));
+    let image = dir.join("probe.cpio");
+    Initramfs::new()
+        .dir("dev")
+        .char_dev("dev/console", 5, 1)
+        .dir("bin")
+        .dir("lib")
+        .dir("lib/x86_64-linux-gnu")
+        .dir("lib64")
+        .file("init", 0o755, &fixed)
+        .file("probe-static", 0o755, &fixed)
+        .file("probe-dynamic", 0o755, &dynamic)
+        .file("lib64/ld-linux-x86-64.so.2", 0o755, &read("/lib64/ld-linux-x86-64.so.2"))
+        .file("lib/x86_64-linux-gnu/libc.so.6", 0o755, &read("/lib/x86_64-linux-gnu/libc.so.6"))
+        .file("bin/busybox", 0o755, &read("/bin/busybox"))
+        .symlink("bin/sh", "busybox")
+        .symlink("bin/echo", "busybox")
+        .write(&image)
+        .expect("write the probe initramfs");
+    image
 }
