@@ -17,6 +17,8 @@ use crate::{Digest, StorePaths};
 
 /// Prefixes of the temp files of blobs and image records, so cleanup never touches other parts' temp files.
 const TEMP_PREFIXES: &[&str] = &["blob-", "image-"];
+/// Prefixes of the work directories that unpack images (root disks, kernels from images).
+const WORK_PREFIXES: &[&str] = &["rootfs-", "kernel-"];
 const TEMP_SUFFIX: &str = ".partial";
 
 /// Distinguishes temp files of one process.
@@ -75,6 +77,23 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContentError + '_ {
 pub(crate) fn temp_path(tmp_dir: &Path, kind: &str) -> PathBuf {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     tmp_dir.join(format!("{kind}-{}-{n}{TEMP_SUFFIX}", std::process::id()))
+}
+
+/// A private work directory `tmp/<kind>-<pid>-XXXXXX` (mode 0700: image layers, untrusted, unpack
+/// there), removed when dropped; a crash leaves it for the next [`ContentStore::open`] to sweep.
+pub(crate) fn work_dir(paths: &StorePaths, kind: &str) -> io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = paths.tmp_dir();
+    fs::create_dir_all(&tmp)?;
+    let dir = tempfile::Builder::new().prefix(&format!("{kind}-{}-", std::process::id())).tempdir_in(&tmp)?;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
+}
+
+/// The pid a temp name `<prefix><pid>-...` carries, for one of `prefixes`.
+fn writer_pid<'a>(name: &'a str, prefixes: &[&str]) -> Option<&'a str> {
+    let rest = prefixes.iter().find_map(|p| name.strip_prefix(p))?;
+    rest.split('-').next().filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The blob store of one [`StorePaths`].
@@ -216,8 +235,9 @@ impl ContentStore {
         Ok(freed)
     }
 
-    /// Removes temp files whose writing process is gone (crashed or killed); returns the bytes freed.
-    /// Temp names carry the writer's pid, so live writers (also in other processes) are left alone.
+    /// Removes temp files and work directories whose process is gone (crashed or killed); returns the
+    /// bytes freed (of files). Names carry the writer's pid, so live writers (also in other processes)
+    /// are left alone.
     fn remove_stale_temps(&self) -> Result<u64, ContentError> {
         let dir = self.paths.tmp_dir();
         let entries = match fs::read_dir(&dir) {
@@ -228,15 +248,16 @@ impl ContentStore {
         let mut freed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let rest = TEMP_PREFIXES.iter().find_map(|p| name.strip_prefix(p));
-            let Some(pid) = rest.and_then(|r| r.split('-').next()) else { continue };
-            let alive = Path::new("/proc").join(pid).exists();
-            if !name.ends_with(TEMP_SUFFIX) || alive {
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let pid = if is_dir { writer_pid(&name, WORK_PREFIXES) } else { writer_pid(&name, TEMP_PREFIXES) };
+            let Some(pid) = pid else { continue };
+            if (!is_dir && !name.ends_with(TEMP_SUFFIX)) || Path::new("/proc").join(pid).exists() {
                 continue;
             }
             let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-            if fs::remove_file(entry.path()).is_ok() {
-                tracing::debug!(file = %entry.path().display(), "removed stale temp blob");
+            let removed = if is_dir { fs::remove_dir_all(entry.path()) } else { fs::remove_file(entry.path()) };
+            if removed.is_ok() {
+                tracing::debug!(path = %entry.path().display(), "removed what a dead process left in tmp");
                 freed += len;
             }
         }
@@ -375,7 +396,15 @@ mod tests {
         assert_eq!(temps(&paths), 2, "live temp and unrelated file stay");
         drop(live);
         fs::write(paths.tmp_dir().join("blob-999999999-1.partial"), b"xx").unwrap();
+        // A root disk build that crashed half way, and one in progress in this process.
+        fs::create_dir_all(paths.tmp_dir().join("rootfs-999999999-abc/tree/etc")).unwrap();
+        let building = work_dir(&paths, "rootfs").unwrap();
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(building.path()).unwrap().permissions()) & 0o777;
+        assert_eq!(mode, 0o700, "layers unpack where no other user can look");
         ContentStore::open(&paths).unwrap();
-        assert_eq!(temps(&paths), 1);
+        assert_eq!(temps(&paths), 2, "the live build and the unrelated file stay");
+        assert!(!paths.tmp_dir().join("rootfs-999999999-abc").exists());
+        assert!(building.path().exists());
     }
 }

@@ -229,8 +229,7 @@ fn check_free(paths: &StorePaths, name: &str) -> Result<(), KernelError> {
 
 fn work_dir(paths: &StorePaths, name: &str) -> Result<tempfile::TempDir, KernelError> {
     let tmp = paths.tmp_dir();
-    std::fs::create_dir_all(&tmp).map_err(io_err(name, "create", &tmp))?;
-    tempfile::Builder::new().prefix("kernel-").tempdir_in(&tmp).map_err(io_err(name, "create a directory in", &tmp))
+    crate::content::work_dir(paths, "kernel").map_err(io_err(name, "create a work directory in", &tmp))
 }
 
 /// Checks and copies `kernel` into directory `staged` and writes the record there.

@@ -69,12 +69,8 @@ pub fn build_base_rootfs(paths: &StorePaths, image: &ImageRecord, init: Option<&
         return Ok(target);
     }
     let tmp_root = paths.tmp_dir();
-    std::fs::create_dir_all(&tmp_root).map_err(io_err("create", &tmp_root))?;
-    // Dropped (and removed) on every error path; a crash leaves it in tmp/ for cleanup.
-    let work = tempfile::Builder::new()
-        .prefix("rootfs-")
-        .tempdir_in(&tmp_root)
-        .map_err(io_err("create a temporary directory in", &tmp_root))?;
+    // Dropped (and removed) on every error path; a crash leaves it in tmp/ for the next sweep.
+    let work = crate::content::work_dir(paths, "rootfs").map_err(io_err("create a work directory in", &tmp_root))?;
     let tree = work.path().join("tree");
     std::fs::create_dir(&tree).map_err(io_err("create", &tree))?;
     unpack::unpack_layers(paths, &image.layers, &tree)

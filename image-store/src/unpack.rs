@@ -72,6 +72,16 @@ pub enum UnpackError {
         /// Why.
         reason: String,
     },
+    /// The image unpacks to more than its limits allow (see [`UnpackLimits`]).
+    #[error("layer {digest}: the image unpacks to more than {limit} ({what}); refused (raise --max-image-size or --max-image-entries if it is genuine)")]
+    TooLarge {
+        /// Layer digest (the one that crossed the limit).
+        digest: Digest,
+        /// What ran over: `bytes` or `entries`.
+        what: &'static str,
+        /// The limit, in its unit.
+        limit: u64,
+    },
     /// Writing an entry failed.
     #[error("layer {digest}: cannot extract {entry}")]
     Extract {
@@ -85,8 +95,73 @@ pub enum UnpackError {
     },
 }
 
-/// Applies `layers` (bottom first, blobs read from the content store) onto `root`.
+/// How much one image may unpack to: a layer is untrusted input, and a few kilobytes of gzip can
+/// decompress to terabytes or to millions of empty files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Bytes of file content, summed over all layers ([`DEFAULT_MAX_IMAGE_BYTES`]).
+    pub max_bytes: u64,
+    /// Tar entries, summed over all layers ([`DEFAULT_MAX_IMAGE_ENTRIES`]).
+    pub max_entries: u64,
+}
+
+/// The default of [`UnpackLimits::max_bytes`]: 32 GiB.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 32 << 30;
+/// The default of [`UnpackLimits::max_entries`]: one million (a full Debian with docs has ~100 000).
+pub const DEFAULT_MAX_IMAGE_ENTRIES: u64 = 1_000_000;
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        UnpackLimits { max_bytes: DEFAULT_MAX_IMAGE_BYTES, max_entries: DEFAULT_MAX_IMAGE_ENTRIES }
+    }
+}
+
+static PROCESS_LIMITS: std::sync::RwLock<Option<UnpackLimits>> = std::sync::RwLock::new(None);
+
+impl UnpackLimits {
+    /// Sets the limits every later unpack of this process uses (`ignite daemon --max-image-size`).
+    pub fn set_for_process(limits: UnpackLimits) {
+        *PROCESS_LIMITS.write().unwrap_or_else(|e| e.into_inner()) = Some(limits);
+    }
+
+    /// The limits of this process: what [`UnpackLimits::set_for_process`] set, else the defaults.
+    pub fn for_process() -> UnpackLimits {
+        PROCESS_LIMITS.read().unwrap_or_else(|e| e.into_inner()).unwrap_or_default()
+    }
+}
+
+/// What the layers of one image have used of its [`UnpackLimits`] so far.
+#[derive(Debug, Default)]
+pub struct UnpackBudget {
+    limits: UnpackLimits,
+    bytes: u64,
+    entries: u64,
+}
+
+impl UnpackBudget {
+    /// A fresh budget for one image.
+    pub fn new(limits: UnpackLimits) -> Self {
+        UnpackBudget { limits, bytes: 0, entries: 0 }
+    }
+
+    fn charge(&mut self, digest: &Digest, size: u64) -> Result<(), UnpackError> {
+        self.entries += 1;
+        self.bytes = self.bytes.saturating_add(size);
+        let over = |what, limit| Err(UnpackError::TooLarge { digest: digest.clone(), what, limit });
+        if self.entries > self.limits.max_entries {
+            return over("entries", self.limits.max_entries);
+        }
+        if self.bytes > self.limits.max_bytes {
+            return over("bytes", self.limits.max_bytes);
+        }
+        Ok(())
+    }
+}
+
+/// Applies `layers` (bottom first, blobs read from the content store) onto `root`, within the
+/// process's [`UnpackLimits`].
 pub fn unpack_layers(paths: &StorePaths, layers: &[Layer], root: &Path) -> Result<(), UnpackError> {
+    let mut budget = UnpackBudget::new(UnpackLimits::for_process());
     for layer in layers {
         if layer.media_type.contains("zstd") {
             return Err(UnpackError::UnsupportedCompression {
@@ -101,14 +176,19 @@ pub fn unpack_layers(paths: &StorePaths, layers: &[Layer], root: &Path) -> Resul
             source,
         })?;
         debug!(layer = %layer.digest, "applying layer");
-        apply_layer(file, &layer.digest, root)?;
+        apply_layer(file, &layer.digest, root, &mut budget)?;
     }
     Ok(())
 }
 
-/// Applies one layer, plain or gzip tar (told apart by the gzip magic bytes), onto `root`.
-/// `digest` only names the layer in errors.
-pub fn apply_layer(reader: impl Read, digest: &Digest, root: &Path) -> Result<(), UnpackError> {
+/// Applies one layer, plain or gzip tar (told apart by the gzip magic bytes), onto `root`, charging
+/// its entries and bytes to `budget`. `digest` only names the layer in errors.
+pub fn apply_layer(
+    reader: impl Read,
+    digest: &Digest,
+    root: &Path,
+    budget: &mut UnpackBudget,
+) -> Result<(), UnpackError> {
     let mut reader = BufReader::new(reader);
     let read_err = |source| UnpackError::Read { digest: digest.clone(), source };
     let magic = reader.fill_buf().map_err(read_err)?;
@@ -116,9 +196,9 @@ pub fn apply_layer(reader: impl Read, digest: &Digest, root: &Path) -> Result<()
         return Err(UnpackError::UnsupportedCompression { digest: digest.clone(), what: "zstd".into() });
     }
     if magic.starts_with(&[0x1f, 0x8b]) {
-        apply_tar(flate2::read::GzDecoder::new(reader), digest, root)
+        apply_tar(flate2::read::GzDecoder::new(reader), digest, root, budget)
     } else {
-        apply_tar(reader, digest, root)
+        apply_tar(reader, digest, root, budget)
     }
 }
 
@@ -128,7 +208,7 @@ pub(crate) fn running_as_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-fn apply_tar(reader: impl Read, digest: &Digest, root: &Path) -> Result<(), UnpackError> {
+fn apply_tar(reader: impl Read, digest: &Digest, root: &Path, budget: &mut UnpackBudget) -> Result<(), UnpackError> {
     let is_root = running_as_root();
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
@@ -143,6 +223,8 @@ fn apply_tar(reader: impl Read, digest: &Digest, root: &Path) -> Result<(), Unpa
     let mut dir_times: Vec<(PathBuf, u64)> = Vec::new();
     for entry in archive.entries().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
+        // Charged before anything is written: the declared size is what unpacking it would write.
+        budget.charge(digest, entry.header().size().map_err(read_err)?)?;
         let raw = entry.path().map_err(read_err)?.into_owned();
         let rel = match whiteout::normalize_entry_path(&raw) {
             Ok(rel) => rel,
@@ -163,6 +245,10 @@ fn apply_tar(reader: impl Read, digest: &Digest, root: &Path) -> Result<(), Unpa
             Whiteout::File(target) => {
                 whiteout::remove_any(&parent.join(target)).map_err(extract_err)?;
                 continue;
+            }
+            Whiteout::Invalid => {
+                let reason = "a whiteout must name one entry (`.wh.NAME`), not `.`, `..` or nothing";
+                return Err(UnpackError::BadPath { digest: digest.clone(), entry: raw, reason: reason.into() });
             }
             Whiteout::None => {}
         }

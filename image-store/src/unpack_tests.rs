@@ -98,8 +98,13 @@ impl LayerTar {
 }
 
 fn apply(layers: Vec<Vec<u8>>, root: &Path) -> Result<(), UnpackError> {
+    apply_limited(layers, root, UnpackLimits::default())
+}
+
+fn apply_limited(layers: Vec<Vec<u8>>, root: &Path, limits: UnpackLimits) -> Result<(), UnpackError> {
+    let mut budget = UnpackBudget::new(limits);
     for bytes in layers {
-        apply_layer(&bytes[..], &Digest::of_bytes(&bytes), root)?;
+        apply_layer(&bytes[..], &Digest::of_bytes(&bytes), root, &mut budget)?;
     }
     Ok(())
 }
@@ -290,9 +295,47 @@ fn truncated_and_zstd_layers_fail_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let full = LayerTar::new().file("big", 0o644, &[1u8; 4096]).gzip();
     let cut = &full[..full.len() / 2];
-    let err = apply_layer(cut, &Digest::of_bytes(cut), dir.path()).unwrap_err();
+    let err = apply_limited(vec![cut.to_vec()], dir.path(), UnpackLimits::default()).unwrap_err();
     assert!(err.to_string().contains(Digest::of_bytes(cut).as_str()), "{err}");
     let zstd = [0x28, 0xb5, 0x2f, 0xfd, 0, 0];
-    let err = apply_layer(&zstd[..], &Digest::of_bytes(&zstd), dir.path()).unwrap_err();
+    let err = apply(vec![zstd.to_vec()], dir.path()).unwrap_err();
     assert!(matches!(err, UnpackError::UnsupportedCompression { .. }), "{err}");
+}
+
+#[test]
+fn whiteouts_of_the_directory_or_its_parent_are_refused_and_delete_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // The root is one directory below a sibling the layer must never reach.
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(dir.path().join("sibling"), "keep").unwrap();
+    apply(vec![LayerTar::new().file("etc/keep", 0o644, b"lower").bytes()], &root).unwrap();
+    for (name, path) in [(".wh..", ".wh.."), (".wh...", ".wh..."), (".wh.", ".wh."), ("in etc", "etc/.wh...")] {
+        let layer = LayerTar::new().file(path, 0o644, b"").bytes();
+        let err = apply(vec![layer], &root).unwrap_err();
+        assert!(matches!(err, UnpackError::BadPath { .. }), "{name}: {err}");
+        assert!(err.to_string().contains("a whiteout must name one entry"), "{name}: {err}");
+    }
+    assert_eq!(read(&root, "etc/keep"), "lower");
+    assert_eq!(std::fs::read_to_string(dir.path().join("sibling")).unwrap(), "keep");
+}
+
+#[test]
+fn an_image_over_its_entry_or_byte_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let many = (0..20).fold(LayerTar::new(), |t, i| t.file(&format!("f{i}"), 0o644, b"x")).bytes();
+    let limits = UnpackLimits { max_bytes: 1 << 20, max_entries: 10 };
+    let err = apply_limited(vec![many], dir.path(), limits).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { what: "entries", limit: 10, .. }), "{err}");
+    assert!(err.to_string().contains("--max-image-entries"), "{err}");
+
+    // A small gzip that decompresses to 4 MiB, over a 1 MiB budget; counted across layers.
+    let zeros = LayerTar::new().file("zeros", 0o644, &vec![0u8; 4 << 20]).gzip();
+    assert!(zeros.len() < 64 << 10, "the bomb is small: {} bytes", zeros.len());
+    let small = LayerTar::new().file("a", 0o644, &[1u8; 600 << 10]).bytes();
+    let limits = UnpackLimits { max_bytes: 1 << 20, max_entries: 100 };
+    let err = apply_limited(vec![small.clone(), small], dir.path(), limits).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { what: "bytes", .. }), "{err}");
+    let err = apply_limited(vec![zeros], tempfile::tempdir().unwrap().path(), limits).unwrap_err();
+    assert!(matches!(err, UnpackError::TooLarge { what: "bytes", .. }), "{err}");
 }

@@ -113,6 +113,9 @@ pub(crate) enum Whiteout<'a> {
     File(&'a OsStr),
     /// `.wh..wh..opq`: empty the directory.
     Opaque,
+    /// `.wh.`, `.wh..` or `.wh...`: would delete the directory itself, its parent (outside the
+    /// root, at the top), or nothing; a layer carrying one is broken or hostile.
+    Invalid,
 }
 
 /// Classifies the last component of an entry path.
@@ -121,7 +124,10 @@ pub(crate) fn classify(name: &OsStr) -> Whiteout<'_> {
     if s == OPAQUE_MARKER {
         Whiteout::Opaque
     } else if let Some(target) = s.strip_prefix(WHITEOUT_PREFIX) {
-        Whiteout::File(OsStr::new(target))
+        match target {
+            "" | "." | ".." => Whiteout::Invalid,
+            _ => Whiteout::File(OsStr::new(target)),
+        }
     } else {
         Whiteout::None
     }
@@ -191,5 +197,8 @@ mod tests {
         assert!(matches!(classify(OsStr::new(".wh..wh..opq")), Whiteout::Opaque));
         assert!(matches!(classify(OsStr::new(".wh.foo")), Whiteout::File(n) if n == "foo"));
         assert!(matches!(classify(OsStr::new("foo")), Whiteout::None));
+        for name in [".wh.", ".wh..", ".wh..."] {
+            assert!(matches!(classify(OsStr::new(name)), Whiteout::Invalid), "{name}");
+        }
     }
 }
