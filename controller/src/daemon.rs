@@ -106,6 +106,10 @@ impl Daemon {
         let store =
             Store::open(&config.root).map_err(|source| DaemonError::Store { root: config.root.clone(), source })?;
         let paths = image_store::StorePaths::new(&config.root);
+        // Opening the blob store sweeps what a crashed daemon left half-written or half-unpacked in tmp/.
+        if let Err(e) = image_store::ContentStore::open(&paths) {
+            warn!(error = %e, "could not sweep the image store's temp files");
+        }
         let snapshotter = image_store::choose_snapshotter(&paths, None).map_err(DaemonError::Snapshotter)?;
         let snapshotter_name = snapshotter.name().to_string();
         let recovered = snapshotter.recover().map_err(DaemonError::Snapshotter)?;
@@ -181,7 +185,7 @@ impl Daemon {
             Err(e) => warn!(error = %e, "cannot forget the sources no longer configured"),
         }
         for spec in config.sources {
-            daemon.follow(spec, &config.root);
+            daemon.follow(spec, &config.root, &config.host.host_paths);
         }
         if let Some(socket) = &config.socket {
             let state = crate::grpc::ApiState {
@@ -194,6 +198,8 @@ impl Daemon {
                 snapshotter: snapshotter_name,
                 runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
                 health: daemon.health.clone(),
+                host_paths: config.host.host_paths.clone(),
+                local_clients: true,
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let server = crate::grpc::serve(socket, state.clone(), async move {
@@ -269,7 +275,7 @@ impl Daemon {
         }));
     }
 
-    fn follow(&mut self, spec: SourceSpec, root: &std::path::Path) {
+    fn follow(&mut self, spec: SourceSpec, root: &std::path::Path, host_paths: &crate::api::HostPaths) {
         let (trigger_tx, trigger_rx) = mpsc::channel(4);
         self.triggers.push((spec.name.clone(), trigger_tx));
         let source = match source::open(&spec, &root.join("sources")) {
@@ -282,13 +288,16 @@ impl Daemon {
         let mut outcomes = source::spawn_poller(source, spec.interval(), trigger_rx);
         let store = self.store.clone();
         let reconciler = self.reconciler.clone();
+        let host_paths = host_paths.clone();
         self.tasks.push(tokio::spawn(async move {
             while let Some(outcome) = outcomes.recv().await {
                 let store = store.clone();
                 let reconciler = reconciler.clone();
                 let spec = spec.clone();
+                let host_paths = host_paths.clone();
                 let handled =
-                    tokio::task::spawn_blocking(move || handle_sync(&store, &reconciler, &spec, outcome)).await;
+                    tokio::task::spawn_blocking(move || handle_sync(&store, &reconciler, &spec, &host_paths, outcome))
+                        .await;
                 if let Err(e) = handled {
                     error!(error = %e, "source handler panicked");
                 }
@@ -345,7 +354,13 @@ async fn keep_health(
 
 /// Applies one sync outcome: a valid new revision is applied and its objects queued; an invalid
 /// revision or a fetch error is recorded on the source (and as an event) and changes nothing.
-pub fn handle_sync(store: &Store, reconciler: &Reconciler, spec: &SourceSpec, outcome: SyncOutcome) {
+pub fn handle_sync(
+    store: &Store,
+    reconciler: &Reconciler,
+    spec: &SourceSpec,
+    host_paths: &crate::api::HostPaths,
+    outcome: SyncOutcome,
+) {
     let owner = spec.owner();
     let mut state = store.get_source_state(&spec.name).ok().flatten().unwrap_or_else(|| SourceState {
         name: spec.name.clone(),
@@ -356,7 +371,7 @@ pub fn handle_sync(store: &Store, reconciler: &Reconciler, spec: &SourceSpec, ou
     let result = match outcome {
         SyncOutcome::Changed(snapshot) => {
             let files = snapshot.files.iter().map(|f| (f.path.as_str(), f.text.as_str()));
-            parse_revision(&snapshot.revision, files)
+            parse_revision(&snapshot.revision, files, host_paths)
                 .and_then(|docs| apply_revision(store, &owner, &snapshot.revision, &docs))
                 .map(|report| (snapshot.revision.clone(), report))
                 .map_err(|e| apply_error_message(&e))

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use controller::daemon::{Daemon, TcpApi};
-use controller::grpc::tls::ServerTls;
+use controller::grpc::tls::{ClientTls, ServerTls};
 use support::fleet::daemon_config;
 use support::tiny_guest;
 use support::tls::{daemon_and_client, leaf, CLIENT_EXTENSIONS};
@@ -72,6 +72,25 @@ fn the_cli_reaches_a_daemon_over_tcp_with_mutual_tls_only() {
     // Files of this machine are not sent to a daemon on another one.
     let out = ignite(c, &url, Some("alice"), &["image", "import", c.to_str().unwrap()]);
     assert!(text(&out.stderr).contains("runs on another machine"), "{}", text(&out.stderr));
+
+    // And a remote client cannot make the daemon read one of its own files: paths outside
+    // --allow-host-path (none here) are refused, a relative one is not even looked up.
+    runtime.block_on(async {
+        use controller::grpc::proto::{images_client::ImagesClient, kernels_client::KernelsClient, *};
+        let tls = ClientTls { ca: c.join("daemon-ca.pem"), cert: c.join("alice.pem"), key: c.join("alice.key") };
+        let channel = controller::grpc::tls::connect_tcp(&url, &tls).await.unwrap();
+        let err = ImagesClient::new(channel.clone())
+            .import(ImportImageRequest { path: "/etc".into(), tag: "stolen:1".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{}", err.message());
+        assert!(err.message().contains("--allow-host-path"), "{}", err.message());
+        let mut kernels = KernelsClient::new(channel);
+        let err = kernels.import(ImportKernelRequest { source: "/etc/shadow".into(), name: "k".into() }).await;
+        assert_eq!(err.unwrap_err().code(), tonic::Code::PermissionDenied);
+        let err = kernels.import(ImportKernelRequest { source: "etc/shadow".into(), name: "k".into() }).await;
+        assert_eq!(err.unwrap_err().code(), tonic::Code::NotFound, "an image name, never a file");
+    });
 
     runtime.block_on(daemon.shutdown());
 }

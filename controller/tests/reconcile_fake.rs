@@ -33,7 +33,7 @@ fn env() -> Env {
 
 impl Env {
     fn apply(&self, owner: &str, revision: &str, files: &[(&str, &str)]) -> Result<Vec<String>, ApplyError> {
-        let docs = parse_revision(revision, files.iter().copied())?;
+        let docs = parse_revision(revision, files.iter().copied(), &Default::default())?;
         let report = apply_revision(&self.store, owner, revision, &docs)?;
         Ok(report.touched().cloned().collect())
     }

@@ -12,8 +12,13 @@ use std::fmt;
 use serde::de::{DeserializeSeed, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
 use serde::Deserializer;
 
-/// The largest manifest file accepted, in bytes (a fleet file of hundreds of VMs is well under it).
-pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// The largest manifest file accepted, in bytes: room for a VM whose `copyFiles` carry their
+/// content inline (8 MiB, base64), while a fleet file of hundreds of VMs is well under it.
+pub const MAX_MANIFEST_BYTES: usize = 12 << 20;
+
+/// The most bytes of scalar text one document may hold with its aliases expanded: an alias of a
+/// long string copies it, so without this a few kilobytes of aliases make gigabytes of strings.
+pub const MAX_EXPANDED_BYTES: usize = 2 * MAX_MANIFEST_BYTES;
 
 /// The most YAML nodes one document may have with its aliases expanded (a VM manifest has a few
 /// hundred at most).
@@ -22,24 +27,42 @@ pub const MAX_NODES: usize = 100_000;
 /// Walks `doc` (one YAML document) and fails as soon as it has more than [`MAX_NODES`] nodes, aliases
 /// expanded. The error is serde_yaml's, with its location when it has one.
 pub fn check_nodes(doc: &str) -> Result<(), serde_yaml::Error> {
-    let count = Cell::new(0);
-    Budget(&count).deserialize(serde_yaml::Deserializer::from_str(doc))
+    let used = Used { nodes: Cell::new(0), bytes: Cell::new(0) };
+    Budget(&used).deserialize(serde_yaml::Deserializer::from_str(doc))
 }
 
-/// A visitor that counts every node it sees against [`MAX_NODES`].
+/// What a document has used of its budget so far.
+struct Used {
+    nodes: Cell<usize>,
+    bytes: Cell<usize>,
+}
+
+/// A visitor that counts every node it sees against [`MAX_NODES`], and scalar text against
+/// [`MAX_EXPANDED_BYTES`].
 #[derive(Clone, Copy)]
-struct Budget<'a>(&'a Cell<usize>);
+struct Budget<'a>(&'a Used);
 
 impl Budget<'_> {
     fn charge<E: serde::de::Error>(self) -> Result<(), E> {
-        let n = self.0.get() + 1;
-        self.0.set(n);
+        let n = self.0.nodes.get() + 1;
+        self.0.nodes.set(n);
         if n > MAX_NODES {
             return Err(E::custom(format_args!(
                 "more than {MAX_NODES} YAML nodes once aliases are expanded: refused (a manifest has a few hundred)"
             )));
         }
         Ok(())
+    }
+
+    fn charge_text<E: serde::de::Error>(self, len: usize) -> Result<(), E> {
+        let bytes = self.0.bytes.get().saturating_add(len);
+        self.0.bytes.set(bytes);
+        if bytes > MAX_EXPANDED_BYTES {
+            return Err(E::custom(format_args!(
+                "more than {MAX_EXPANDED_BYTES} bytes of text once aliases are expanded: refused"
+            )));
+        }
+        self.charge()
     }
 }
 
@@ -65,7 +88,15 @@ impl<'de> Visitor<'de> for Budget<'_> {
     }
 
     scalars!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_i128: i128, visit_u128: u128,
-             visit_f64: f64, visit_str: &str, visit_bytes: &[u8]);
+             visit_f64: f64);
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<(), E> {
+        self.charge_text(text.len())
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<(), E> {
+        self.charge_text(bytes.len())
+    }
 
     fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
         self.charge()
@@ -128,6 +159,17 @@ mod tests {
         let mut doc = format!("a: &x [{}]\nb: [", vec!["1"; 1000].join(","));
         doc.push_str(&vec!["*x"; 50].join(","));
         doc.push_str("]\n");
+        check_nodes(&doc).unwrap();
+    }
+
+    #[test]
+    fn the_budget_counts_the_text_aliases_copy() {
+        // One 1 MiB string aliased 100 times: 100 MiB of strings from a text of 1 MiB.
+        let doc = format!("a: &x {}\nb: [{}]\n", "y".repeat(1 << 20), vec!["*x"; 100].join(","));
+        let e = check_nodes(&doc).unwrap_err().to_string();
+        assert!(e.contains("bytes of text once aliases are expanded"), "{e}");
+        // Aliased a few times, it passes.
+        let doc = format!("a: &x {}\nb: [*x, *x]\n", "y".repeat(1 << 20));
         check_nodes(&doc).unwrap();
     }
 }

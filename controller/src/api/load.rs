@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use super::bounds::{check_nodes, MAX_MANIFEST_BYTES};
 use super::errors::{ManifestError, ManifestErrors};
+use super::host_paths::HostPaths;
 use super::lines::field_line;
 use super::types::Vm;
 use super::validate::validate;
@@ -79,6 +80,12 @@ fn name_of(doc: &str) -> Option<String> {
 /// Parses every VM in `text` (the file named `file`). All documents are checked, and every
 /// problem is returned if any is found.
 pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors> {
+    parse_manifests_for_host(file, text, &HostPaths::default())
+}
+
+/// [`parse_manifests`] for this host: also every host path a VM names must be one `host_paths`
+/// allows, reported with its line like any other problem.
+pub fn parse_manifests_for_host(file: &str, text: &str, host_paths: &HostPaths) -> Result<Vec<Vm>, ManifestErrors> {
     let mut vms = Vec::new();
     let mut errors = ManifestErrors::default();
     if text.len() > MAX_MANIFEST_BYTES {
@@ -116,6 +123,7 @@ pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors
         match parsed {
             Ok(vm) => {
                 let mut problems = validate(&vm);
+                problems.extend(host_paths.check(&vm));
                 let name_line = field_line(&doc, &split_path("metadata.name")).unwrap_or(1) + offset;
                 if let Some(first) = names.insert(vm.metadata.name.clone(), name_line) {
                     problems

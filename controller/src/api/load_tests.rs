@@ -138,6 +138,50 @@ fn kernel_env_files_keys_and_bootstrap_are_checked() {
 }
 
 #[test]
+fn host_files_are_read_only_from_allowed_directories_and_inline_content_is_checked() {
+    use crate::api::load::parse_manifests_for_host;
+    use crate::api::HostPaths;
+    let allowed = tempfile::tempdir().unwrap();
+    let doc = |source: &str| {
+        with_spec(&format!(
+            "  copyFiles:\n    - source: {source}\n      destination: /etc/x\n  kernel:\n    path: {}/vmlinux\n",
+            allowed.path().display()
+        ))
+    };
+    let host = HostPaths::allow([allowed.path().to_path_buf()]).unwrap();
+    let inside = format!("{}/conf/app.conf", allowed.path().display());
+    parse_manifests_for_host("fleet.yaml", &doc(&inside), &host).unwrap();
+    // The same manifest on a host that allows nothing (the default), and one reaching out.
+    let errs = parse_manifests_for_host("fleet.yaml", &doc(&inside), &HostPaths::default()).unwrap_err().0;
+    let found: Vec<(&str, Option<usize>)> = errs.iter().map(|e| (e.field.as_str(), e.line)).collect();
+    assert_eq!(found, [("spec.copyFiles[0].source", Some(8)), ("spec.kernel.path", Some(11))], "{errs:#?}");
+    assert!(errs[0].to_string().starts_with("fleet.yaml:8: VM \"web\": spec.copyFiles[0].source"), "{}", errs[0]);
+    for outside in ["/etc/shadow", &format!("{}/../etc/shadow", allowed.path().display())] {
+        let errs = parse_manifests_for_host("fleet.yaml", &doc(outside), &host).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].message.contains("is not under a directory this host lets manifests read"), "{}", errs[0]);
+    }
+    let errs = errors(&with_spec(
+        "  copyFiles:\n    - contentBase64: \"not base64!\"\n      destination: /a\n    - destination: /b\n    - contentBase64: aGk=\n      source: /x\n      mode: \"0999\"\n      destination: /c\n",
+    ));
+    let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.copyFiles[0].contentBase64",
+            "spec.copyFiles[1]",
+            "spec.copyFiles[2]",
+            "spec.copyFiles[2].mode",
+            "spec.copyFiles[2].source"
+        ],
+        "{errs:#?}"
+    );
+    let big = "A".repeat((crate::api::host_paths::MAX_COPY_FILE_BYTES as usize / 3 + 1) * 4);
+    let e = one_error(&with_spec(&format!("  copyFiles:\n    - contentBase64: {big}\n      destination: /a\n")));
+    assert!(e.message.contains("more than the 4194304 one copied file may have"), "{e}");
+}
+
+#[test]
 fn duplicate_names_are_caught_in_one_file_and_across_files() {
     let doc = with_spec("");
     let e = one_error(&format!("{doc}---\n{doc}"));
@@ -193,7 +237,8 @@ fn a_manifest_file_larger_than_the_cap_is_refused_whole() {
         doc.push_str("# padding padding padding padding padding padding padding padding\n");
     }
     let err = one_error(&doc);
-    assert!(err.message.contains("more than the 1048576 a manifest file may have"), "{err}");
+    let cap = format!("more than the {} a manifest file may have", crate::api::bounds::MAX_MANIFEST_BYTES);
+    assert!(err.message.contains(&cap), "{err}");
 }
 
 #[test]

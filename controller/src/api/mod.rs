@@ -3,6 +3,7 @@
 
 pub mod bounds;
 pub mod errors;
+pub mod host_paths;
 mod lines;
 pub mod load;
 pub mod quantity;
@@ -12,6 +13,7 @@ pub mod types;
 pub mod validate;
 
 pub use errors::{ManifestError, ManifestErrors};
+pub use host_paths::{HostPathError, HostPaths};
 pub use load::{check_unique_names, parse_manifests};
 pub use quantity::{PortMapping, Protocol, Quantity, QuantityError};
 pub use status::{Condition, ConditionStatus, ConditionType, Phase, VmStatus};

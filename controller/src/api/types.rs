@@ -146,14 +146,36 @@ impl NetworkSpec {
     }
 }
 
-/// A host file copied into the guest.
+/// A file written into the guest at boot: a host file (`source`) or inline content
+/// (`contentBase64`), exactly one of the two.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CopyFile {
-    /// Absolute path of the file on the host.
-    pub source: PathBuf,
+    /// Absolute path of a file on the host, under a directory the host's operator allowed
+    /// (`ignite daemon --allow-host-path`); read when the VM is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
+    /// The content itself, base64 (what `ignite run --copy-files` sends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
+    /// Permission bits in octal, e.g. `"0755"` (default: the host file's, or `0644` for content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     /// Absolute path inside the guest.
     pub destination: String,
+}
+
+impl CopyFile {
+    /// The permission bits `mode` names, if it is valid octal up to `7777`.
+    pub fn parsed_mode(&self) -> Option<Result<u32, String>> {
+        let mode = self.mode.as_deref()?;
+        Some(
+            u32::from_str_radix(mode.strip_prefix("0o").unwrap_or(mode), 8)
+                .ok()
+                .filter(|m| *m <= 0o7777 && !mode.is_empty())
+                .ok_or_else(|| format!("{mode:?} is not a file mode: use octal like \"0644\" or \"0755\"")),
+        )
+    }
 }
 
 /// SSH access to the guest.

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use super::host_paths::{MAX_COPY_FILES_TOTAL_BYTES, MAX_COPY_FILE_BYTES};
 use super::types::{Vm, API_VERSION, KIND_VM};
 
 /// Fewest vCPUs.
@@ -43,6 +44,13 @@ fn is_label_key(s: &str) -> bool {
         && s.len() <= 253
         && name.len() <= 63
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+}
+
+/// The length `text` decodes to, if it is standard base64.
+fn decoded_len(text: &str) -> Option<u64> {
+    use base64::Engine as _;
+    let text: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(text).ok().map(|b| b.len() as u64)
 }
 
 /// Every problem of one VM document.
@@ -122,12 +130,26 @@ pub fn validate(vm: &Vm) -> Vec<Problem> {
         }
     }
     let mut destinations = HashSet::new();
+    let mut inline_total: u64 = 0;
     for (i, copy) in spec.copy_files.iter().enumerate() {
-        if !copy.source.is_absolute() {
-            bad(
+        match (&copy.source, &copy.content_base64) {
+            (Some(source), None) if !source.is_absolute() => bad(
                 &format!("spec.copyFiles[{i}].source"),
-                format!("{} must be an absolute host path", copy.source.display()),
-            );
+                format!("{} must be an absolute host path", source.display()),
+            ),
+            (Some(_), None) => {}
+            (None, Some(content)) => match decoded_len(content) {
+                Some(len) if len > MAX_COPY_FILE_BYTES => bad(
+                    &format!("spec.copyFiles[{i}].contentBase64"),
+                    format!("{len} bytes, more than the {MAX_COPY_FILE_BYTES} one copied file may have"),
+                ),
+                Some(len) => inline_total += len,
+                None => bad(&format!("spec.copyFiles[{i}].contentBase64"), "is not valid base64".into()),
+            },
+            _ => bad(&format!("spec.copyFiles[{i}]"), "give exactly one of source and contentBase64".into()),
+        }
+        if let Some(Err(message)) = copy.parsed_mode() {
+            bad(&format!("spec.copyFiles[{i}].mode"), message);
         }
         if !copy.destination.starts_with('/') {
             bad(
@@ -137,6 +159,12 @@ pub fn validate(vm: &Vm) -> Vec<Problem> {
         } else if !destinations.insert(&copy.destination) {
             bad(&format!("spec.copyFiles[{i}].destination"), format!("{:?} is written twice", copy.destination));
         }
+    }
+    if inline_total > MAX_COPY_FILES_TOTAL_BYTES {
+        bad(
+            "spec.copyFiles",
+            format!("{inline_total} bytes of content, more than the {MAX_COPY_FILES_TOTAL_BYTES} one VM may copy"),
+        );
     }
     if let Some(ssh) = &spec.ssh {
         for (i, key) in ssh.authorized_keys.iter().enumerate() {

@@ -35,6 +35,9 @@ pub enum ImagesError {
     /// Pulling an image.
     #[error(transparent)]
     Pull(#[from] image_store::pull::PullError),
+    /// A path a remote client may not name.
+    #[error("over TCP only paths under --allow-host-path can be imported")]
+    HostPath(#[from] crate::api::HostPathError),
     /// A kernel source that is neither a file nor a pulled image.
     #[error("`{0}` is neither a kernel file nor a pulled image (pull it with `ignite image pull {0}`)")]
     NoKernelSource(String),
@@ -49,6 +52,7 @@ impl From<ImagesError> for Status {
             | ImagesError::NoKernelSource(_) => Status::not_found(message),
             ImagesError::Index(ImageIndexError::Ambiguous { .. })
             | ImagesError::Kernel(KernelError::InvalidName(_)) => Status::invalid_argument(message),
+            ImagesError::HostPath(_) => Status::permission_denied(message),
             ImagesError::Kernel(KernelError::AlreadyExists(_)) => Status::already_exists(message),
             ImagesError::Import(_) | ImagesError::Pull(_) => Status::failed_precondition(message),
             _ => Status::internal(message),
@@ -110,10 +114,10 @@ pub fn list_kernels(paths: &StorePaths) -> Result<Vec<proto::Kernel>, ImagesErro
     Ok(kernel::list(paths)?.iter().map(kernel).collect())
 }
 
-/// Imports a kernel from a file, or from a pulled image's `/boot/vmlinux`.
-pub fn import_kernel(paths: &StorePaths, source: &str, name: &str) -> Result<proto::Kernel, ImagesError> {
+/// Imports a kernel from a file (when `files` allows it), or from a pulled image's `/boot/vmlinux`.
+pub fn import_kernel(paths: &StorePaths, source: &str, name: &str, files: bool) -> Result<proto::Kernel, ImagesError> {
     let file = Path::new(source);
-    let record = if file.exists() {
+    let record = if files && file.exists() {
         kernel::import_file(paths, file, name)?
     } else {
         let image = ImageIndex::open(paths)?.find(source).map_err(|e| match e {
@@ -201,7 +205,8 @@ impl images_server::Images for ApiState {
         let request = request.into_inner();
         let paths = self.images.clone();
         let tag = Some(request.tag).filter(|t| !t.is_empty());
-        blocking(move || import_image(&paths, Path::new(&request.path), tag.as_deref())).await
+        let path = self.client_path(&request.path)?;
+        blocking(move || import_image(&paths, &path, tag.as_deref())).await
     }
 
     async fn remove(&self, request: Request<proto::ImageName>) -> Result<Response<proto::RemoveImageResponse>, Status> {
@@ -221,12 +226,31 @@ impl kernels_server::Kernels for ApiState {
     async fn import(&self, request: Request<proto::ImportKernelRequest>) -> Result<Response<proto::Kernel>, Status> {
         let request = request.into_inner();
         let paths = self.images.clone();
-        blocking(move || import_kernel(&paths, &request.source, &request.name)).await
+        // A remote client's source is a file only if absolute and allowed; else an image.
+        let (source, files) = if self.local_clients {
+            (request.source, true)
+        } else if request.source.starts_with('/') {
+            (self.client_path(&request.source)?.display().to_string(), true)
+        } else {
+            (request.source, false)
+        };
+        blocking(move || import_kernel(&paths, &source, &request.name, files)).await
     }
 
     async fn remove(&self, request: Request<proto::KernelName>) -> Result<Response<proto::Empty>, Status> {
         let name = request.into_inner().name;
         let paths = self.images.clone();
         blocking(move || remove_kernel(&paths, &name).map(|()| proto::Empty {})).await
+    }
+}
+
+impl ApiState {
+    /// A path on the daemon's host named by the client: any path for local clients (who can read
+    /// it themselves), else only one under the host's allowed directories.
+    fn client_path(&self, path: &str) -> Result<std::path::PathBuf, Status> {
+        if self.local_clients {
+            return Ok(path.into());
+        }
+        self.host_paths.resolve(Path::new(path)).map_err(|e| ImagesError::HostPath(e).into())
     }
 }

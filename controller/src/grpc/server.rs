@@ -36,6 +36,12 @@ pub struct ApiState {
     pub runtime: Option<Arc<dyn Runtime>>,
     /// What the standard health service reports (the daemon keeps it current).
     pub health: super::standard::Health,
+    /// The host directories applied manifests may read files from.
+    pub host_paths: crate::api::HostPaths,
+    /// Whether clients may name any path on the daemon's host (image and kernel import): true only
+    /// on the owner-only unix socket, whose clients can read the host's files anyway;
+    /// [`serve_tcp`] always clears it, so remote clients reach only `host_paths`.
+    pub local_clients: bool,
 }
 
 pub(super) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -114,7 +120,8 @@ impl vms_server::Vms for ApiState {
     async fn apply(&self, request: Request<proto::ApplyRequest>) -> Result<Response<proto::ApplyResponse>, Status> {
         let request = request.into_inner();
         let files = request.files.iter().map(|f| (f.path.as_str(), f.text.as_str()));
-        let docs = parse_revision("api", files).map_err(|e| Status::invalid_argument(error_chain(&e)))?;
+        let docs =
+            parse_revision("api", files, &self.host_paths).map_err(|e| Status::invalid_argument(error_chain(&e)))?;
         let report = apply_objects(&self.store, "api", &docs, request.force).map_err(|e| match e {
             ApplyError::OwnerConflict { .. } => {
                 Status::failed_precondition(format!("{e} (or use --force to take it over)"))
@@ -419,7 +426,7 @@ pub async fn serve_tcp(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| TlsError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| TlsError::Bind { addr, source })?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let router = services(builder, state);
+    let router = services(builder, ApiState { local_clients: false, ..state });
     Ok((
         bound,
         tokio::spawn(async move {
@@ -437,7 +444,11 @@ fn services(mut builder: tonic::transport::Server, state: ApiState) -> tonic::tr
         .add_service(state.health.service())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(vms_server::VmsServer::new(state.clone()))
+        // An Apply carries whole manifest files (their own cap is checked when they are parsed).
+        .add_service(
+            vms_server::VmsServer::new(state.clone())
+                .max_decoding_message_size(crate::api::bounds::MAX_MANIFEST_BYTES + (1 << 20)),
+        )
         .add_service(events_server::EventsServer::new(state.clone()))
         .add_service(sources_server::SourcesServer::new(state.clone()))
         .add_service(images_server::ImagesServer::new(state.clone()))

@@ -5,8 +5,13 @@ use std::path::{Path, PathBuf};
 
 use image_store::{ImageIndex, ImageRecord, ImageReference, PullError, PullOptions, StorePaths};
 
-use crate::api::KernelSpec;
+use std::io::Read;
+
+use crate::api::host_paths::MAX_KERNEL_FILE_BYTES;
+use crate::api::{HostPaths, VmSpec};
 use crate::reconcile::RuntimeError;
+
+use super::HostConfig;
 
 /// Where the kernel comes from when a VM names none.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,8 +61,15 @@ pub fn base_rootfs(paths: &StorePaths, image: &ImageRecord, init: Option<&Path>)
     })
 }
 
-/// The kernel file for a VM.
-pub fn resolve_kernel(paths: &StorePaths, spec: &KernelSpec, default: &DefaultKernel) -> Result<PathBuf, RuntimeError> {
+/// The kernel file for a VM. A `kernel.path` from the manifest is read through the host's
+/// allow-list and copied into the VM's private directory `dir`, so the VMM boots exactly the
+/// file that was checked.
+pub fn resolve_kernel(
+    paths: &StorePaths,
+    spec: &VmSpec,
+    host: &HostConfig,
+    dir: &Path,
+) -> Result<PathBuf, RuntimeError> {
     let stored = |name: &str| {
         image_store::kernel::get(paths, name).map(|k| k.path).map_err(|e| {
             RuntimeError::permanent(
@@ -66,8 +78,8 @@ pub fn resolve_kernel(paths: &StorePaths, spec: &KernelSpec, default: &DefaultKe
             )
         })
     };
-    let path = match (&spec.path, &spec.image, default) {
-        (Some(path), _, _) => path.clone(),
+    let path = match (&spec.kernel.path, &spec.kernel.image, &host.default_kernel) {
+        (Some(path), _, _) => return copy_host_kernel(&host.host_paths, path, &dir.join("vmlinux")),
         (None, Some(name), _) => stored(name)?,
         (None, None, DefaultKernel::Path(path)) => path.clone(),
         (None, None, DefaultKernel::Stored(name)) => stored(name)?,
@@ -87,6 +99,24 @@ pub fn resolve_kernel(paths: &StorePaths, spec: &KernelSpec, default: &DefaultKe
     Ok(path)
 }
 
+/// Copies the manifest's `kernel.path` to `to` (mode 0600) through the allow-list.
+fn copy_host_kernel(host_paths: &HostPaths, path: &Path, to: &Path) -> Result<PathBuf, RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refused = |e: &dyn std::error::Error| {
+        RuntimeError::permanent("KernelNotFound", format!("spec.kernel.path: {}", crate::reconcile::error_chain(e)))
+    };
+    let (file, _, _) = host_paths.open(path, MAX_KERNEL_FILE_BYTES).map_err(|e| refused(&e))?;
+    let copy = || -> std::io::Result<()> {
+        let mut out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(to)?;
+        std::io::copy(&mut file.take(MAX_KERNEL_FILE_BYTES), &mut out)?;
+        out.sync_all()
+    };
+    copy().map_err(|e| {
+        RuntimeError::transient("KernelCopyFailed", format!("copying {} to {}: {e}", path.display(), to.display()))
+    })?;
+    Ok(to.to_path_buf())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,21 +130,60 @@ mod tests {
         assert!(!is_loopback_registry("::bad::"));
     }
 
+    fn spec(kernel: &str) -> VmSpec {
+        let doc = format!(
+            "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata: {{name: a}}\nspec:\n  image: busybox\n  kernel: {kernel}\n"
+        );
+        serde_yaml::from_str::<crate::api::Vm>(&doc).unwrap().spec
+    }
+
+    fn host(default_kernel: DefaultKernel, host_paths: HostPaths) -> HostConfig {
+        HostConfig {
+            root: PathBuf::new(),
+            init_bin: None,
+            default_kernel,
+            net: None,
+            insecure_registries: false,
+            virt_mode: Default::default(),
+            host_paths,
+        }
+    }
+
     #[test]
     fn kernel_resolution_names_what_is_missing() {
         let tmp = tempfile::tempdir().unwrap();
-        let paths = StorePaths::new(tmp.path());
-        let none = resolve_kernel(&paths, &KernelSpec::default(), &DefaultKernel::None).unwrap_err();
+        let (paths, dir) = (StorePaths::new(tmp.path()), tmp.path());
+        let none = resolve_kernel(&paths, &spec("{}"), &host(DefaultKernel::None, HostPaths::default()), dir);
+        let none = none.unwrap_err();
         assert!(none.permanent && none.message.contains("--kernel"), "{none}");
-        let missing = KernelSpec { path: Some("/nonexistent/vmlinux".into()), ..Default::default() };
-        let err = resolve_kernel(&paths, &missing, &DefaultKernel::None).unwrap_err();
-        assert!(err.message.contains("/nonexistent/vmlinux"), "{err}");
-        let stored = KernelSpec { image: Some("k1".into()), ..Default::default() };
-        let err = resolve_kernel(&paths, &stored, &DefaultKernel::None).unwrap_err();
+        let stored =
+            resolve_kernel(&paths, &spec("{image: k1}"), &host(DefaultKernel::None, HostPaths::default()), dir);
+        let err = stored.unwrap_err();
         assert!(err.message.contains("ignite kernel import"), "{err}");
-        let file = tmp.path().join("vmlinux");
+        let file = tmp.path().join("vmlinux-default");
         std::fs::write(&file, b"x").unwrap();
-        let ok = resolve_kernel(&paths, &KernelSpec::default(), &DefaultKernel::Path(file.clone())).unwrap();
-        assert_eq!(ok, file);
+        let default = host(DefaultKernel::Path(file.clone()), HostPaths::default());
+        assert_eq!(resolve_kernel(&paths, &spec("{}"), &default, dir).unwrap(), file);
+    }
+
+    #[test]
+    fn a_manifest_kernel_path_is_read_only_from_allowed_directories_and_copied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let allowed = tmp.path().join("kernels");
+        let vm_dir = tmp.path().join("vm");
+        std::fs::create_dir_all(&allowed).unwrap();
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        std::fs::write(allowed.join("vmlinux"), b"kernel bytes").unwrap();
+        let paths = StorePaths::new(tmp.path());
+        let manifest = spec(&format!("{{path: {}}}", allowed.join("vmlinux").display()));
+        let closed = host(DefaultKernel::None, HostPaths::default());
+        let err = resolve_kernel(&paths, &manifest, &closed, &vm_dir).unwrap_err();
+        assert!(err.permanent && err.message.contains("--allow-host-path"), "{err}");
+        let open = host(DefaultKernel::None, HostPaths::allow([allowed.clone()]).unwrap());
+        let copied = resolve_kernel(&paths, &manifest, &open, &vm_dir).unwrap();
+        assert_eq!(copied, vm_dir.join("vmlinux"));
+        assert_eq!(std::fs::read(&copied).unwrap(), b"kernel bytes");
+        let outside = spec("{path: /etc/hostname}");
+        assert!(resolve_kernel(&paths, &outside, &open, &vm_dir).unwrap_err().message.contains("not under"));
     }
 }

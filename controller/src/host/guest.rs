@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use ignite_init::config::{CopiedFile, GuestConfig};
 use vmm_core::{ConsoleConfig, DiskConfig, NetConfig as VmNetConfig, VirtModeConfig, VmConfig, VsockConfig};
 
-use crate::api::Vm;
+use crate::api::host_paths::{MAX_COPY_FILES_TOTAL_BYTES, MAX_COPY_FILE_BYTES};
+use crate::api::{HostPaths, Vm};
 
 use super::prepared::PreparedVm;
 
@@ -53,20 +54,36 @@ pub fn vm_config(vm: &Vm, prepared: &PreparedVm, virt_mode: VirtModeConfig) -> V
 }
 
 /// The settings `ignite-init` reads from the config drive: hostname, command overrides,
-/// environment, SSH keys and the copied files (read from the host now, so the guest gets the
-/// content as of this create).
-pub fn guest_config(vm: &Vm) -> Result<GuestConfig, String> {
+/// environment, SSH keys and the copied files (host files read now, through `host_paths`, so the
+/// guest gets the content as of this create).
+pub fn guest_config(vm: &Vm, host_paths: &HostPaths) -> Result<GuestConfig, String> {
+    use base64::Engine as _;
     let spec = &vm.spec;
-    let mut files = Vec::new();
+    let (mut files, mut total) = (Vec::new(), 0u64);
     for (i, copy) in spec.copy_files.iter().enumerate() {
-        let bytes = fs::read(&copy.source)
-            .map_err(|e| format!("spec.copyFiles[{i}].source: cannot read {}: {e}", copy.source.display()))?;
-        let mode = fs::metadata(&copy.source).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
-        files.push(CopiedFile {
-            path: copy.destination.clone(),
-            mode,
-            content: ignite_init::config::encode_content(&bytes),
-        });
+        let mode = copy.parsed_mode().and_then(Result::ok);
+        let (content, mode) = match (&copy.source, &copy.content_base64) {
+            (Some(source), _) => {
+                let file = host_paths
+                    .read(source, MAX_COPY_FILE_BYTES)
+                    .map_err(|e| format!("spec.copyFiles[{i}].source: {}", crate::reconcile::error_chain(&e)))?;
+                (ignite_init::config::encode_content(&file.content), mode.unwrap_or(file.mode))
+            }
+            (None, Some(content)) => {
+                // Validation checked it decodes; re-encoded so the guest sees one canonical form.
+                let compact: String = content.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(compact)
+                    .map_err(|e| format!("spec.copyFiles[{i}].contentBase64: {e}"))?;
+                (ignite_init::config::encode_content(&bytes), mode.unwrap_or(0o644))
+            }
+            (None, None) => return Err(format!("spec.copyFiles[{i}]: names neither source nor contentBase64")),
+        };
+        total += content.len() as u64 / 4 * 3;
+        if total > MAX_COPY_FILES_TOTAL_BYTES {
+            return Err(format!("spec.copyFiles: more than the {MAX_COPY_FILES_TOTAL_BYTES} bytes one VM may copy"));
+        }
+        files.push(CopiedFile { path: copy.destination.clone(), mode, content });
     }
     Ok(GuestConfig {
         hostname: vm.metadata.name.clone(),

@@ -45,6 +45,8 @@ pub struct HostConfig {
     pub insecure_registries: bool,
     /// vmm virtualization mode passed to every VM.
     pub virt_mode: vmm_core::VirtModeConfig,
+    /// The host directories manifests may read files from (`--allow-host-path`; none by default).
+    pub host_paths: crate::api::HostPaths,
 }
 
 /// See the module docs.
@@ -189,12 +191,15 @@ impl Runtime for HostRuntime {
         let spec = &vm.spec;
         let image = artifacts::resolve_image(&self.paths, &spec.image, self.config.insecure_registries)?;
         let base = artifacts::base_rootfs(&self.paths, &image, self.config.init_bin.as_deref())?;
-        let kernel = artifacts::resolve_kernel(&self.paths, &spec.kernel, &self.config.default_kernel)?;
         // Early, so a VM that cannot join fails before a disk is made; the token stays in memory.
         let join = kubernetes::join_config(self.kube.as_ref(), vm)?;
         let dir = prepared::dir(&self.runtime_dir(), name);
         guest::create_private_dir(&dir)
             .map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;
+        let kernel = artifacts::resolve_kernel(&self.paths, spec, &self.config, &dir)?;
+        // Read now, before a disk is made: a file the host does not allow fails the VM at once.
+        let guest_config = guest::guest_config(vm, &self.config.host_paths)
+            .map_err(|e| RuntimeError::permanent("CopyFileFailed", format!("VM {name:?}: {e}")))?;
 
         // A previous attempt may have left a disk: start from scratch.
         self.snapshotter.remove(name).map_err(|e| transient("DiskFailed", format!("VM {name:?}: old disk"))(&e))?;
@@ -240,8 +245,7 @@ impl Runtime for HostRuntime {
             cmdline.push_str(extra);
         }
         let config_drive = dir.join("config.img");
-        let mut guest_config = guest::guest_config(vm)
-            .map_err(|e| RuntimeError::permanent("CopyFileFailed", format!("VM {name:?}: {e}")))?;
+        let mut guest_config = guest_config;
         let kubernetes_node = join.is_some();
         guest_config.join = join;
         guest::write_drive(&config_drive, &guest_config)

@@ -512,6 +512,7 @@ pub fn desired_vm(obj: &DynamicObject, vm_name: &str) -> Result<Vm, Vec<(String,
     };
     let problems: Vec<(String, String)> = api::validate::validate(&vm)
         .into_iter()
+        .chain(host_path_problems(&vm))
         .map(|(field, message)| {
             if field == "metadata.name" {
                 let message = format!(
@@ -528,6 +529,20 @@ pub fn desired_vm(obj: &DynamicObject, vm_name: &str) -> Result<Vm, Vec<(String,
     } else {
         Err(problems)
     }
+}
+
+/// A `MicroVM` never names a host file: whoever may create one in some namespace is not the
+/// host's operator. Files come inline (`contentBase64`), kernels from the kernel store.
+fn host_path_problems(vm: &api::Vm) -> Vec<(String, String)> {
+    let refused = "a MicroVM cannot name a file on the host";
+    let copies = vm.spec.copy_files.iter().enumerate().filter(|(_, c)| c.source.is_some()).map(|(i, _)| {
+        (format!("spec.copyFiles[{i}].source"), format!("{refused}: give the content inline with contentBase64"))
+    });
+    let kernel =
+        vm.spec.kernel.path.is_some().then(|| {
+            ("spec.kernel.path".to_string(), format!("{refused}: import the kernel and name it in kernel.image"))
+        });
+    copies.chain(kernel).collect()
 }
 
 /// The last status this host wrote to a MicroVM, and the object versions up to that write: the
@@ -667,5 +682,18 @@ mod tests {
         assert!(p[0].0 == "spec" && p[0].1.contains("image"), "{p:?}");
         let p = desired_vm(&serde_json::from_value(json!({"metadata": {"name": "a"}})).unwrap(), "prod-a").unwrap_err();
         assert_eq!(p[0].0, "spec");
+    }
+
+    #[test]
+    fn a_microvm_never_names_a_host_file() {
+        let spec = json!({"image": "busybox", "kernel": {"path": "/boot/vmlinuz"},
+            "copyFiles": [{"source": "/etc/shadow", "destination": "/root/shadow"},
+                          {"contentBase64": "aGk=", "destination": "/etc/motd"}]});
+        let p = desired_vm(&object("web", spec), "prod-web").unwrap_err();
+        let fields: Vec<&str> = p.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["spec.copyFiles[0].source", "spec.kernel.path"], "{p:?}");
+        assert!(p.iter().all(|(_, m)| m.contains("cannot name a file on the host")), "{p:?}");
+        let inline = json!({"image": "busybox", "copyFiles": [{"contentBase64": "aGk=", "destination": "/etc/motd"}]});
+        assert!(desired_vm(&object("web", inline), "prod-web").is_ok());
     }
 }

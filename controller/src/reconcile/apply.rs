@@ -62,15 +62,17 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
-/// Parses and validates every `(file, text)` of a revision without touching the store.
+/// Parses and validates every `(file, text)` of a revision without touching the store; host
+/// paths must be ones `host_paths` allows.
 pub fn parse_revision<'a>(
     revision: &str,
     files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    host_paths: &api::HostPaths,
 ) -> Result<Vec<(String, Vm)>, ApplyError> {
     let mut docs = Vec::new();
     let mut errors = ManifestErrors::default();
     for (file, text) in files {
-        match api::parse_manifests(file, text) {
+        match api::load::parse_manifests_for_host(file, text, host_paths) {
             Ok(vms) => docs.extend(vms.into_iter().map(|vm| (file.to_string(), vm))),
             Err(e) => errors.extend(e),
         }

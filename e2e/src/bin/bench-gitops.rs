@@ -137,7 +137,7 @@ fn planning_rows() -> Vec<Row> {
         (0..1000).map(|i| (format!("vm{i}.yaml"), manifest(&format!("vm{i}"), "busybox"))).collect();
     let files = texts.iter().map(|(f, t)| (f.as_str(), t.as_str()));
     let parse = Instant::now();
-    let docs = parse_revision("bench", files).unwrap();
+    let docs = parse_revision("bench", files, &Default::default()).unwrap();
     let parse_ms = parse.elapsed().as_secs_f64() * 1000.0;
     let apply = Instant::now();
     apply_revision(&store, "git:bench", "bench", &docs).unwrap();

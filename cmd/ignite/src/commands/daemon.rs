@@ -67,6 +67,18 @@ pub struct DaemonArgs {
     /// Reach every registry over plain HTTP (loopback registries always are).
     #[arg(long)]
     insecure_registries: bool,
+    /// A host directory whose files manifests may name (`copyFiles[].source`, `kernel.path`);
+    /// repeatable. None by default: whoever can push to the fleet repository or reach the API
+    /// would otherwise read any host file. Symlinks never lead out of it.
+    #[arg(long = "allow-host-path", value_name = "DIR")]
+    allow_host_paths: Vec<PathBuf>,
+    /// The most file content an image may unpack to, over all its layers (e.g. 8Gi); a bigger
+    /// image (or a decompression bomb) is refused when its root disk is built.
+    #[arg(long, value_name = "SIZE", default_value = "32Gi")]
+    max_image_size: controller::api::Quantity,
+    /// The most entries (files, directories, links) an image may have, over all its layers.
+    #[arg(long, value_name = "N", default_value_t = image_store::unpack::DEFAULT_MAX_IMAGE_ENTRIES)]
+    max_image_entries: u64,
     /// Serve the API over TCP too, on ADDR:PORT, with mutual TLS (needs --tls-cert, --tls-key and
     /// --tls-client-ca: whoever reaches the API can start VMs, so clients must present a
     /// certificate).
@@ -138,6 +150,10 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             kind: SourceKind::Directory(DirSpec { path, interval: args.interval }),
         });
     }
+    image_store::unpack::UnpackLimits::set_for_process(image_store::unpack::UnpackLimits {
+        max_bytes: args.max_image_size.bytes(),
+        max_entries: args.max_image_entries,
+    });
     let init_bin = args.init.or_else(default_init);
     if init_bin.is_none() {
         tracing::warn!("no ignite-init found next to this binary: images must bring their own /sbin/ignite-init");
@@ -153,6 +169,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         }),
         insecure_registries: args.insecure_registries,
         virt_mode: vmm_core::VirtModeConfig::Auto,
+        host_paths: controller::api::HostPaths::allow(args.allow_host_paths).map_err(anyhow::Error::msg)?,
     };
     let config = DaemonConfig {
         root: root.to_path_buf(),

@@ -53,7 +53,7 @@ pub fn run(cmd: KernelCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow:
                         .map_err(client::status)?
                         .into_inner()
                 }
-                None => images::import_kernel(paths, &source, &name)?,
+                None => images::import_kernel(paths, &source, &name, true)?,
             };
             println!("{}  {}", record.name, record.digest);
         }

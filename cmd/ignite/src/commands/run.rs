@@ -8,9 +8,6 @@ use anyhow::Context;
 use clap::Args;
 use controller::grpc::proto;
 
-use controller::grpc::proto::vms_client::VmsClient;
-use tonic::transport::Channel;
-
 use super::client::{self, Ctx};
 
 /// `ignite run`.
@@ -53,7 +50,8 @@ pub struct VmFlags {
     /// Root disk size (e.g. 1Gi).
     #[arg(long, default_value = "4Gi")]
     size: String,
-    /// Kernel: an imported kernel's name, or an absolute path (default: the daemon's --kernel).
+    /// Kernel: an imported kernel's name, or an absolute path to a kernel file on this machine,
+    /// imported into the daemon's kernel store first (default: the daemon's --kernel).
     #[arg(long)]
     kernel: Option<String>,
     /// Port forwarded from the host, HOST:GUEST[/tcp|udp]. Repeatable.
@@ -62,7 +60,8 @@ pub struct VmFlags {
     /// A public key file for root's authorized_keys.
     #[arg(long)]
     ssh: Option<PathBuf>,
-    /// A host file copied into the guest, SOURCE:DESTINATION. Repeatable.
+    /// A file of this machine copied into the guest, SOURCE:DESTINATION (mode kept, at most 4 MiB;
+    /// its content is sent with the VM). Repeatable.
     #[arg(long = "copy-files")]
     copy_files: Vec<String>,
     /// An environment variable, NAME=VALUE. Repeatable.
@@ -96,8 +95,8 @@ fn manifest(args: &VmFlags, name: &str, state: &str) -> anyhow::Result<serde_jso
         "network": {"ports": args.ports}, "state": state,
     });
     if let Some(kernel) = &args.kernel {
-        let key = if Path::new(kernel).is_absolute() { "path" } else { "image" };
-        spec["kernel"] = serde_json::json!({ key: kernel });
+        // A kernel file was imported first (see `declare`): the manifest names stored kernels only.
+        spec["kernel"] = serde_json::json!({ "image": kernel });
     }
     if let Some((command, rest)) = args.command.split_first() {
         spec["command"] = serde_json::json!([command]);
@@ -112,8 +111,9 @@ fn manifest(args: &VmFlags, name: &str, state: &str) -> anyhow::Result<serde_jso
         .map(|c| {
             let (src, dst) =
                 c.split_once(':').with_context(|| format!("--copy-files {c:?}: expected SOURCE:DESTINATION"))?;
-            let src = std::fs::canonicalize(src).with_context(|| format!("--copy-files: {src}"))?;
-            Ok(serde_json::json!({"source": src, "destination": dst}))
+            // The content travels in the manifest: the daemon never reads a path a client names.
+            let (content, mode) = read_copied_file(Path::new(src))?;
+            Ok(serde_json::json!({"contentBase64": content, "mode": format!("{mode:04o}"), "destination": dst}))
         })
         .collect::<anyhow::Result<_>>()?;
     spec["copyFiles"] = copies.into();
@@ -126,10 +126,49 @@ fn manifest(args: &VmFlags, name: &str, state: &str) -> anyhow::Result<serde_jso
     }))
 }
 
+/// A file `--copy-files` copies: its content (base64) and permission bits, within the cap a
+/// manifest allows.
+fn read_copied_file(path: &Path) -> anyhow::Result<(String, u32)> {
+    use base64::Engine as _;
+    use std::os::unix::fs::PermissionsExt;
+    let max = controller::api::host_paths::MAX_COPY_FILE_BYTES;
+    let meta = std::fs::metadata(path).with_context(|| format!("--copy-files: {}", path.display()))?;
+    anyhow::ensure!(meta.is_file(), "--copy-files: {} is not a regular file", path.display());
+    anyhow::ensure!(meta.len() <= max, "--copy-files: {} is {} bytes, more than {max}", path.display(), meta.len());
+    let bytes = std::fs::read(path).with_context(|| format!("--copy-files: {}", path.display()))?;
+    Ok((base64::engine::general_purpose::STANDARD.encode(bytes), meta.permissions().mode() & 0o7777))
+}
+
+/// `--kernel PATH`: imports the file into the daemon's kernel store (under a name made of its
+/// digest, so running it again reuses it) and returns that name; a name is returned as it is.
+async fn kernel_name(ctx: &Ctx, kernel: &str) -> anyhow::Result<String> {
+    if !Path::new(kernel).is_absolute() {
+        return Ok(kernel.to_string());
+    }
+    let path = std::fs::canonicalize(kernel).with_context(|| format!("--kernel {kernel}"))?;
+    client::refuse_remote_file(ctx, &path)?;
+    let digest = image_store::Digest::of_file(&path).with_context(|| format!("--kernel {kernel}"))?;
+    let name = format!("file-{}", &digest.hex()[..16]);
+    let Some((_, mut kernels)) = client::image_store(ctx).await? else {
+        anyhow::bail!("no daemon to import {kernel} into");
+    };
+    let request = proto::ImportKernelRequest { source: path.display().to_string(), name: name.clone() };
+    match kernels.import(request).await {
+        Ok(_) => Ok(name),
+        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(name),
+        Err(status) => Err(client::status(status)),
+    }
+}
+
 /// Declares a VM through the API in `state`; returns its name.
-async fn declare(c: &mut VmsClient<Channel>, args: &VmFlags, state: &str, verb: &str) -> anyhow::Result<String> {
+async fn declare(ctx: &Ctx, args: &VmFlags, state: &str, verb: &str) -> anyhow::Result<String> {
+    let mut c = client::vms(ctx).await?;
     let name = args.name.clone().unwrap_or_else(|| default_name(&args.image));
-    let text = serde_yaml::to_string(&manifest(args, &name, state)?)?;
+    let mut manifest = manifest(args, &name, state)?;
+    if let Some(kernel) = &args.kernel {
+        manifest["spec"]["kernel"]["image"] = kernel_name(ctx, kernel).await?.into();
+    }
+    let text = serde_yaml::to_string(&manifest)?;
     // Like `docker run --name`: an existing VM is never changed by run or create.
     if c.get(proto::VmName { name: name.clone() }).await.is_ok() {
         anyhow::bail!("a VM named {name:?} already exists: remove it with `ignite rm {name}` or pick another --name");
@@ -142,8 +181,7 @@ async fn declare(c: &mut VmsClient<Channel>, args: &VmFlags, state: &str, verb: 
 /// Declares a VM without starting it (`ignite start` starts it).
 pub fn create(args: CreateArgs, ctx: &Ctx) -> anyhow::Result<()> {
     client::runtime()?.block_on(async {
-        let mut c = client::vms(ctx).await?;
-        println!("{}", declare(&mut c, &args.vm, "Stopped", "create").await?);
+        println!("{}", declare(ctx, &args.vm, "Stopped", "create").await?);
         anyhow::Ok(())
     })
 }
@@ -151,8 +189,8 @@ pub fn create(args: CreateArgs, ctx: &Ctx) -> anyhow::Result<()> {
 /// Creates and starts a VM; follows its console unless detached.
 pub fn run(args: RunArgs, ctx: &Ctx) -> anyhow::Result<()> {
     client::runtime()?.block_on(async {
+        let name = declare(ctx, &args.vm, "Running", "run").await?;
         let mut c = client::vms(ctx).await?;
-        let name = declare(&mut c, &args.vm, "Running", "run").await?;
         println!("{name}");
         if args.detach {
             return anyhow::Ok(());
@@ -223,5 +261,26 @@ mod tests {
             assert!(err.contains("--env <NAME=VALUE>") && err.contains(&format!("`{bad}` is not NAME=VALUE")), "{err}");
         }
         assert!(controller::api::validate::is_dns_label(&default_name("127.0.0.1:5000/demo/Busy_Box:1")));
+    }
+
+    #[test]
+    fn copied_files_travel_as_content_never_as_a_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("start.sh");
+        std::fs::write(&script, b"#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let arg = format!("{}:/usr/local/bin/start", script.display());
+        let cli = Cli::parse_from(["ignite", "busybox:1", "--copy-files", &arg]);
+        let text = serde_yaml::to_string(&manifest(&cli.run.vm, "web", "Running").unwrap()).unwrap();
+        assert!(!text.contains(&dir.path().display().to_string()), "no host path in {text}");
+        // A daemon that allows no host path accepts it.
+        let vm = controller::api::parse_manifests("run", &text).unwrap().remove(0);
+        let copy = &vm.spec.copy_files[0];
+        assert_eq!((copy.source.as_ref(), copy.mode.as_deref()), (None, Some("0750")));
+        assert_eq!(copy.content_base64.as_deref(), Some("IyEvYmluL3NoCmVjaG8gaGkK"));
+        let dir_arg = format!("{}:/x", dir.path().display());
+        let cli = Cli::parse_from(["ignite", "busybox:1", "--copy-files", &dir_arg]);
+        assert!(manifest(&cli.run.vm, "web", "Running").unwrap_err().to_string().contains("not a regular file"));
     }
 }
