@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::types::{Vm, API_VERSION, KIND_VM};
+use super::types::{RestartPolicy, Vm, API_VERSION, KIND_VM};
 
 /// Fewest vCPUs.
 pub const MIN_CPUS: u8 = 1;
@@ -137,6 +137,15 @@ pub fn validate(vm: &Vm) -> Vec<Problem> {
         } else if !destinations.insert(&copy.destination) {
             bad(&format!("spec.copyFiles[{i}].destination"), format!("{:?} is written twice", copy.destination));
         }
+    }
+    if spec.max_restarts.is_some() && spec.restart_policy != RestartPolicy::OnFailure {
+        bad(
+            "spec.maxRestarts",
+            format!(
+                "only applies with restartPolicy OnFailure, not {:?}: remove it or set restartPolicy: OnFailure",
+                spec.restart_policy
+            ),
+        );
     }
     if let Some(ssh) = &spec.ssh {
         for (i, key) in ssh.authorized_keys.iter().enumerate() {
