@@ -141,7 +141,7 @@ fn main() -> ExitCode {
         Command::Image(cmd) => done(commands::image::run(cmd, &paths, &ctx)),
         Command::Kernel(cmd) => done(commands::kernel::run(cmd, &paths, &ctx)),
         Command::Daemon(args) => done(commands::daemon::run(*args, &cli.root, &cli.socket)),
-        Command::Run(args) => done(commands::run::run(args, &ctx)),
+        Command::Run(args) => commands::run::run(args, &ctx),
         Command::Create(args) => done(commands::run::create(args, &ctx)),
         Command::Start(args) => done(commands::run::set_state(args, "Running", &ctx)),
         Command::Stop(args) => done(commands::run::set_state(args, "Stopped", &ctx)),

@@ -195,11 +195,27 @@ fn duplicate_names_are_caught_in_one_file_and_across_files() {
 }
 
 #[test]
+fn max_restarts_goes_with_on_failure_only() {
+    let vm = parse_manifests("a.yaml", &with_spec("  restartPolicy: OnFailure\n  maxRestarts: 3\n")).unwrap();
+    assert_eq!((vm[0].spec.restart_policy, vm[0].spec.max_restarts), (RestartPolicy::OnFailure, Some(3)));
+    let unlimited = parse_manifests("a.yaml", &with_spec("  restartPolicy: OnFailure\n")).unwrap();
+    assert_eq!(unlimited[0].spec.max_restarts, None, "older manifests keep working: no limit");
+    for policy in ["Always", "Never"] {
+        let e = one_error(&with_spec(&format!("  restartPolicy: {policy}\n  maxRestarts: 2\n")));
+        assert_eq!(e.field, "spec.maxRestarts", "{e}");
+        assert!(e.message.contains(&format!("only applies with restartPolicy OnFailure, not {policy}")), "{e}");
+    }
+    let e = one_error(&with_spec("  restartPolicy: OnFailure\n  maxRestarts: -1\n"));
+    assert!(e.to_string().contains("maxRestarts"), "{e}");
+}
+
+#[test]
 fn fingerprint_ignores_state_and_restart_policy_only() {
     let base = parse_manifests("a.yaml", &with_spec("")).unwrap().remove(0).spec;
     let mut stopped = base.clone();
     stopped.state = DesiredState::Stopped;
-    stopped.restart_policy = RestartPolicy::Never;
+    stopped.restart_policy = RestartPolicy::OnFailure;
+    stopped.max_restarts = Some(5);
     assert!(!base.needs_recreate(&stopped));
     let mut bigger = base.clone();
     bigger.memory = Quantity::from_bytes(1 << 30);

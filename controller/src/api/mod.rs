@@ -16,5 +16,5 @@ pub use errors::{ManifestError, ManifestErrors};
 pub use host_paths::{HostPathError, HostPaths};
 pub use load::{check_unique_names, parse_manifests};
 pub use quantity::{PortMapping, Protocol, Quantity, QuantityError};
-pub use status::{Condition, ConditionStatus, ConditionType, Phase, VmStatus};
+pub use status::{Condition, ConditionStatus, ConditionType, LastExit, Phase, VmStatus};
 pub use types::*;

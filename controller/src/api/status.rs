@@ -88,7 +88,8 @@ pub struct VmStatus {
     /// When the current VM process started, RFC 3339.
     #[serde(default)]
     pub boot_time: Option<String>,
-    /// How many times the supervisor restarted the VM.
+    /// How many times the restart policy restarted the VM since its last start that was not a
+    /// restart (what `maxRestarts` limits).
     #[serde(default)]
     pub restarts: u32,
     /// The last error, for humans.
@@ -98,4 +99,27 @@ pub struct VmStatus {
     /// provider ID `ignite://HOST/VM`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_ref: Option<String>,
+    /// How the main process ended when the restart policy left the VM stopped (`None` while it
+    /// runs or restarts, cleared by the next start): what `ignite run` exits with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<LastExit>,
+}
+
+/// How a VM's main process ended for good (its restart policy did not restart it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastExit {
+    /// The exit status of the guest's main process, as ignite-init reported it (power port or
+    /// console); `None` when the guest crashed or the VMM failed before any status.
+    #[serde(default)]
+    pub code: Option<i32>,
+    /// The guest or its VMM crashed (triple fault, VMM error, killed).
+    #[serde(default)]
+    pub crashed: bool,
+    /// For humans: `exit status 3`, `triple fault`.
+    #[serde(default)]
+    pub message: String,
+    /// When the controller saw the VM end for good, RFC 3339.
+    #[serde(default)]
+    pub finished_at: String,
 }

@@ -81,6 +81,11 @@ pub struct VmSpec {
     /// What to do when the VM's main process ends (default `Always`).
     #[serde(default)]
     pub restart_policy: RestartPolicy,
+    /// With `restartPolicy: OnFailure` only: how many restarts in a row after failures before the
+    /// VM is left stopped (as `docker run --restart on-failure:N`). Counted from the last start
+    /// that was not a restart (`status.restarts`). Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restarts: Option<u32>,
     /// Whether the VM should be running (default `Running`).
     #[serde(default)]
     pub state: DesiredState,
@@ -243,14 +248,15 @@ impl Vm {
 
 impl VmSpec {
     /// A digest of everything that shapes the VM as built: image, kernel, sizes, command,
-    /// environment, network, files, keys and bootstrap. `state` and `restartPolicy` are left out:
-    /// changing them stops, starts or restarts the VM without rebuilding it. A VM whose
-    /// fingerprint changed is recreated.
+    /// environment, network, files, keys and bootstrap. `state`, `restartPolicy` and
+    /// `maxRestarts` are left out: changing them stops, starts or restarts the VM without
+    /// rebuilding it. A VM whose fingerprint changed is recreated.
     pub fn fingerprint(&self) -> String {
         use sha2::Digest as _;
         let mut shaped = self.clone();
         shaped.state = DesiredState::default();
         shaped.restart_policy = RestartPolicy::default();
+        shaped.max_restarts = None;
         let json = serde_json::to_vec(&shaped).expect("a VM spec serializes to JSON");
         hex::encode(sha2::Sha256::digest(json))
     }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::host_paths::{MAX_COPY_FILES_TOTAL_BYTES, MAX_COPY_FILE_BYTES};
-use super::types::{Vm, API_VERSION, KIND_VM};
+use super::types::{RestartPolicy, Vm, API_VERSION, KIND_VM};
 
 /// Fewest vCPUs.
 pub const MIN_CPUS: u8 = 1;
@@ -164,6 +164,15 @@ pub fn validate(vm: &Vm) -> Vec<Problem> {
         bad(
             "spec.copyFiles",
             format!("{inline_total} bytes of content, more than the {MAX_COPY_FILES_TOTAL_BYTES} one VM may copy"),
+        );
+    }
+    if spec.max_restarts.is_some() && spec.restart_policy != RestartPolicy::OnFailure {
+        bad(
+            "spec.maxRestarts",
+            format!(
+                "only applies with restartPolicy OnFailure, not {:?}: remove it or set restartPolicy: OnFailure",
+                spec.restart_policy
+            ),
         );
     }
     if let Some(ssh) = &spec.ssh {

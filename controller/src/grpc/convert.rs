@@ -51,6 +51,12 @@ fn status(s: &VmStatus) -> proto::VmStatus {
         restarts: s.restarts,
         last_error: text(&s.last_error),
         node_ref: text(&s.node_ref),
+        last_exit: s.last_exit.as_ref().map(|e| proto::LastExit {
+            code: e.code,
+            crashed: e.crashed,
+            message: e.message.clone(),
+            finished_at: e.finished_at.clone(),
+        }),
     }
 }
 
@@ -64,6 +70,7 @@ pub fn vm(record: &VmRecord) -> proto::Vm {
         status: Some(status(&record.status)),
         image: record.vm.spec.image.clone(),
         deletion_requested: record.deletion_requested,
+        state: format!("{:?}", record.vm.spec.state),
     }
 }
 

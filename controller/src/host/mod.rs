@@ -299,6 +299,11 @@ impl Runtime for HostRuntime {
         self.supervisor.cleanup(name).map_err(|e| transient("StopFailed", format!("VM {name:?}: run directory"))(&e))
     }
 
+    fn forget_exit(&self, name: &str) -> Result<(), RuntimeError> {
+        exits::clear(&prepared::dir(&self.runtime_dir(), name))
+            .map_err(|e| transient("StopFailed", format!("VM {name:?}: clearing its last exit"))(&e))
+    }
+
     fn destroy(&self, name: &str, keep_lease: bool) -> Result<(), RuntimeError> {
         let fail = |what: &str| transient("DeleteFailed", format!("VM {name:?}: removing its {what}"));
         if self.supervisor.is_running(name) {

@@ -15,6 +15,10 @@ pub struct DesiredView {
     pub state: DesiredState,
     /// What to do after the main process ends.
     pub restart_policy: RestartPolicy,
+    /// With [`RestartPolicy::OnFailure`]: the most restarts in a row (`None`: no limit).
+    pub max_restarts: Option<u32>,
+    /// Restarts since the last start that was not a restart (`status.restarts`).
+    pub restarts: u32,
 }
 
 /// The next step towards the desired state.
@@ -31,6 +35,9 @@ pub enum Step {
     },
     /// Running, should not run.
     Stop,
+    /// Stopped as asked after its main process ended on its own: forget that exit, so the next
+    /// start is a fresh start, not a restart the restart policy would refuse.
+    ForgetExit,
     /// The object is gone or being deleted: remove everything it owns.
     Delete,
     /// Nothing to do; the VM is where it should be.
@@ -51,10 +58,10 @@ pub enum Settled {
 }
 
 /// Whether the restart policy restarts a VM after this exit.
-pub fn restarts(policy: RestartPolicy, exit: &Exit) -> bool {
-    match policy {
+pub fn restarts(desired: &DesiredView, exit: &Exit) -> bool {
+    match desired.restart_policy {
         RestartPolicy::Always => true,
-        RestartPolicy::OnFailure => !exit.succeeded(),
+        RestartPolicy::OnFailure => !exit.succeeded() && desired.max_restarts.is_none_or(|max| desired.restarts < max),
         RestartPolicy::Never => false,
     }
 }
@@ -73,10 +80,11 @@ pub fn decide(desired: Option<&DesiredView>, actual: &Actual) -> Step {
     match (desired.state, actual.running) {
         (DesiredState::Running, true) => Step::Settled(Settled::Running),
         (DesiredState::Stopped, true) => Step::Stop,
+        (DesiredState::Stopped, false) if actual.last_exit.is_some() => Step::ForgetExit,
         (DesiredState::Stopped, false) => Step::Settled(Settled::Stopped),
         (DesiredState::Running, false) => match &actual.last_exit {
             None => Step::Start { restart: false },
-            Some(exit) if restarts(desired.restart_policy, exit) => Step::Start { restart: true },
+            Some(exit) if restarts(desired, exit) => Step::Start { restart: true },
             Some(exit) => Step::Settled(Settled::Completed(exit.clone())),
         },
     }
@@ -87,7 +95,7 @@ mod tests {
     use super::*;
 
     fn desired(state: DesiredState, restart_policy: RestartPolicy) -> DesiredView {
-        DesiredView { fingerprint: "f1".into(), state, restart_policy }
+        DesiredView { fingerprint: "f1".into(), state, restart_policy, max_restarts: None, restarts: 0 }
     }
 
     fn actual(prepared: Option<&str>, running: bool, last_exit: Option<Exit>) -> Actual {
@@ -128,8 +136,40 @@ mod tests {
     fn desired_stopped_stops_and_stays_stopped() {
         let d = desired(DesiredState::Stopped, RestartPolicy::Always);
         assert_eq!(decide(Some(&d), &actual(Some("f1"), true, None)), Step::Stop);
-        assert_eq!(decide(Some(&d), &actual(Some("f1"), false, Some(exit(0)))), Step::Settled(Settled::Stopped));
+        assert_eq!(decide(Some(&d), &actual(Some("f1"), false, None)), Step::Settled(Settled::Stopped));
         assert_eq!(decide(Some(&d), &Actual::default()), Step::Create);
+    }
+
+    #[test]
+    fn a_vm_stopped_after_it_ended_forgets_its_exit_so_start_runs_it_again() {
+        let stopped = desired(DesiredState::Stopped, RestartPolicy::Never);
+        assert_eq!(decide(Some(&stopped), &actual(Some("f1"), false, Some(exit(3)))), Step::ForgetExit);
+        let running = desired(DesiredState::Running, RestartPolicy::Never);
+        assert_eq!(decide(Some(&running), &actual(Some("f1"), false, None)), Step::Start { restart: false });
+    }
+
+    #[test]
+    fn on_failure_gives_up_after_max_restarts() {
+        let mut d = desired(DesiredState::Running, RestartPolicy::OnFailure);
+        d.max_restarts = Some(2);
+        for (restarts, step) in [
+            (0, Step::Start { restart: true }),
+            (1, Step::Start { restart: true }),
+            (2, Step::Settled(Settled::Completed(exit(1)))),
+        ] {
+            d.restarts = restarts;
+            assert_eq!(decide(Some(&d), &actual(Some("f1"), false, Some(exit(1)))), step, "after {restarts} restarts");
+        }
+        assert_eq!(
+            decide(Some(&d), &actual(Some("f1"), false, Some(exit(0)))),
+            Step::Settled(Settled::Completed(exit(0)))
+        );
+        d.max_restarts = Some(0);
+        d.restarts = 0;
+        assert_eq!(
+            decide(Some(&d), &actual(Some("f1"), false, Some(exit(1)))),
+            Step::Settled(Settled::Completed(exit(1)))
+        );
     }
 
     #[test]

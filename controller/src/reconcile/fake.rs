@@ -19,6 +19,8 @@ pub enum Call {
     Start(String),
     /// `stop(name)`.
     Stop(String),
+    /// `forget_exit(name)`.
+    ForgetExit(String),
     /// `destroy(name, keep_lease)`.
     Destroy(String, bool),
 }
@@ -47,7 +49,7 @@ impl FakeRuntime {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes the next `times` calls of `op` (`"create"`, `"start"`, `"stop"`, `"destroy"`) for
+    /// Makes the next `times` calls of `op` (`"create"`, `"start"`, `"stop"`, `"forget_exit"`, `"destroy"`) for
     /// `name` fail; `permanent` marks the error as needing a spec change.
     pub fn fail(&self, name: &str, op: &'static str, times: u32, permanent: bool) {
         self.lock().fail.insert((name.to_string(), op), (times, permanent));
@@ -135,6 +137,16 @@ impl Runtime for FakeRuntime {
         Self::check(&mut state, name, "stop")?;
         if let Some(vm) = state.vms.get_mut(name) {
             vm.running = false;
+            vm.last_exit = None;
+        }
+        Ok(())
+    }
+
+    fn forget_exit(&self, name: &str) -> Result<(), RuntimeError> {
+        let mut state = self.lock();
+        state.calls.push(Call::ForgetExit(name.to_string()));
+        Self::check(&mut state, name, "forget_exit")?;
+        if let Some(vm) = state.vms.get_mut(name) {
             vm.last_exit = None;
         }
         Ok(())

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, info_span, warn};
 
-use crate::api::{ConditionType, Phase};
+use crate::api::{ConditionType, LastExit, Phase};
 use crate::store::{Event, EventKind, Store, StoreError, VmRecord};
 
 use super::conditions::{self, Summary};
 use super::decide::{decide, DesiredView, Settled, Step};
 use super::queue::{Backoff, WorkQueue};
-use super::runtime::{Actual, Runtime, RuntimeError};
+use super::runtime::{Actual, Exit, Runtime, RuntimeError};
 
 /// Annotation that suspends reconciliation of one VM while set to `"true"`.
 pub const SUSPEND_ANNOTATION: &str = "ignite.dev/suspend";
@@ -293,9 +293,9 @@ impl Reconciler {
                     s.observed_generation = generation;
                     s.observed_revision = s.source_revision.clone();
                     s.last_error = None;
-                    if restart {
-                        s.restarts += 1;
-                    }
+                    s.last_exit = None;
+                    // Counted from the last deliberate start: what `maxRestarts` limits.
+                    s.restarts = if restart { s.restarts + 1 } else { 0 };
                 })?;
                 let reason = if restart { "Restarted" } else { "Started" };
                 self.event(name, EventKind::Normal, reason, &format!("VMM process {}", started.pid));
@@ -305,6 +305,9 @@ impl Reconciler {
                 self.summarize(name, Summary::new(Phase::Running, ConditionType::Reconciling, "Stopping", ""))?;
                 rt.stop(name, self.ctx.config.stop_grace).map_err(|e| runtime_err(name, "stop", e))?;
                 self.event(name, EventKind::Normal, "Stopped", "stopped as declared (state: Stopped)");
+            }
+            Step::ForgetExit => {
+                rt.forget_exit(name).map_err(|e| runtime_err(name, "stop", e))?;
             }
         }
         Ok(None)
@@ -332,6 +335,9 @@ impl Reconciler {
                 Summary::new(Phase::Failed, ConditionType::Stalled, "Exited", exit.detail.clone())
             }
         };
+        if let (Settled::Completed(exit), Some(record)) = (&settled, record) {
+            self.record_last_exit(name, record, exit)?;
+        }
         if settled == Settled::Running && record.is_some_and(|r| self.up_for(r) >= self.ctx.config.stable_after) {
             self.ctx.restart_backoff.reset(name);
         }
@@ -361,6 +367,25 @@ impl Reconciler {
             self.event(name, kind, &summary.reason, &summary.message);
         }
         Ok(Outcome::Settled)
+    }
+
+    /// Writes how the VM ended for good into its status (once: a resync keeps the first time).
+    fn record_last_exit(&self, name: &str, record: &VmRecord, exit: &Exit) -> Result<(), ReconcileError> {
+        let same =
+            |l: &LastExit| (l.code, l.crashed, l.message.as_str()) == (exit.code, exit.crashed, exit.detail.as_str());
+        if record.status.last_exit.as_ref().is_some_and(same) {
+            return Ok(());
+        }
+        let last = LastExit {
+            code: exit.code,
+            crashed: exit.crashed,
+            message: exit.detail.clone(),
+            finished_at: now_rfc3339(),
+        };
+        match self.ctx.store.update_status(name, |s| s.last_exit = Some(last.clone())) {
+            Ok(_) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// `Some(wait)` while a crash-looping VM must wait before its next restart: the first
@@ -453,6 +478,8 @@ fn desired_view(record: &VmRecord) -> DesiredView {
         fingerprint: record.vm.spec.fingerprint(),
         state: record.vm.spec.state,
         restart_policy: record.vm.spec.restart_policy,
+        max_restarts: record.vm.spec.max_restarts,
+        restarts: record.status.restarts,
     }
 }
 

@@ -102,6 +102,9 @@ pub trait Runtime: Send + Sync {
     fn start(&self, vm: &Vm) -> Result<Started, RuntimeError>;
     /// Stops the VM's process: graceful within `grace`, then forced. Keeps its resources.
     fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError>;
+    /// Forgets how the VM's last process ended (its console log stays until the next start), so
+    /// [`Runtime::inspect`] reports no `last_exit`. For a VM that is not running.
+    fn forget_exit(&self, name: &str) -> Result<(), RuntimeError>;
     /// Removes everything the VM owns except its IP/MAC lease when `keep_lease` (a recreate keeps
     /// the address): process, disk, tap, port forwards, config drive, run directory.
     fn destroy(&self, name: &str, keep_lease: bool) -> Result<(), RuntimeError>;

@@ -4,6 +4,7 @@ pub mod client;
 pub mod daemon;
 pub mod dashboard;
 pub mod exec;
+pub mod follow;
 pub mod image;
 pub mod kernel;
 pub mod run;
@@ -15,7 +16,9 @@ pub mod vms;
 pub const EXIT_VMM_ERROR: u8 = 125;
 /// Exit status when the guest crashed (triple fault, an instruction that cannot be run).
 pub const EXIT_GUEST_CRASH: u8 = 126;
-/// Exit status when the VM was stopped by the host (Ctrl-C, then the grace period ran out).
+/// Exit status when the VM was stopped by the host, not ended by its command: Ctrl-C (then the
+/// grace period ran out, for `ignite vmm run`), or another client's `ignite stop`, `kill` or `rm`
+/// while `ignite run` followed the VM.
 pub const EXIT_STOPPED: u8 = 130;
 
 /// `outer: inner: innermost`, the way a user reads a cause.

@@ -1,8 +1,10 @@
 //! `ignite run IMAGE`: create and start a VM in one step, like `docker run`, by applying a
-//! generated manifest through the daemon; `create` declares it stopped; `start` and `stop` set
-//! its desired state.
+//! generated manifest through the daemon, then (in the foreground) follow it to its end
+//! ([`super::follow`]); `create` declares it stopped; `start` and `stop` set its desired state.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
 
 use anyhow::Context;
 use clap::Args;
@@ -12,15 +14,32 @@ use super::client::{self, Ctx};
 
 /// `ignite run`.
 #[derive(Args)]
-#[command(after_help = "Examples:\n  \
-    ignite run 127.0.0.1:5000/demo/busybox:1 --name web -p 8080:80 -d -- /bin/httpd -f -p 80 -h /www\n  \
-    ignite run busybox --kernel 6.1-minimal -- /bin/sh -c 'echo hello'")]
+#[command(after_help = "\
+In the foreground (without -d), ignite run streams the VM's console and ends when the VM's \
+command ends for good: its exit status becomes ignite's, and the VM is left stopped (desired \
+state Stopped; `ignite start NAME` runs it again, `ignite logs NAME` shows its console). With \
+--restart on-failure or always, the daemon restarts the VM first as the policy says. \
+Ctrl-C stops the VM gracefully and exits with 130; a second Ctrl-C kills it. When another client \
+stops (ignite stop, kill) or removes (ignite rm) the VM, ignite run says so and exits with 130. \
+Other exit statuses: 125 when ignite failed or the VM cannot run (bad image, missing kernel), 126 \
+when the guest crashed.
+
+Examples:
+  ignite run 127.0.0.1:5000/demo/busybox:1 -- /bin/sh -c 'cat /etc/os-release'
+  ignite run --rm busybox -- sh -c 'exit 3'; echo \"exit status $?\"    # 3, and no VM left
+  ignite run --restart on-failure:3 busybox -- /bin/flaky-job           # at most 3 restarts
+  ignite run 127.0.0.1:5000/demo/busybox:1 --name web -p 8080:80 -d --restart always -- /bin/httpd -f -p 80 -h /www
+  ignite run busybox --kernel 6.1-minimal -- /bin/sh -c 'echo hello'")]
 pub struct RunArgs {
     #[command(flatten)]
     vm: VmFlags,
-    /// Return once the VM is declared instead of following its console.
+    /// Return once the VM is declared (printing its name) instead of following it to its end.
     #[arg(short, long)]
     detach: bool,
+    /// Remove the VM and everything it owns (disk, address) once it has ended (foreground only;
+    /// only with --restart no, as with Docker).
+    #[arg(long, conflicts_with = "detach")]
+    rm: bool,
 }
 
 /// `ignite create`.
@@ -67,9 +86,64 @@ pub struct VmFlags {
     /// An environment variable, NAME=VALUE. Repeatable.
     #[arg(short, long, value_name = "NAME=VALUE", value_parser = super::parse_env)]
     env: Vec<(String, String)>,
+    /// Restart policy: no (default: the VM ends with its command), on-failure[:N] (restart after a
+    /// non-zero exit or a crash, at most N times in a row) or always. Manifests applied with
+    /// `ignite apply` keep their own default, restartPolicy Always.
+    #[arg(long, value_name = "POLICY", default_value = "no")]
+    restart: Restart,
     /// The command and its arguments (replace the image's entrypoint and cmd).
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// `--restart`: Docker's restart policies, as the manifest's `restartPolicy` and `maxRestarts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Restart {
+    /// `no`: never restart (`restartPolicy: Never`).
+    No,
+    /// `on-failure[:N]`: restart after a failure, at most N times in a row (`OnFailure`, `maxRestarts: N`).
+    OnFailure(Option<u32>),
+    /// `always`: restart whatever the exit status (`Always`).
+    Always,
+}
+
+impl FromStr for Restart {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "no" => Ok(Restart::No),
+            None if s == "always" => Ok(Restart::Always),
+            None if s == "on-failure" => Ok(Restart::OnFailure(None)),
+            Some(("on-failure", n)) => n
+                .parse()
+                .map(|n| Restart::OnFailure(Some(n)))
+                .map_err(|_| format!("`{n}` in on-failure:N is not a number of restarts (0 or more)")),
+            _ => Err(format!("`{s}` is not a restart policy: use no, on-failure[:N] or always")),
+        }
+    }
+}
+
+impl std::fmt::Display for Restart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Restart::No => f.write_str("no"),
+            Restart::OnFailure(None) => f.write_str("on-failure"),
+            Restart::OnFailure(Some(n)) => write!(f, "on-failure:{n}"),
+            Restart::Always => f.write_str("always"),
+        }
+    }
+}
+
+impl Restart {
+    /// The manifest's `restartPolicy` and `maxRestarts`.
+    fn policy(self) -> (&'static str, Option<u32>) {
+        match self {
+            Restart::No => ("Never", None),
+            Restart::OnFailure(max) => ("OnFailure", max),
+            Restart::Always => ("Always", None),
+        }
+    }
 }
 
 /// `ignite start` / `ignite stop`.
@@ -94,6 +168,11 @@ fn manifest(args: &VmFlags, name: &str, state: &str) -> anyhow::Result<serde_jso
         "image": args.image, "cpus": args.cpus, "memory": args.memory, "diskSize": args.size,
         "network": {"ports": args.ports}, "state": state,
     });
+    let (policy, max_restarts) = args.restart.policy();
+    spec["restartPolicy"] = policy.into();
+    if let Some(max) = max_restarts {
+        spec["maxRestarts"] = max.into();
+    }
     if let Some(kernel) = &args.kernel {
         // A kernel file was imported first (see `declare`): the manifest names stored kernels only.
         spec["kernel"] = serde_json::json!({ "image": kernel });
@@ -186,24 +265,24 @@ pub fn create(args: CreateArgs, ctx: &Ctx) -> anyhow::Result<()> {
     })
 }
 
-/// Creates and starts a VM; follows its console unless detached.
-pub fn run(args: RunArgs, ctx: &Ctx) -> anyhow::Result<()> {
+/// Creates and starts a VM. Detached: prints its name. In the foreground: follows it to its end
+/// and returns the exit status of its command (see [`super::follow::follow`]).
+pub fn run(args: RunArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    if args.rm && args.vm.restart != Restart::No {
+        anyhow::bail!("--rm and --restart {} conflict: a VM that restarts does not end to be removed", args.vm.restart);
+    }
     client::runtime()?.block_on(async {
-        let name = declare(ctx, &args.vm, "Running", "run").await?;
         let mut c = client::vms(ctx).await?;
-        println!("{name}");
         if args.detach {
-            return anyhow::Ok(());
+            println!("{}", declare(ctx, &args.vm, "Running", "run").await?);
+            return Ok(ExitCode::SUCCESS);
         }
-        eprintln!("following the console of {name} (Ctrl-C detaches; the VM keeps running)");
-        let request = proto::LogsRequest { name, follow: true, tail_bytes: 0 };
-        let mut stream = c.logs(request).await.map_err(client::status)?.into_inner();
-        use std::io::Write;
-        while let Some(chunk) = stream.message().await.map_err(client::status)? {
-            std::io::stdout().write_all(&chunk.data)?;
-            std::io::stdout().flush()?;
-        }
-        anyhow::Ok(())
+        // Watch before declaring, so no change of the new VM is missed.
+        let request = proto::WatchVmsRequest { snapshot: false, from_revision: 0 };
+        let watch = c.watch(request).await.map_err(client::status).context("watching VMs")?.into_inner();
+        let name = declare(ctx, &args.vm, "Running", "run").await?;
+        eprintln!("ignite: VM {name:?} declared; following its console until its command ends (Ctrl-C stops it)");
+        super::follow::follow(&mut c, watch, &name, args.rm).await
     })
 }
 
@@ -224,6 +303,7 @@ pub fn set_state(args: StateArgs, state: &str, ctx: &Ctx) -> anyhow::Result<()> 
 mod tests {
     use super::*;
     use clap::Parser;
+    use controller::api::RestartPolicy;
 
     #[derive(Parser)]
     struct Cli {
@@ -252,6 +332,7 @@ mod tests {
         let doc = manifest(&cli.run.vm, "web", "Running").unwrap();
         let text = serde_yaml::to_string(&doc).unwrap();
         let vm = controller::api::parse_manifests("run", &text).unwrap().remove(0);
+        assert_eq!(vm.spec.restart_policy, RestartPolicy::Never, "run defaults to --restart no, as docker run");
         assert_eq!(vm.spec.command.as_deref(), Some(&["/bin/sh".to_string()][..]));
         assert_eq!(vm.spec.args.as_deref(), Some(&["-c".to_string(), "echo hi".to_string()][..]));
         assert_eq!(vm.spec.network.ports[0].to_string(), "8080:80/tcp");
@@ -282,5 +363,35 @@ mod tests {
         let dir_arg = format!("{}:/x", dir.path().display());
         let cli = Cli::parse_from(["ignite", "busybox:1", "--copy-files", &dir_arg]);
         assert!(manifest(&cli.run.vm, "web", "Running").unwrap_err().to_string().contains("not a regular file"));
+    }
+
+    #[test]
+    fn restart_flags_map_onto_the_restart_policy() {
+        let spec = |flags: &[&str]| {
+            let cli = Cli::try_parse_from(["ignite", "busybox"].iter().chain(flags)).map_err(|e| e.to_string())?;
+            let text = serde_yaml::to_string(&manifest(&cli.run.vm, "job", "Running").unwrap()).unwrap();
+            Ok::<_, String>(controller::api::parse_manifests("run", &text).unwrap().remove(0).spec)
+        };
+        for (flag, policy, max) in [
+            ("no", RestartPolicy::Never, None),
+            ("always", RestartPolicy::Always, None),
+            ("on-failure", RestartPolicy::OnFailure, None),
+            ("on-failure:3", RestartPolicy::OnFailure, Some(3)),
+            ("on-failure:0", RestartPolicy::OnFailure, Some(0)),
+        ] {
+            let s = spec(&["--restart", flag]).unwrap();
+            assert_eq!((s.restart_policy, s.max_restarts), (policy, max), "--restart {flag}");
+        }
+        for (bad, says) in [
+            ("sometimes", "`sometimes` is not a restart policy: use no, on-failure[:N] or always"),
+            ("always:2", "`always:2` is not a restart policy"),
+            ("on-failure:x", "`x` in on-failure:N is not a number of restarts"),
+            ("on-failure:-1", "`-1` in on-failure:N is not a number of restarts"),
+        ] {
+            let err = spec(&["--restart", bad]).unwrap_err();
+            assert!(err.contains("--restart <POLICY>") && err.contains(says), "{err}");
+        }
+        let err = Cli::try_parse_from(["ignite", "busybox", "--rm", "-d"]).err().expect("refused").to_string();
+        assert!(err.contains("--rm") && err.contains("--detach"), "{err}");
     }
 }

@@ -301,6 +301,9 @@ pub fn inspect(args: InspectArgs, ctx: &Ctx) -> anyhow::Result<()> {
             "sourceRevision": status.source_revision, "observedRevision": status.observed_revision,
             "observedGeneration": status.observed_generation, "bootTime": status.boot_time,
             "restarts": status.restarts, "lastError": status.last_error, "nodeRef": status.node_ref,
+            "lastExit": status.last_exit.map(|e| serde_json::json!({
+                "code": e.code, "crashed": e.crashed, "message": e.message, "finishedAt": e.finished_at,
+            })),
             "conditions": status.conditions.iter().map(|c| serde_json::json!({
                 "type": c.r#type, "status": c.status, "reason": c.reason, "message": c.message,
                 "lastTransitionTime": c.last_transition_time,
