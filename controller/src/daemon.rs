@@ -185,7 +185,7 @@ impl Daemon {
             Err(e) => warn!(error = %e, "cannot forget the sources no longer configured"),
         }
         for spec in config.sources {
-            daemon.follow(spec, &config.root, &config.host.host_paths);
+            daemon.follow(spec, &config.root, &config.host.policy);
         }
         if let Some(socket) = &config.socket {
             let state = crate::grpc::ApiState {
@@ -198,7 +198,7 @@ impl Daemon {
                 snapshotter: snapshotter_name,
                 runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
                 health: daemon.health.clone(),
-                host_paths: config.host.host_paths.clone(),
+                policy: config.host.policy.clone(),
                 local_clients: true,
             };
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -275,7 +275,7 @@ impl Daemon {
         }));
     }
 
-    fn follow(&mut self, spec: SourceSpec, root: &std::path::Path, host_paths: &crate::api::HostPaths) {
+    fn follow(&mut self, spec: SourceSpec, root: &std::path::Path, policy: &crate::api::HostPolicy) {
         let (trigger_tx, trigger_rx) = mpsc::channel(4);
         self.triggers.push((spec.name.clone(), trigger_tx));
         let source = match source::open(&spec, &root.join("sources")) {
@@ -288,15 +288,15 @@ impl Daemon {
         let mut outcomes = source::spawn_poller(source, spec.interval(), trigger_rx);
         let store = self.store.clone();
         let reconciler = self.reconciler.clone();
-        let host_paths = host_paths.clone();
+        let policy = policy.clone();
         self.tasks.push(tokio::spawn(async move {
             while let Some(outcome) = outcomes.recv().await {
                 let store = store.clone();
                 let reconciler = reconciler.clone();
                 let spec = spec.clone();
-                let host_paths = host_paths.clone();
+                let policy = policy.clone();
                 let handled =
-                    tokio::task::spawn_blocking(move || handle_sync(&store, &reconciler, &spec, &host_paths, outcome))
+                    tokio::task::spawn_blocking(move || handle_sync(&store, &reconciler, &spec, &policy, outcome))
                         .await;
                 if let Err(e) = handled {
                     error!(error = %e, "source handler panicked");
@@ -358,7 +358,7 @@ pub fn handle_sync(
     store: &Store,
     reconciler: &Reconciler,
     spec: &SourceSpec,
-    host_paths: &crate::api::HostPaths,
+    policy: &crate::api::HostPolicy,
     outcome: SyncOutcome,
 ) {
     let owner = spec.owner();
@@ -371,7 +371,7 @@ pub fn handle_sync(
     let result = match outcome {
         SyncOutcome::Changed(snapshot) => {
             let files = snapshot.files.iter().map(|f| (f.path.as_str(), f.text.as_str()));
-            parse_revision(&snapshot.revision, files, host_paths)
+            parse_revision(&snapshot.revision, files, policy)
                 .and_then(|docs| apply_revision(store, &owner, &snapshot.revision, &docs))
                 .map(|report| (snapshot.revision.clone(), report))
                 .map_err(|e| apply_error_message(&e))

@@ -56,7 +56,7 @@ fn manifests_read_host_files_only_where_the_operator_allowed() {
         kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
     }];
     let mut config = daemon_config(r, sources, None);
-    config.host.host_paths = HostPaths::allow([allowed.path().to_path_buf()]).unwrap();
+    config.host.policy.paths = HostPaths::allow([allowed.path().to_path_buf()]).unwrap();
     let socket = config.socket.clone().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let daemon = runtime.block_on(Daemon::start(config)).unwrap();

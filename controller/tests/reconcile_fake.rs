@@ -153,6 +153,29 @@ fn an_object_owned_by_another_source_is_refused_before_anything_is_written() {
 }
 
 #[test]
+fn two_vms_never_share_a_host_port_and_the_later_one_is_refused_naming_both() {
+    let env = env();
+    let port = |p: &str| format!("  network: {{ports: [\"{p}\"]}}\n");
+    env.apply("git:fleet", "rev1", &[("web.yaml", &manifest("web", "64Mi", &port("8080:80")))]).unwrap();
+    // Another source, and another VM of the same source's next revision, both want 8080/tcp.
+    let err = env.apply("git:other", "o1", &[("db.yaml", &manifest("db", "64Mi", &port("8080:5432")))]).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, ApplyError::PortConflict { .. }), "{err}");
+    assert!(message.contains("VM \"db\" (declared in db.yaml) forwards host port 8080/tcp"), "{message}");
+    assert!(message.contains("VM \"web\" (owned by git:fleet)"), "{message}");
+    let both = [
+        ("web.yaml", manifest("web", "64Mi", &port("8080:80"))),
+        ("api.yaml", manifest("api", "64Mi", &port("8080:81"))),
+    ];
+    let files: Vec<(&str, &str)> = both.iter().map(|(f, t)| (*f, t.as_str())).collect();
+    assert!(matches!(env.apply("git:fleet", "rev2", &files), Err(ApplyError::PortConflict { .. })));
+    assert!(env.store.get_vm("db").unwrap().is_none() && env.store.get_vm("api").unwrap().is_none());
+    // The same port over UDP is another port; a renamed VM keeps its port within its source.
+    env.apply("git:other", "o2", &[("db.yaml", &manifest("db", "64Mi", &port("8080:53/udp")))]).unwrap();
+    env.apply("git:fleet", "rev3", &[("web2.yaml", &manifest("web2", "64Mi", &port("8080:80")))]).unwrap();
+}
+
+#[test]
 fn restart_policy_is_applied_after_the_guest_exits() {
     let env = env();
     let files = [

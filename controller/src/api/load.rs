@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::bounds::{check_nodes, MAX_MANIFEST_BYTES};
 use super::errors::{ManifestError, ManifestErrors};
-use super::host_paths::HostPaths;
+use super::host_policy::HostPolicy;
 use super::lines::field_line;
 use super::types::Vm;
 use super::validate::validate;
@@ -80,12 +80,12 @@ fn name_of(doc: &str) -> Option<String> {
 /// Parses every VM in `text` (the file named `file`). All documents are checked, and every
 /// problem is returned if any is found.
 pub fn parse_manifests(file: &str, text: &str) -> Result<Vec<Vm>, ManifestErrors> {
-    parse_manifests_for_host(file, text, &HostPaths::default())
+    parse_manifests_for_host(file, text, &HostPolicy::default())
 }
 
-/// [`parse_manifests`] for this host: also every host path a VM names must be one `host_paths`
-/// allows, reported with its line like any other problem.
-pub fn parse_manifests_for_host(file: &str, text: &str, host_paths: &HostPaths) -> Result<Vec<Vm>, ManifestErrors> {
+/// [`parse_manifests`] for this host: also every host path and port a VM names must be one
+/// `policy` allows, reported with its line like any other problem.
+pub fn parse_manifests_for_host(file: &str, text: &str, policy: &HostPolicy) -> Result<Vec<Vm>, ManifestErrors> {
     let mut vms = Vec::new();
     let mut errors = ManifestErrors::default();
     if text.len() > MAX_MANIFEST_BYTES {
@@ -123,7 +123,7 @@ pub fn parse_manifests_for_host(file: &str, text: &str, host_paths: &HostPaths) 
         match parsed {
             Ok(vm) => {
                 let mut problems = validate(&vm);
-                problems.extend(host_paths.check(&vm));
+                problems.extend(policy.check(&vm));
                 let name_line = field_line(&doc, &split_path("metadata.name")).unwrap_or(1) + offset;
                 if let Some(first) = names.insert(vm.metadata.name.clone(), name_line) {
                     problems

@@ -19,7 +19,7 @@ spec:
     - name: GREETING
       value: hi
   network:
-    ports: [\"8080:80\", \"53:53/udp\"]
+    ports: [\"8080:80\", \"5353:53/udp\"]
   restartPolicy: OnFailure
 ---
 ---
@@ -51,7 +51,7 @@ fn parses_multi_document_files_with_defaults() {
     assert_eq!(vms.len(), 2);
     let web = &vms[0].spec;
     assert_eq!((web.cpus, web.memory.mib(), web.disk_size.bytes()), (2, 256, 1 << 30));
-    assert_eq!(web.network.ports[1].to_string(), "53:53/udp");
+    assert_eq!(web.network.ports[1].to_string(), "5353:53/udp");
     assert_eq!(web.restart_policy, RestartPolicy::OnFailure);
     let db = &vms[1].spec;
     assert_eq!((db.cpus, db.memory.mib(), db.disk_size.bytes()), (1, 512, 4 << 30));
@@ -140,7 +140,7 @@ fn kernel_env_files_keys_and_bootstrap_are_checked() {
 #[test]
 fn host_files_are_read_only_from_allowed_directories_and_inline_content_is_checked() {
     use crate::api::load::parse_manifests_for_host;
-    use crate::api::HostPaths;
+    use crate::api::{HostPaths, HostPolicy};
     let allowed = tempfile::tempdir().unwrap();
     let doc = |source: &str| {
         with_spec(&format!(
@@ -148,11 +148,11 @@ fn host_files_are_read_only_from_allowed_directories_and_inline_content_is_check
             allowed.path().display()
         ))
     };
-    let host = HostPaths::allow([allowed.path().to_path_buf()]).unwrap();
+    let host = HostPolicy { paths: HostPaths::allow([allowed.path().to_path_buf()]).unwrap(), ..Default::default() };
     let inside = format!("{}/conf/app.conf", allowed.path().display());
     parse_manifests_for_host("fleet.yaml", &doc(&inside), &host).unwrap();
     // The same manifest on a host that allows nothing (the default), and one reaching out.
-    let errs = parse_manifests_for_host("fleet.yaml", &doc(&inside), &HostPaths::default()).unwrap_err().0;
+    let errs = parse_manifests_for_host("fleet.yaml", &doc(&inside), &HostPolicy::default()).unwrap_err().0;
     let found: Vec<(&str, Option<usize>)> = errs.iter().map(|e| (e.field.as_str(), e.line)).collect();
     assert_eq!(found, [("spec.copyFiles[0].source", Some(8)), ("spec.kernel.path", Some(11))], "{errs:#?}");
     assert!(errs[0].to_string().starts_with("fleet.yaml:8: VM \"web\": spec.copyFiles[0].source"), "{}", errs[0]);
@@ -179,6 +179,21 @@ fn host_files_are_read_only_from_allowed_directories_and_inline_content_is_check
     let big = "A".repeat((crate::api::host_paths::MAX_COPY_FILE_BYTES as usize / 3 + 1) * 4);
     let e = one_error(&with_spec(&format!("  copyFiles:\n    - contentBase64: {big}\n      destination: /a\n")));
     assert!(e.message.contains("more than the 4194304 one copied file may have"), "{e}");
+}
+
+#[test]
+fn host_ports_of_the_host_itself_are_refused_with_their_line() {
+    use crate::api::load::parse_manifests_for_host;
+    use crate::api::{HostPolicy, PortPolicy};
+    let doc = with_spec("  network:\n    ports:\n      - \"8080:80\"\n      - \"22:22\"\n      - \"443:443\"\n");
+    let errs = errors(&doc);
+    let found: Vec<(&str, Option<usize>)> = errs.iter().map(|e| (e.field.as_str(), e.line)).collect();
+    assert_eq!(found, [("spec.network.ports[1]", Some(10)), ("spec.network.ports[2]", Some(11))], "{errs:#?}");
+    assert!(errs[0].message.contains("reserved for the host's SSH"), "{}", errs[0]);
+    assert!(errs[1].message.contains("--allow-privileged-ports"), "{}", errs[1]);
+    let open = HostPolicy { ports: PortPolicy::default().allow_privileged(true), ..Default::default() };
+    let errs = parse_manifests_for_host("fleet.yaml", &doc, &open).unwrap_err().0;
+    assert_eq!(errs.len(), 1, "only port 22 is left: {errs:#?}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 pub mod bounds;
 pub mod errors;
 pub mod host_paths;
+pub mod host_policy;
 mod lines;
 pub mod load;
 pub mod quantity;
@@ -14,6 +15,7 @@ pub mod validate;
 
 pub use errors::{ManifestError, ManifestErrors};
 pub use host_paths::{HostPathError, HostPaths};
+pub use host_policy::{HostPolicy, PortPolicy};
 pub use load::{check_unique_names, parse_manifests};
 pub use quantity::{PortMapping, Protocol, Quantity, QuantityError};
 pub use status::{Condition, ConditionStatus, ConditionType, LastExit, Phase, VmStatus};

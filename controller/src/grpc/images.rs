@@ -251,6 +251,6 @@ impl ApiState {
         if self.local_clients {
             return Ok(path.into());
         }
-        self.host_paths.resolve(Path::new(path)).map_err(|e| ImagesError::HostPath(e).into())
+        self.policy.paths.resolve(Path::new(path)).map_err(|e| ImagesError::HostPath(e).into())
     }
 }

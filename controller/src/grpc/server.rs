@@ -36,11 +36,11 @@ pub struct ApiState {
     pub runtime: Option<Arc<dyn Runtime>>,
     /// What the standard health service reports (the daemon keeps it current).
     pub health: super::standard::Health,
-    /// The host directories applied manifests may read files from.
-    pub host_paths: crate::api::HostPaths,
+    /// What applied manifests may name on this host (files, ports).
+    pub policy: crate::api::HostPolicy,
     /// Whether clients may name any path on the daemon's host (image and kernel import): true only
     /// on the owner-only unix socket, whose clients can read the host's files anyway;
-    /// [`serve_tcp`] always clears it, so remote clients reach only `host_paths`.
+    /// [`serve_tcp`] always clears it, so remote clients reach only the policy's paths.
     pub local_clients: bool,
 }
 
@@ -120,12 +120,12 @@ impl vms_server::Vms for ApiState {
     async fn apply(&self, request: Request<proto::ApplyRequest>) -> Result<Response<proto::ApplyResponse>, Status> {
         let request = request.into_inner();
         let files = request.files.iter().map(|f| (f.path.as_str(), f.text.as_str()));
-        let docs =
-            parse_revision("api", files, &self.host_paths).map_err(|e| Status::invalid_argument(error_chain(&e)))?;
+        let docs = parse_revision("api", files, &self.policy).map_err(|e| Status::invalid_argument(error_chain(&e)))?;
         let report = apply_objects(&self.store, "api", &docs, request.force).map_err(|e| match e {
             ApplyError::OwnerConflict { .. } => {
                 Status::failed_precondition(format!("{e} (or use --force to take it over)"))
             }
+            ApplyError::PortConflict { .. } => Status::failed_precondition(error_chain(&e)),
             other => Status::internal(error_chain(&other)),
         })?;
         for name in report.touched() {

@@ -79,7 +79,7 @@ pub fn resolve_kernel(
         })
     };
     let path = match (&spec.kernel.path, &spec.kernel.image, &host.default_kernel) {
-        (Some(path), _, _) => return copy_host_kernel(&host.host_paths, path, &dir.join("vmlinux")),
+        (Some(path), _, _) => return copy_host_kernel(&host.policy.paths, path, &dir.join("vmlinux")),
         (None, Some(name), _) => stored(name)?,
         (None, None, DefaultKernel::Path(path)) => path.clone(),
         (None, None, DefaultKernel::Stored(name)) => stored(name)?,
@@ -137,7 +137,7 @@ mod tests {
         serde_yaml::from_str::<crate::api::Vm>(&doc).unwrap().spec
     }
 
-    fn host(default_kernel: DefaultKernel, host_paths: HostPaths) -> HostConfig {
+    fn host(default_kernel: DefaultKernel, paths: HostPaths) -> HostConfig {
         HostConfig {
             root: PathBuf::new(),
             init_bin: None,
@@ -145,7 +145,7 @@ mod tests {
             net: None,
             insecure_registries: false,
             virt_mode: Default::default(),
-            host_paths,
+            policy: crate::api::HostPolicy { paths, ..Default::default() },
         }
     }
 

@@ -45,8 +45,8 @@ pub struct HostConfig {
     pub insecure_registries: bool,
     /// vmm virtualization mode passed to every VM.
     pub virt_mode: vmm_core::VirtModeConfig,
-    /// The host directories manifests may read files from (`--allow-host-path`; none by default).
-    pub host_paths: crate::api::HostPaths,
+    /// What manifests may name on this host: files (`--allow-host-path`) and ports.
+    pub policy: crate::api::HostPolicy,
 }
 
 /// See the module docs.
@@ -189,6 +189,10 @@ impl Runtime for HostRuntime {
     fn create(&self, vm: &Vm, fingerprint: &str) -> Result<Prepared, RuntimeError> {
         let name = vm.metadata.name.as_str();
         let spec = &vm.spec;
+        // Checked when manifests are parsed too; again here for every way a VM reaches the host.
+        if let Some((field, message)) = self.config.policy.ports.check(vm).into_iter().next() {
+            return Err(RuntimeError::permanent("PortNotAllowed", format!("VM {name:?}: {field}: {message}")));
+        }
         let image = artifacts::resolve_image(&self.paths, &spec.image, self.config.insecure_registries)?;
         let base = artifacts::base_rootfs(&self.paths, &image, self.config.init_bin.as_deref())?;
         // Early, so a VM that cannot join fails before a disk is made; the token stays in memory.
@@ -198,7 +202,7 @@ impl Runtime for HostRuntime {
             .map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;
         let kernel = artifacts::resolve_kernel(&self.paths, spec, &self.config, &dir)?;
         // Read now, before a disk is made: a file the host does not allow fails the VM at once.
-        let guest_config = guest::guest_config(vm, &self.config.host_paths)
+        let guest_config = guest::guest_config(vm, &self.config.policy.paths)
             .map_err(|e| RuntimeError::permanent("CopyFileFailed", format!("VM {name:?}: {e}")))?;
 
         // A previous attempt may have left a disk: start from scratch.

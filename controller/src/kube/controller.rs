@@ -384,6 +384,14 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
             // The other object may go away: look again later.
             return Ok(Action::requeue(ctx.settings.resync));
         }
+        Err(err @ ApplyError::PortConflict { .. }) => {
+            warn!(error = %err, "host port conflict");
+            let summary = Summary::new(Phase::Pending, ConditionType::Stalled, "PortConflict", error_chain(&err));
+            let status = MicroVmStatus::with_summary(previous.as_ref(), &summary, generation);
+            patch_status(ctx, &api, obj, &key, previous.as_ref(), &status).await?;
+            // The other VM may give the port up: look again later.
+            return Ok(Action::requeue(ctx.settings.resync));
+        }
         Err(ApplyError::Store(source)) => return Err(KubeError::Store { object: key, source }),
         Err(err @ ApplyError::Invalid { .. }) => {
             let summary = Summary::new(Phase::Pending, ConditionType::Stalled, "InvalidSpec", error_chain(&err));
@@ -457,7 +465,8 @@ fn release(ctx: &Context, key: &str, owner: &str) -> Result<bool, KubeError> {
         return Ok(false);
     }
     match apply_revision(&ctx.store, owner, "deleted", &[]) {
-        Ok(_) | Err(ApplyError::OwnerConflict { .. } | ApplyError::Invalid { .. }) => {}
+        Ok(_)
+        | Err(ApplyError::OwnerConflict { .. } | ApplyError::Invalid { .. } | ApplyError::PortConflict { .. }) => {}
         Err(ApplyError::Store(source)) => return Err(store_err(source)),
     }
     for record in records {

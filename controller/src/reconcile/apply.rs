@@ -57,22 +57,82 @@ pub enum ApplyError {
         /// The source applying this revision.
         requested: String,
     },
+    /// Two VMs forward the same host port and protocol.
+    #[error("revision {revision}: VM {:?} (declared in {}) forwards host port {}, which VM {:?} (owned by {}) already forwards; pick another host port or remove it there first", clash.name, clash.file, clash.port, clash.other, clash.other_owner)]
+    PortConflict {
+        /// The rejected revision.
+        revision: String,
+        /// The two VMs.
+        clash: Box<PortClash>,
+    },
     /// The store failed.
     #[error("store")]
     Store(#[from] StoreError),
 }
 
+/// Two VMs that would forward one host port (see [`ApplyError::PortConflict`]).
+#[derive(Debug)]
+pub struct PortClash {
+    /// The VM asking for the port.
+    pub name: String,
+    /// The file declaring it.
+    pub file: String,
+    /// The port, `PORT/PROTOCOL`.
+    pub port: String,
+    /// The VM that has it.
+    pub other: String,
+    /// That VM's owner.
+    pub other_owner: String,
+}
+
+/// Refuses `docs` if two VMs would forward one host port and protocol: two of `docs`, or one of
+/// `docs` and a stored VM that stays (`stays` says which records this apply leaves in place).
+fn check_host_ports(
+    store: &Store,
+    revision: &str,
+    docs: &[(String, Vm)],
+    stays: impl Fn(&crate::store::VmRecord) -> bool,
+) -> Result<(), ApplyError> {
+    use std::collections::HashMap;
+    let declared: BTreeSet<&str> = docs.iter().map(|(_, vm)| vm.metadata.name.as_str()).collect();
+    let mut taken: HashMap<(u16, api::Protocol), (String, String)> = HashMap::new();
+    for record in store.list_vms()? {
+        if !declared.contains(record.vm.metadata.name.as_str()) && stays(&record) {
+            for port in &record.vm.spec.network.ports {
+                taken.insert((port.host_port, port.protocol), (record.vm.metadata.name.clone(), record.owner.clone()));
+            }
+        }
+    }
+    for (file, vm) in docs {
+        for port in &vm.spec.network.ports {
+            let mine = (vm.metadata.name.clone(), "this revision".to_string());
+            if let Some((other, other_owner)) = taken.insert((port.host_port, port.protocol), mine) {
+                let protocol = if port.protocol == api::Protocol::Udp { "udp" } else { "tcp" };
+                let clash = PortClash {
+                    name: vm.metadata.name.clone(),
+                    file: file.clone(),
+                    port: format!("{}/{protocol}", port.host_port),
+                    other,
+                    other_owner,
+                };
+                return Err(ApplyError::PortConflict { revision: revision.to_string(), clash: Box::new(clash) });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses and validates every `(file, text)` of a revision without touching the store; host
-/// paths must be ones `host_paths` allows.
+/// paths and ports must be ones `policy` allows.
 pub fn parse_revision<'a>(
     revision: &str,
     files: impl IntoIterator<Item = (&'a str, &'a str)>,
-    host_paths: &api::HostPaths,
+    policy: &api::HostPolicy,
 ) -> Result<Vec<(String, Vm)>, ApplyError> {
     let mut docs = Vec::new();
     let mut errors = ManifestErrors::default();
     for (file, text) in files {
-        match api::load::parse_manifests_for_host(file, text, host_paths) {
+        match api::load::parse_manifests_for_host(file, text, policy) {
             Ok(vms) => docs.extend(vms.into_iter().map(|vm| (file.to_string(), vm))),
             Err(e) => errors.extend(e),
         }
@@ -108,6 +168,8 @@ pub fn apply_revision(
             }
         }
     }
+    // What this owner no longer declares is pruned, so only other owners' VMs keep their ports.
+    check_host_ports(store, revision, docs, |record| record.owner != owner)?;
     let mut report = ApplyReport { revision: revision.to_string(), ..Default::default() };
     let declared: BTreeSet<&str> = docs.iter().map(|(_, vm)| vm.metadata.name.as_str()).collect();
     for (_, vm) in docs {
@@ -162,6 +224,7 @@ pub fn apply_objects(
             }
         }
     }
+    check_host_ports(store, "api", docs, |_| true)?;
     let mut report = ApplyReport { revision: owner.to_string(), ..Default::default() };
     for (_, vm) in docs {
         let name = vm.metadata.name.clone();

@@ -47,7 +47,7 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
             net,
             insecure_registries: false,
             virt_mode: vmm_core::VirtModeConfig::Auto,
-            host_paths: Default::default(),
+            policy: Default::default(),
         },
         reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
         ignite_bin: tiny_guest::ignite_bin(),

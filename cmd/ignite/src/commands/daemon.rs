@@ -72,6 +72,10 @@ pub struct DaemonArgs {
     /// would otherwise read any host file. Symlinks never lead out of it.
     #[arg(long = "allow-host-path", value_name = "DIR")]
     allow_host_paths: Vec<PathBuf>,
+    /// Let VMs forward host ports below 1024 (refused by default: they belong to the host's own
+    /// services). Port 22 and the daemon's --listen port are never forwarded.
+    #[arg(long)]
+    allow_privileged_ports: bool,
     /// The most file content an image may unpack to, over all its layers (e.g. 8Gi); a bigger
     /// image (or a decompression bomb) is refused when its root disk is built.
     #[arg(long, value_name = "SIZE", default_value = "32Gi")]
@@ -169,7 +173,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         }),
         insecure_registries: args.insecure_registries,
         virt_mode: vmm_core::VirtModeConfig::Auto,
-        host_paths: controller::api::HostPaths::allow(args.allow_host_paths).map_err(anyhow::Error::msg)?,
+        policy: host_policy(args.allow_host_paths, args.allow_privileged_ports, args.listen)?,
     };
     let config = DaemonConfig {
         root: root.to_path_buf(),
@@ -243,4 +247,18 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         daemon.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// What manifests may name on this host: the allowed directories and host ports.
+fn host_policy(
+    dirs: Vec<PathBuf>,
+    allow_privileged_ports: bool,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<controller::api::HostPolicy> {
+    let paths = controller::api::HostPaths::allow(dirs).map_err(anyhow::Error::msg)?;
+    let mut ports = controller::api::PortPolicy::default().allow_privileged(allow_privileged_ports);
+    if let Some(addr) = listen {
+        ports = ports.reserve(addr.port(), "the daemon's API (--listen)");
+    }
+    Ok(controller::api::HostPolicy { paths, ports })
 }
