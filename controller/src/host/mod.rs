@@ -219,9 +219,21 @@ impl Runtime for HostRuntime {
         let mut cmdline = guest::base_cmdline();
         let (mut tap, mut mac, mut ip) = (None, None, None);
         if let Some(netcfg) = &self.config.net {
-            let lease = self.store.allocate_lease(name, netcfg.subnet.hosts(), &net::mac_for(name)).map_err(|e| {
+            let lease_err = |e: crate::store::StoreError| {
                 RuntimeError::transient("NetworkFailed", format!("VM {name:?}: IP lease: {}", error_chain(&e)))
-            })?;
+            };
+            let lease =
+                self.store.allocate_lease(name, netcfg.subnet.hosts(), &net::mac_for(name)).map_err(lease_err)?;
+            let leases = self.store.list_leases().map_err(lease_err)?;
+            if let Some(clash) =
+                net::collision(name, &lease.mac, leases.iter().map(|l| (l.vm.as_str(), l.mac.as_str())))
+            {
+                self.store.release_lease(name).map_err(lease_err)?;
+                return Err(RuntimeError::permanent(
+                    "NetworkCollision",
+                    format!("VM {name:?}: {clash}: rename one of them"),
+                ));
+            }
             let net_err = |what: &str| transient("NetworkFailed", format!("VM {name:?}: {what}"));
             self.net.ensure_bridge(netcfg).map_err(|e| net_err("bridge")(&e))?;
             let tap_name = net::tap_name(name);

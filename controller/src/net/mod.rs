@@ -22,7 +22,7 @@ use crate::api::Protocol;
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::RecordingHostNet;
 pub use linux::LinuxHostNet;
-pub use names::{kernel_ip_arg, mac_for, tap_name, TAP_PREFIX};
+pub use names::{collision, kernel_ip_arg, mac_for, tap_name, TAP_PREFIX};
 pub use subnet::{Subnet, SubnetError};
 
 /// The host network VMs join.

@@ -32,9 +32,35 @@ pub fn kernel_ip_arg(ip: Ipv4Addr, subnet: &Subnet, hostname: &str) -> String {
     format!("ip={ip}::{}:{}:{hostname}:eth0:off", subnet.gateway(), subnet.netmask())
 }
 
+/// The VM among `others` (name, MAC) whose tap name or MAC address `vm` with `mac` would share:
+/// both are hashes of names, so two names can meet, and two VMs must never share a device or an
+/// address on the bridge.
+pub fn collision<'a>(vm: &str, mac: &str, others: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<String> {
+    let tap = tap_name(vm);
+    others.into_iter().filter(|(other, _)| *other != vm).find_map(|(other, other_mac)| {
+        if tap_name(other) == tap {
+            Some(format!("its tap name {tap} is also VM {other:?}'s"))
+        } else if other_mac.eq_ignore_ascii_case(mac) {
+            Some(format!("its MAC address {mac} is also VM {other:?}'s"))
+        } else {
+            None
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_mac_or_tap_name_is_found() {
+        let web = mac_for("web");
+        assert_eq!(collision("web", &web, [("web", web.as_str()), ("db", "02:1e:00:00:00:01")]), None);
+        let found = collision("web", &web, [("db", web.to_uppercase().as_str())]).unwrap();
+        assert!(found.contains("MAC address") && found.contains("\"db\""), "{found}");
+        // A tap name is the same for the same name only; a second record of the VM itself is fine.
+        assert!(collision("web", "02:00:00:00:00:09", [("web", "x")]).is_none());
+    }
 
     #[test]
     fn names_are_stable_short_and_distinct() {
