@@ -260,6 +260,9 @@ impl ApiState {
 }
 
 /// Streams `path` from `tail` bytes before its end (0: the start), then its growth if `follow`.
+/// The largest console chunk one `LogChunk` carries.
+const LOG_CHUNK: usize = 64 << 10;
+
 async fn follow_log(path: PathBuf, tail: u64, follow: bool, tx: mpsc::Sender<Result<proto::LogChunk, Status>>) {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut offset = match tokio::fs::metadata(&path).await {
@@ -273,9 +276,16 @@ async fn follow_log(path: PathBuf, tail: u64, follow: bool, tx: mpsc::Sender<Res
                 offset = 0; // a new process started a new log
             }
             if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
-                let mut buf = Vec::new();
-                if file.read_to_end(&mut buf).await.is_ok() && !buf.is_empty() {
-                    offset += buf.len() as u64;
+                // Chunk by chunk: a log of any size streams in bounded memory (the channel holds a
+                // few chunks) and in messages every client accepts.
+                loop {
+                    let mut buf = vec![0; LOG_CHUNK];
+                    let n = match file.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    buf.truncate(n);
+                    offset += n as u64;
                     if tx.send(Ok(proto::LogChunk { data: buf })).await.is_err() {
                         return;
                     }
@@ -459,6 +469,25 @@ fn services(mut builder: tonic::transport::Server, state: ApiState) -> tonic::tr
 #[cfg(test)]
 mod tests {
     use super::remove_stale_socket;
+
+    #[tokio::test]
+    async fn a_big_console_log_streams_in_bounded_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let log: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &log).unwrap();
+        for (tail, expected) in [(0, &log[..]), (100_000, &log[log.len() - 100_000..])] {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(super::follow_log(path.clone(), tail, false, tx));
+            let mut got = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                let chunk = chunk.unwrap().data;
+                assert!(chunk.len() <= super::LOG_CHUNK, "a chunk of {} bytes", chunk.len());
+                got.extend(chunk);
+            }
+            assert!(got == expected, "tail {tail}: {} bytes streamed, {} expected", got.len(), expected.len());
+        }
+    }
 
     #[tokio::test]
     async fn a_stale_socket_is_replaced_and_a_live_one_is_refused() {

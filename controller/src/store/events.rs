@@ -8,6 +8,24 @@ use super::{decode, encode, Store, StoreError, EVENTS};
 /// How many events are kept by default.
 pub const DEFAULT_EVENT_RETENTION: usize = 10_000;
 
+/// The longest event message kept: messages carry errors and console tails, which a guest or a
+/// registry can make as long as it likes; with the retention this bounds the log's size (~40 MiB).
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 4 << 10;
+/// The longest object name or reason kept.
+const MAX_EVENT_FIELD_BYTES: usize = 256;
+
+/// `text` cut to at most `max` bytes on a character boundary, saying how much was cut.
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end)
+}
+
 /// Whether an event is routine or needs attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
@@ -38,7 +56,13 @@ impl Store {
     pub fn append_event(&self, event: &Event) -> Result<u64, StoreError> {
         // generate_id is monotonic across restarts (sled reserves id ranges durably).
         let seq = self.db.generate_id()? + 1;
-        self.events.insert(seq.to_be_bytes(), encode(event))?;
+        let event = Event {
+            object: bounded(&event.object, MAX_EVENT_FIELD_BYTES),
+            reason: bounded(&event.reason, MAX_EVENT_FIELD_BYTES),
+            message: bounded(&event.message, MAX_EVENT_MESSAGE_BYTES),
+            ..event.clone()
+        };
+        self.events.insert(seq.to_be_bytes(), encode(&event))?;
         if seq % 64 == 0 {
             self.trim_events()?;
         }
@@ -89,6 +113,19 @@ mod tests {
             message: i.to_string(),
             time: "2026-01-01T00:00:00Z".into(),
         }
+    }
+
+    #[test]
+    fn events_are_bounded_in_size_not_only_in_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let huge = Event { message: "é".repeat(1 << 20), reason: "R".repeat(10_000), ..event(0) };
+        store.append_event(&huge).unwrap();
+        let (_, kept) = store.events_since(0, 1).unwrap().remove(0);
+        assert!(kept.message.len() <= MAX_EVENT_MESSAGE_BYTES + 64, "{} bytes kept", kept.message.len());
+        assert!(kept.message.ends_with("more bytes)") && kept.message.starts_with("éé"), "cut on a character");
+        assert!(kept.reason.len() <= 256 + 64);
+        assert_eq!(kept.object, "web", "short fields are kept whole");
     }
 
     #[test]
