@@ -33,6 +33,29 @@ pub struct PullOptions {
     pub auth_config: Option<PathBuf>,
     /// Called as bytes and layers arrive.
     pub progress: Option<ProgressFn>,
+    /// How long a registry may take to accept a connection and between two reads.
+    pub timeouts: PullTimeouts,
+}
+
+/// A registry that accepts a connection and then says nothing must not hold a pull (and the VM
+/// waiting for it) forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullTimeouts {
+    /// To connect ([`DEFAULT_CONNECT_TIMEOUT`]).
+    pub connect: std::time::Duration,
+    /// Between two reads of one response ([`DEFAULT_READ_TIMEOUT`]).
+    pub read: std::time::Duration,
+}
+
+/// The default [`PullTimeouts::connect`].
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The default [`PullTimeouts::read`].
+pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Default for PullTimeouts {
+    fn default() -> Self {
+        PullTimeouts { connect: DEFAULT_CONNECT_TIMEOUT, read: DEFAULT_READ_TIMEOUT }
+    }
 }
 
 /// A pull failure.
@@ -234,6 +257,8 @@ async fn pull_parsed(
     let auth = registry_auth(options.auth_config.as_deref(), &parsed.registry)?;
     let config = ClientConfig {
         protocol: if options.insecure { ClientProtocol::Http } else { ClientProtocol::Https },
+        connect_timeout: Some(options.timeouts.connect),
+        read_timeout: Some(options.timeouts.read),
         ..Default::default()
     };
     let puller = Puller { client: Client::new(config), auth, reference: parsed, store: ContentStore::open(paths)? };

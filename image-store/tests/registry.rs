@@ -6,6 +6,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use image_store::testing::mount::Mounted;
 use image_store::{
@@ -134,6 +135,25 @@ fn multi_arch_unknown_tag_and_registry_down() {
 
     let e = pull_blocking(&paths, "Bad Ref", &insecure()).unwrap_err();
     assert!(e.to_string().contains("`Bad Ref`"), "{e}");
+}
+
+#[test]
+fn a_registry_that_accepts_and_never_answers_times_out() {
+    // Accepts connections and reads requests, never writes a byte.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    let (_dir, paths) = store();
+    let timeouts = image_store::pull::PullTimeouts { connect: Duration::from_secs(1), read: Duration::from_secs(1) };
+    let opts = PullOptions { timeouts, ..insecure() };
+    let e = pull_blocking(&paths, &format!("{silent}/x:v1"), &opts).unwrap_err();
+    assert!(matches!(e, PullError::Unreachable { .. }), "{}", chain(&e));
+    assert_eq!(image_store::pull::PullTimeouts::default().read, image_store::pull::DEFAULT_READ_TIMEOUT);
 }
 
 #[test]

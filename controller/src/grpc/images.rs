@@ -180,6 +180,7 @@ impl images_server::Images for ApiState {
                 progress: Some(std::sync::Arc::new(move |p| {
                     let _ = reporter.try_send(Ok(progress(&p)));
                 })),
+                ..Default::default()
             };
             let last = match image_store::pull::pull(&paths, &request.reference, &options).await {
                 Ok(record) => {

@@ -246,6 +246,7 @@ fn ignite_run(paths: &StorePaths, reference: &str) -> (Run, ImageRecord, PathBuf
         insecure: true,
         auth_config: None,
         progress: Some(Arc::new(move |p| *sink.lock().unwrap_or_else(|e| e.into_inner()) = p)),
+        ..Default::default()
     };
     let start = Instant::now();
     let record = pull_blocking(paths, reference, &options).unwrap_or_else(|e| panic!("pull {reference}: {e:?}"));

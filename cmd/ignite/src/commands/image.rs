@@ -77,7 +77,8 @@ pub fn run(cmd: ImageCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow::
                     let progress = move |p: PullProgress| {
                         report.update(p.bytes_done, p.bytes_total, p.layers_done, p.layers_total)
                     };
-                    let options = PullOptions { insecure, auth_config, progress: Some(Arc::new(progress)) };
+                    let options =
+                        PullOptions { insecure, auth_config, progress: Some(Arc::new(progress)), ..Default::default() };
                     images::image(&pull_blocking(paths, &reference, &options)?)
                 }
             };
