@@ -138,12 +138,15 @@ fn ignite_run_follows_its_vm_to_the_end() {
     // 4. Another client's rm ends a waiting ignite run (idle guests, the daemon's default kernel).
     let dir = tempfile::tempdir().unwrap();
     let child = spawn(&socket, dir.path(), &strs(&run("idle1", &[])));
-    wait_for("idle1 up", Duration::from_secs(60), || vm_up(r, "idle1"));
+    // Its console reached the waiting client (the process being up is not enough: the guest
+    // prints a moment later, and the client polls the log).
+    wait_for("idle1's console in ignite run's output", Duration::from_secs(60), || {
+        std::fs::read_to_string(dir.path().join("out")).is_ok_and(|out| out.contains(IDLE_MARKER))
+    });
     assert!(ignite(&socket, &["rm", "idle1"]).status.success());
     let (code, err) = finish(child, dir.path(), Duration::from_secs(30));
     assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("VM \"idle1\" was removed by another client (ignite rm)"), "{err}");
-    assert!(std::fs::read_to_string(dir.path().join("out")).unwrap().contains(IDLE_MARKER));
 
     // 5. ... and so does another client's stop.
     let child = spawn(&socket, dir.path(), &strs(&run("idle2", &[])));
