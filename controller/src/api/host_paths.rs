@@ -71,6 +71,16 @@ pub enum HostPathError {
     },
 }
 
+/// Every host path `vm` names, with the field that names it.
+pub fn named_host_paths(vm: &Vm) -> Vec<(String, &Path)> {
+    let copies =
+        vm.spec.copy_files.iter().enumerate().filter_map(|(i, copy)| {
+            copy.source.as_deref().map(|source| (format!("spec.copyFiles[{i}].source"), source))
+        });
+    let kernel = vm.spec.kernel.path.as_deref().map(|path| ("spec.kernel.path".to_string(), path));
+    copies.chain(kernel).collect()
+}
+
 /// One allowed directory: as the operator named it, and resolved (symlinks of the operator's own
 /// choosing are followed once, at start-up).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,22 +171,12 @@ impl HostPaths {
 
     /// Every host path of `vm` that lies under no allowed directory, as validation problems.
     pub fn check(&self, vm: &Vm) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut check = |field: String, path: &Path| {
+        named_host_paths(vm)
+            .into_iter()
             // A relative path is already a validation problem of its own.
-            if let (true, Err(e)) = (path.is_absolute(), self.beneath(path)) {
-                problems.push((field, e.to_string()));
-            }
-        };
-        for (i, copy) in vm.spec.copy_files.iter().enumerate() {
-            if let Some(source) = &copy.source {
-                check(format!("spec.copyFiles[{i}].source"), source);
-            }
-        }
-        if let Some(path) = &vm.spec.kernel.path {
-            check("spec.kernel.path".into(), path);
-        }
-        problems
+            .filter(|(_, path)| path.is_absolute())
+            .filter_map(|(field, path)| self.beneath(path).err().map(|e| (field, e.to_string())))
+            .collect()
     }
 
     /// Opens `path` for reading: it must lie under an allowed directory, resolve beneath it, be a

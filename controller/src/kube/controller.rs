@@ -544,14 +544,17 @@ pub fn desired_vm(obj: &DynamicObject, vm_name: &str) -> Result<Vm, Vec<(String,
 /// host's operator. Files come inline (`contentBase64`), kernels from the kernel store.
 fn host_path_problems(vm: &api::Vm) -> Vec<(String, String)> {
     let refused = "a MicroVM cannot name a file on the host";
-    let copies = vm.spec.copy_files.iter().enumerate().filter(|(_, c)| c.source.is_some()).map(|(i, _)| {
-        (format!("spec.copyFiles[{i}].source"), format!("{refused}: give the content inline with contentBase64"))
-    });
-    let kernel =
-        vm.spec.kernel.path.is_some().then(|| {
-            ("spec.kernel.path".to_string(), format!("{refused}: import the kernel and name it in kernel.image"))
-        });
-    copies.chain(kernel).collect()
+    api::host_paths::named_host_paths(vm)
+        .into_iter()
+        .map(|(field, _)| {
+            let instead = if field == "spec.kernel.path" {
+                "import the kernel and name it in kernel.image"
+            } else {
+                "give the content inline with contentBase64"
+            };
+            (field, format!("{refused}: {instead}"))
+        })
+        .collect()
 }
 
 /// The last status this host wrote to a MicroVM, and the object versions up to that write: the
