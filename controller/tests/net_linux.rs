@@ -74,6 +74,23 @@ fn start_guest_servers(guest_ns: &str) -> Servers {
     Servers(child)
 }
 
+/// The stand-in guest: its own namespace `name`, linked to the bridge of the test namespace `host`
+/// by a veth pair, with the guest address 10.99.0.2 and a default route through the bridge.
+fn stand_in_guest(host: &str, name: &str) -> (Netns, Ipv4Addr) {
+    let guest = Netns::create(name);
+    let guest_ip = Ipv4Addr::new(10, 99, 0, 2);
+    sh_in(host, "ip link add ignveth-h type veth peer name ignveth-g");
+    sh_in(host, &format!("ip link set ignveth-g netns {}", guest.0));
+    sh_in(host, "ip link set ignveth-h master ignbr-test && ip link set ignveth-h up");
+    sh_in(
+        &guest.0,
+        &format!(
+            "ip addr add {guest_ip}/24 dev ignveth-g && ip link set ignveth-g up && ip route add default via 10.99.0.1"
+        ),
+    );
+    (guest, guest_ip)
+}
+
 fn tcp_answer(addr: (Ipv4Addr, u16)) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -90,18 +107,7 @@ fn port_forwards_reach_the_guest_from_the_host_and_are_removed() {
     let net = LinuxHostNet::new();
     let cfg = config();
     net.ensure_bridge(&cfg).unwrap();
-    // The stand-in guest: its own namespace, linked to the bridge by a veth pair.
-    let guest = Netns::create("ignite-test-net-guest");
-    let guest_ip = Ipv4Addr::new(10, 99, 0, 2);
-    sh_in("ignite-test-net-fwd", "ip link add ignveth-h type veth peer name ignveth-g");
-    sh_in("ignite-test-net-fwd", &format!("ip link set ignveth-g netns {}", guest.0));
-    sh_in("ignite-test-net-fwd", "ip link set ignveth-h master ignbr-test && ip link set ignveth-h up");
-    sh_in(
-        &guest.0,
-        &format!(
-            "ip addr add {guest_ip}/24 dev ignveth-g && ip link set ignveth-g up && ip route add default via 10.99.0.1"
-        ),
-    );
+    let (guest, guest_ip) = stand_in_guest("ignite-test-net-fwd", "ignite-test-net-guest");
     let _servers = start_guest_servers(&guest.0);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -172,20 +178,13 @@ fn guests_cannot_reach_the_host_only_what_it_forwards() {
     let net = LinuxHostNet::new();
     let cfg = config();
     net.ensure_bridge(&cfg).unwrap();
-    let guest = Netns::create("ignite-test-net-iso-guest");
-    let guest_ip = Ipv4Addr::new(10, 99, 0, 2);
-    sh_in("ignite-test-net-iso", "ip link add ignveth-h type veth peer name ignveth-g");
-    sh_in("ignite-test-net-iso", &format!("ip link set ignveth-g netns {}", guest.0));
-    sh_in("ignite-test-net-iso", "ip link set ignveth-h master ignbr-test && ip link set ignveth-h up");
+    let (guest, guest_ip) = stand_in_guest("ignite-test-net-iso", "ignite-test-net-iso-guest");
     // The hostile guest routes 127.0.0.0/8 (but its own 127.0.0.1) to its gateway, not its loopback.
     sh_in(
         &guest.0,
-        &format!(
-            "ip addr add {guest_ip}/24 dev ignveth-g && ip link set ignveth-g up && ip link set lo up && \
-             ip route add default via 10.99.0.1 && sysctl -qw net.ipv4.conf.all.route_localnet=1 && \
-             sysctl -qw net.ipv4.conf.ignveth-g.route_localnet=1 && \
-             ip route del local 127.0.0.0/8 dev lo table local && ip route add 127.0.0.0/8 via 10.99.0.1"
-        ),
+        "ip link set lo up && sysctl -qw net.ipv4.conf.all.route_localnet=1 && \
+         sysctl -qw net.ipv4.conf.ignveth-g.route_localnet=1 && \
+         ip route del local 127.0.0.0/8 dev lo table local && ip route add 127.0.0.0/8 via 10.99.0.1",
     );
     let _loopback = host_server("127.0.0.5", 7001);
     let _gateway = host_server("10.99.0.1", 7002);
