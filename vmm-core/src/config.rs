@@ -41,6 +41,13 @@ pub struct VmConfig {
     /// (`ignite attach`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console_socket: Option<PathBuf>,
+    /// A cap on a console log file: past it the log is rotated (one old file, `<log>.1`, is kept),
+    /// so a chatty or hostile guest cannot fill the disk. `None` for no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_max_bytes: Option<u64>,
+    /// Jail the VMM process (see [`crate::jail`]); `None` runs it with the caller's privileges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<crate::jail::JailConfig>,
     /// How to handle the host's virtualization mode (see [`crate::host::VirtMode`]).
     #[serde(default)]
     pub virt_mode: VirtModeConfig,
@@ -76,6 +83,8 @@ impl VmConfig {
             rng: true,
             console: ConsoleConfig::default(),
             console_socket: None,
+            console_max_bytes: None,
+            jail: None,
             virt_mode: VirtModeConfig::default(),
         }
     }

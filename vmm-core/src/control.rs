@@ -87,56 +87,99 @@ pub fn apply(vm: &VmHandle, paused: &mut bool, request: &Request) -> (Result<Val
     }
 }
 
-/// The control socket server. Dropping it stops the thread and removes the socket file.
+/// The control socket server. Dropping it stops the thread and removes the socket file (when the
+/// process can still reach it).
 pub struct ControlServer {
     path: PathBuf,
     shutdown: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// A bound control socket not served yet: bound while the process can still reach its path, served
+/// by a thread started once the process is jailed.
+pub struct ControlListener {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
 /// How long a connection waits for the VM loop to answer.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the accept loop looks at the shutdown flag.
+const ACCEPT_POLL: Duration = Duration::from_millis(200);
 
-impl ControlServer {
-    /// Binds `path` (replacing a stale socket file) and serves it; requests arrive on the receiver.
-    pub fn bind(path: &Path) -> std::io::Result<(ControlServer, Receiver<Command>)> {
+impl ControlListener {
+    /// Binds `path`, replacing a stale socket file.
+    pub fn bind(path: &Path) -> std::io::Result<ControlListener> {
         match std::fs::remove_file(path) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
             _ => {}
         }
-        let listener = UnixListener::bind(path)?;
+        Ok(ControlListener { path: path.to_owned(), listener: UnixListener::bind(path)? })
+    }
+
+    /// Serves the socket on its own thread (which installs the control seccomp filter first);
+    /// requests arrive on the receiver.
+    pub fn serve(self) -> std::io::Result<(ControlServer, Receiver<Command>)> {
         let (tx, rx) = mpsc::channel();
         let shutdown = Arc::new(AtomicBool::new(false));
         let stop = shutdown.clone();
-        let thread =
-            std::thread::Builder::new().name("vmm-control".into()).spawn(move || accept_loop(listener, tx, stop))?;
-        Ok((ControlServer { path: path.to_owned(), shutdown, thread: Some(thread) }, rx))
+        let listener = self.listener;
+        let thread = std::thread::Builder::new().name("vmm-control".into()).spawn(move || {
+            if let Err(err) = crate::jail::seccomp::apply(crate::jail::seccomp::ThreadKind::Control) {
+                tracing::error!(?err, "control thread not started");
+                return;
+            }
+            accept_loop(listener, tx, stop)
+        })?;
+        Ok((ControlServer { path: self.path, shutdown, thread: Some(thread) }, rx))
+    }
+}
+
+impl ControlServer {
+    /// Binds `path` (replacing a stale socket file) and serves it; requests arrive on the receiver.
+    pub fn bind(path: &Path) -> std::io::Result<(ControlServer, Receiver<Command>)> {
+        ControlListener::bind(path)?.serve()
     }
 }
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        // The accept loop polls, so it sees the flag within ACCEPT_POLL.
         self.shutdown.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        drop(UnixStream::connect(&self.path));
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
                 tracing::error!("the control thread panicked");
             }
         }
-        if let Err(err) = std::fs::remove_file(&self.path) {
-            tracing::warn!(%err, path = %self.path.display(), "control socket not removed");
+        // A jailed VMM no longer sees the path (and may not unlink): the supervisor removes the file.
+        if crate::jail::seccomp::enabled() {
+            return;
+        }
+        match std::fs::remove_file(&self.path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                tracing::warn!(%err, path = %self.path.display(), "control socket not removed");
+            }
+            _ => {}
         }
     }
 }
 
+/// Waits up to `timeout` for `listener` to have a connection waiting.
+fn readable(listener: &UnixListener, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, ms) > 0 }
+}
+
 fn accept_loop(listener: UnixListener, tx: Sender<Command>, shutdown: Arc<AtomicBool>) {
-    for conn in listener.incoming() {
-        if shutdown.load(Ordering::SeqCst) {
-            return;
+    while !shutdown.load(Ordering::SeqCst) {
+        if !readable(&listener, ACCEPT_POLL) {
+            continue;
         }
-        match conn {
-            Ok(stream) => {
+        match listener.accept() {
+            Ok((stream, _)) => {
                 let tx = tx.clone();
                 if let Err(err) = std::thread::Builder::new().name("vmm-control-conn".into()).spawn(move || {
                     if let Err(err) = serve(stream, &tx) {

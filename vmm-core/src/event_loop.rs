@@ -101,6 +101,12 @@ pub(crate) fn spawn(subscribers: Vec<Subscriber>, exit: Arc<ExitSignal>) -> std:
     }
     manager.add_subscriber(Arc::new(Mutex::new(ExitSubscriber { exit: exit.clone() })));
     std::thread::Builder::new().name("ignite-devices".into()).spawn(move || {
+        if let Err(err) = crate::jail::seccomp::apply(crate::jail::seccomp::ThreadKind::Devices) {
+            let detail = format!("device thread: {err}: {:?}", std::error::Error::source(&err));
+            exit.exit(crate::exit::ExitReason::Error { detail });
+            return;
+        }
+        crate::jail::escape_test::attempt();
         while !exit.is_exiting() {
             if let Err(err) = manager.run() {
                 exit.exit(crate::exit::ExitReason::Error { detail: format!("device event loop failed: {err:?}") });

@@ -3,7 +3,8 @@
 //! A [`VmConfig`] describes a microVM; [`Vm::start`] builds it on `/dev/kvm` (guest memory, in-kernel
 //! irqchip and PIT, vCPUs, legacy and virtio-mmio devices), loads a Linux kernel and returns a
 //! [`VmHandle`] to pause, resume, stop and wait for the VM. One thread runs each vCPU and one thread
-//! runs the device event loop.
+//! runs the device event loop. A VM whose config has a [`jail::JailConfig`] jails its own process
+//! before any of those threads start.
 
 pub mod arch;
 pub mod boot;
@@ -14,6 +15,8 @@ pub mod devices;
 mod event_loop;
 pub mod exit;
 pub mod host;
+pub mod jail;
+pub mod log_file;
 mod vcpu;
 pub mod vm;
 

@@ -152,6 +152,11 @@ pub(crate) struct VcpuContext {
 pub(crate) fn run(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext, start: Arc<Barrier>) {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     KVM_RUN_PTR.with(|p| p.set(run_ptr));
+    // The filter is in place before the first KVM_RUN, i.e. before any guest code runs.
+    if let Err(err) = crate::jail::seccomp::apply(crate::jail::seccomp::ThreadKind::Vcpu) {
+        ctx.exit
+            .exit(ExitReason::Error { detail: format!("vcpu {index}: {err}: {:?}", std::error::Error::source(&err)) });
+    }
     start.wait();
     let span = tracing::debug_span!("vcpu", index);
     let _enter = span.enter();

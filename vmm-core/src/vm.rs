@@ -83,6 +83,9 @@ pub enum VmError {
     /// A thread or eventfd could not be created.
     #[error("cannot start vm threads")]
     Io(#[from] std::io::Error),
+    /// The process could not be jailed.
+    #[error("cannot jail the vmm process")]
+    Jail(#[from] crate::jail::JailError),
     /// The VM is already exiting, so it cannot be paused or resumed.
     #[error("the vm has exited ({0})")]
     Exited(ExitReason),
@@ -126,6 +129,10 @@ impl Vm {
         let span = tracing::info_span!("vm", kernel = %config.kernel.display(), ?mode);
         let _enter = span.enter();
         vcpu::install_kick_handler()?;
+        if let Some(jail) = &config.jail {
+            // Before guest memory exists, so every page of it is charged to the VM's cgroup.
+            crate::jail::join_cgroups(jail)?;
+        }
 
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         check_capabilities(&kvm)?;
@@ -155,6 +162,12 @@ impl Vm {
                 vm_fd.create_vcpu(u64::from(index)).map_err(|source| VmError::Setup { what: "create vcpu", source })?;
             crate::arch::x86_64::configure_vcpu(&kvm, &fd, index, config.vcpus, &mem, &entry, mode)?;
             vcpu_fds.push(fd);
+        }
+
+        // Everything the VM uses is open: from here on the process needs no path and no privilege.
+        if let Some(jail) = &config.jail {
+            crate::jail::enter(jail)?;
+            tracing::debug!(uid = jail.uid, gid = jail.gid, "vmm jailed");
         }
 
         let control = Arc::new(RunControl::default());
@@ -270,7 +283,7 @@ impl Devices {
         let mut pio = Bus::new();
         let serial_irq = irq_line(vm_fd, layout::SERIAL_IRQ)?;
         let clients = ConsoleClients::default();
-        let sink = ConsoleTee::new(open_console(&config.console)?, clients.clone());
+        let sink = ConsoleTee::new(open_console(&config.console, config.console_max_bytes)?, clients.clone());
         let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(sink))));
         pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT_BASE), 8)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(irq_line(vm_fd, layout::I8042_IRQ)?, exit.clone())));

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::IrqEventFd;
 use crate::bus::BusDevice;
 use crate::config::ConsoleConfig;
+use crate::log_file::CappedLog;
 
 /// The console could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -28,17 +29,21 @@ pub struct ConsoleError {
 }
 
 /// Opens the sink for the guest's console output. Output is written unbuffered so a crash loses nothing.
-pub fn open_console(config: &ConsoleConfig) -> Result<Box<dyn Write + Send>, ConsoleError> {
-    let opened = match config {
-        ConsoleConfig::Stdout => io::stdout().as_fd().try_clone_to_owned().map(File::from),
-        ConsoleConfig::File(path) => OpenOptions::new().create(true).append(true).open(path),
-        ConsoleConfig::Null => return Ok(Box::new(io::sink())),
+/// A file is capped at `max_bytes` (rotated, see [`CappedLog`]) when given.
+pub fn open_console(config: &ConsoleConfig, max_bytes: Option<u64>) -> Result<Box<dyn Write + Send>, ConsoleError> {
+    let opened: io::Result<Box<dyn Write + Send>> = match (config, max_bytes) {
+        (ConsoleConfig::Stdout, _) => io::stdout().as_fd().try_clone_to_owned().map(|fd| Box::new(File::from(fd)) as _),
+        (ConsoleConfig::File(path), Some(max)) => CappedLog::open(path, max).map(|log| Box::new(log) as _),
+        (ConsoleConfig::File(path), None) => {
+            OpenOptions::new().create(true).append(true).open(path).map(|file| Box::new(file) as _)
+        }
+        (ConsoleConfig::Null, _) => return Ok(Box::new(io::sink())),
     };
     let path = match config {
         ConsoleConfig::File(path) => path.clone(),
         _ => PathBuf::from("stdout"),
     };
-    opened.map(|file| Box::new(file) as Box<dyn Write + Send>).map_err(|source| ConsoleError { path, source })
+    opened.map_err(|source| ConsoleError { path, source })
 }
 
 /// The COM1 device on the port-I/O bus.
@@ -110,7 +115,7 @@ mod tests {
     fn transmitted_bytes_reach_the_console_file_and_raise_the_irq() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
-        let out = open_console(&ConsoleConfig::File(path.clone())).unwrap();
+        let out = open_console(&ConsoleConfig::File(path.clone()), None).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut serial = SerialDevice::new(IrqEventFd(irq.try_clone().unwrap()), out);
         serial.write(1, &[0x02]); // IER: transmitter holding register empty interrupt
@@ -128,7 +133,7 @@ mod tests {
 
     #[test]
     fn a_console_that_cannot_be_opened_names_its_path() {
-        let err = open_console(&ConsoleConfig::File("/nonexistent/dir/console.log".into())).err().unwrap();
+        let err = open_console(&ConsoleConfig::File("/nonexistent/dir/console.log".into()), None).err().unwrap();
         assert!(err.to_string().contains("/nonexistent/dir/console.log"), "{err}");
     }
 }
