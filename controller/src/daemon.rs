@@ -31,10 +31,30 @@ pub struct DaemonConfig {
     pub reconciler: ReconcilerConfig,
     /// The `ignite` binary that runs each VM (`ignite vmm run --config`).
     pub ignite_bin: PathBuf,
+    /// How VMM processes are jailed, and their log caps.
+    pub vmm: VmmPolicy,
     /// Where the gRPC API listens (`None`: no API).
     pub socket: Option<PathBuf>,
     /// The API over TCP with mutual TLS too (`--listen`), next to `socket` (ignored without it).
     pub tcp: Option<TcpApi>,
+}
+
+/// How the daemon runs VMM processes.
+#[derive(Clone, Debug)]
+pub struct VmmPolicy {
+    /// The jail (`None`: `--no-jail`).
+    pub jail: Option<crate::supervisor::JailPolicy>,
+    /// The cap on each VM's console and VMM logs.
+    pub log_max_bytes: u64,
+}
+
+impl Default for VmmPolicy {
+    fn default() -> Self {
+        VmmPolicy {
+            jail: Some(crate::supervisor::JailPolicy::default()),
+            log_max_bytes: crate::supervisor::DEFAULT_LOG_MAX_BYTES,
+        }
+    }
 }
 
 /// The API on a TCP address, with mutual TLS.
@@ -117,9 +137,20 @@ impl Daemon {
             info!(removed = ?recovered.removed, "removed half-made disks left by a crash");
         }
         let run_dir = config.root.join("vms");
-        let supervisor =
-            Supervisor::new(SupervisorConfig { run_dir: run_dir.clone(), ignite_bin: config.ignite_bin.clone() })
-                .map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
+        let supervisor = Supervisor::new(SupervisorConfig {
+            run_dir: run_dir.clone(),
+            ignite_bin: config.ignite_bin.clone(),
+            jail: config.vmm.jail.clone(),
+            log_max_bytes: config.vmm.log_max_bytes,
+        })
+        .map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
+        let vmm_jail =
+            crate::grpc::VmmJailInfo { jailed: supervisor.jailed(), cgroups: supervisor.cgroups().map(|c| c.version) };
+        match (supervisor.jailed(), supervisor.cgroups()) {
+            (false, _) => warn!("VMMs run without a jail (--no-jail): a guest escaping into its VMM owns the host"),
+            (true, Some(cgroups)) => info!(cgroups = %cgroups.version, "VMMs run jailed"),
+            (true, None) => warn!("VMMs run jailed but without cgroup limits: no usable cgroups"),
+        }
         let adopted = supervisor.adopt().map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
         info!(adopted = adopted.adopted.len(), exited = adopted.exited.len(), "re-adopted VM processes");
         let exits = supervisor.exits().expect("a new supervisor has its exit stream");
@@ -196,6 +227,7 @@ impl Daemon {
                 images: paths.clone(),
                 insecure_registries: config.host.insecure_registries,
                 snapshotter: snapshotter_name,
+                vmm_jail,
                 runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
                 health: daemon.health.clone(),
                 policy: config.host.policy.clone(),

@@ -25,7 +25,7 @@ macro_rules! require_kvm {
 }
 
 fn supervisor(run_dir: &Path) -> Supervisor {
-    Supervisor::new(SupervisorConfig { run_dir: run_dir.to_owned(), ignite_bin: tiny_guest::ignite_bin() }).unwrap()
+    Supervisor::new(SupervisorConfig::new(run_dir.to_owned(), tiny_guest::ignite_bin())).unwrap()
 }
 
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -227,7 +227,7 @@ const DAEMON_BIN_ENV: &str = "IGNITE_SUPERVISOR_TEST_IGNITE_BIN";
 #[test]
 fn helper_daemon_process() {
     let (Ok(run_dir), Ok(bin)) = (std::env::var(DAEMON_DIR_ENV), std::env::var(DAEMON_BIN_ENV)) else { return };
-    let sup = Supervisor::new(SupervisorConfig { run_dir: run_dir.into(), ignite_bin: bin.into() }).unwrap();
+    let sup = Supervisor::new(SupervisorConfig::new(run_dir.into(), bin.into())).unwrap();
     sup.spawn("survivor", &tiny_guest::idle_guest()).unwrap();
     loop {
         std::thread::sleep(Duration::from_secs(1));

@@ -2,6 +2,7 @@
 //! module per subcommand and prints the error chain. The work lives in the library crates.
 
 mod commands;
+mod log_sink;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -125,7 +126,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(log_sink::make)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let paths = image_store::StorePaths::new(&cli.root);

@@ -103,6 +103,9 @@ pub struct VmStatus {
     /// runs or restarts, cleared by the next start): what `ignite run` exits with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<LastExit>,
+    /// The VMM runs without a jail (the daemon's `--no-jail`, for debugging only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unjailed: bool,
 }
 
 /// How a VM's main process ended for good (its restart policy did not restart it).

@@ -57,6 +57,7 @@ fn status(s: &VmStatus) -> proto::VmStatus {
             message: e.message.clone(),
             finished_at: e.finished_at.clone(),
         }),
+        unjailed: s.unjailed,
     }
 }
 

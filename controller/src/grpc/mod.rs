@@ -12,7 +12,7 @@ pub mod tls;
 
 use std::path::Path;
 
-pub use server::{serve, serve_tcp, ApiState};
+pub use server::{serve, serve_tcp, ApiState, VmmJailInfo};
 
 /// The generated protocol types, clients and servers.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

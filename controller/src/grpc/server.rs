@@ -32,6 +32,8 @@ pub struct ApiState {
     pub insecure_registries: bool,
     /// How VM disks are made (`devicemapper`, `reflink`, `copy`).
     pub snapshotter: String,
+    /// How VMM processes run, for `Host.Info`: jailed or not, and the cgroup version.
+    pub vmm_jail: VmmJailInfo,
     /// The runtime, for `Kill` (`None`: killing is refused as unavailable).
     pub runtime: Option<Arc<dyn Runtime>>,
     /// What the standard health service reports (the daemon keeps it current).
@@ -377,8 +379,19 @@ impl host_server::Host for ApiState {
             vms: vms.len() as u32,
             running_vms: running as u32,
             snapshotter: self.snapshotter.clone(),
+            vmm_jail: if self.vmm_jail.jailed { "jailed".into() } else { "unjailed (--no-jail)".into() },
+            cgroups: self.vmm_jail.cgroups.map_or("none".to_string(), |v| v.to_string()),
         }))
     }
+}
+
+/// How the daemon runs VMM processes, as `Host.Info` reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmmJailInfo {
+    /// Whether VMMs are jailed.
+    pub jailed: bool,
+    /// The cgroup version VMs are limited through (`None`: no cgroup limits).
+    pub cgroups: Option<vmm_core::jail::cgroup::CgroupVersion>,
 }
 
 /// Serves the API on the unix socket `path` (mode 0600: the API can start VMs) until `shutdown`.

@@ -299,7 +299,7 @@ impl Runtime for HostRuntime {
             RuntimeError::transient("StartFailed", format!("VM {name:?}: starting its VMM: {}", error_chain(&e)))
         })?;
         crate::failpoint::hit("start:after-spawn");
-        Ok(Started { pid: u32::try_from(info.pid).unwrap_or_default() })
+        Ok(Started { pid: u32::try_from(info.pid).unwrap_or_default(), jailed: self.supervisor.jailed() })
     }
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {

@@ -128,7 +128,7 @@ impl Runtime for FakeRuntime {
         })?;
         entry.running = true;
         entry.last_exit = None;
-        Ok(Started { pid })
+        Ok(Started { pid, jailed: true })
     }
 
     fn stop(&self, name: &str, _grace: Duration) -> Result<(), RuntimeError> {

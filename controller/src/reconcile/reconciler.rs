@@ -296,9 +296,13 @@ impl Reconciler {
                     s.last_exit = None;
                     // Counted from the last deliberate start: what `maxRestarts` limits.
                     s.restarts = if restart { s.restarts + 1 } else { 0 };
+                    s.unjailed = !started.jailed;
                 })?;
                 let reason = if restart { "Restarted" } else { "Started" };
                 self.event(name, EventKind::Normal, reason, &format!("VMM process {}", started.pid));
+                if !started.jailed {
+                    self.event(name, EventKind::Warning, "Unjailed", "the VMM runs without a jail (daemon --no-jail)");
+                }
                 info!(pid = started.pid, restart, "started");
             }
             Step::Stop => {

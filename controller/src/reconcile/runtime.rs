@@ -64,6 +64,8 @@ pub struct Prepared {
 pub struct Started {
     /// The VMM process id.
     pub pid: u32,
+    /// Whether the VMM runs jailed (`false` only with the daemon's `--no-jail`).
+    pub jailed: bool,
 }
 
 /// Why a runtime step failed. `reason` is a CamelCase word for conditions and events; the message

@@ -8,15 +8,15 @@
 //! command line so a recycled pid is never adopted.
 
 mod client;
+mod jail;
 mod proc;
 mod watch;
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,7 +25,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use vmm_core::{ConsoleConfig, ExitReason, VmConfig};
 
+pub use jail::{JailPolicy, DEFAULT_UIDS};
 pub use proc::ProcInfo;
+pub use vmm_core::jail::cgroup::{CgroupVersion, Cgroups};
 
 /// Where the supervisor keeps its state and which binary it runs.
 #[derive(Clone, Debug)]
@@ -34,7 +36,26 @@ pub struct SupervisorConfig {
     pub run_dir: PathBuf,
     /// The `ignite` binary whose `vmm run` subcommand runs a VM.
     pub ignite_bin: PathBuf,
+    /// How VMMs are jailed; `None` runs them unjailed as the daemon's user (`--no-jail`, debugging only).
+    pub jail: Option<JailPolicy>,
+    /// The cap on each VM's `console.log` and `vmm.log` (each rotated keeping one old file).
+    pub log_max_bytes: u64,
 }
+
+impl SupervisorConfig {
+    /// A supervisor over `run_dir` running `ignite_bin`, jailing VMMs with the default policy.
+    pub fn new(run_dir: PathBuf, ignite_bin: PathBuf) -> SupervisorConfig {
+        SupervisorConfig {
+            run_dir,
+            ignite_bin,
+            jail: Some(JailPolicy::default()),
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+        }
+    }
+}
+
+/// The default cap on a VM's console and VMM logs.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 16 << 20;
 
 /// How a VM process ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +148,9 @@ pub enum SupervisorError {
     /// The VM's process is still alive.
     #[error("vm {0} still has a live process")]
     StillRunning(String),
+    /// A VM's jail could not be prepared.
+    #[error("cannot jail the vmm: {0}")]
+    Jail(String),
     /// The VMM refused a control request or could not be reached.
     #[error("vm {name} control request {op} failed: {error}")]
     Control {
@@ -162,12 +186,26 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs and watches VM processes. Dropping it leaves the VMs running.
 pub struct Supervisor {
     config: SupervisorConfig,
+    cgroups: Option<Cgroups>,
+    /// Serializes uid allocation.
+    jail_lock: Mutex<()>,
     vms: Mutex<HashMap<String, Tracked>>,
     exits_tx: UnboundedSender<VmExit>,
     exits_rx: Mutex<Option<UnboundedReceiver<VmExit>>>,
     // Watchers poll the peer: dropping this end tells them to stop without reaping.
     _shutdown: UnixStream,
     shutdown_peer: UnixStream,
+}
+
+/// The cgroup scope of the VMs under `run_dir`: a short hash of the path, so two daemons with
+/// different roots never share a VM's cgroup.
+fn cgroup_scope(run_dir: &Path) -> String {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same path gives the same scope in every process and release.
+    #[allow(deprecated)]
+    let mut hasher = std::hash::SipHasher::new();
+    run_dir.hash(&mut hasher);
+    format!("{:08x}", hasher.finish() as u32)
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,8 +219,14 @@ impl Supervisor {
         let (shutdown, shutdown_peer) =
             UnixStream::pair().map_err(io_err("create a socket pair for", &config.run_dir))?;
         let (exits_tx, exits_rx) = unbounded_channel();
+        let cgroups = if config.jail.is_some() { Cgroups::detect(&cgroup_scope(&config.run_dir)) } else { None };
+        if config.jail.is_some() && cgroups.is_none() {
+            tracing::warn!("no usable cgroups (v2 with memory, cpu and pids, or those v1 hierarchies): VMs run without cgroup limits");
+        }
         Ok(Supervisor {
             config,
+            cgroups,
+            jail_lock: Mutex::new(()),
             vms: Mutex::new(HashMap::new()),
             exits_tx,
             exits_rx: Mutex::new(Some(exits_rx)),
@@ -229,37 +273,60 @@ impl Supervisor {
         let mut config = config.clone();
         config.console = ConsoleConfig::File(dir.join("console.log"));
         config.console_socket = Some(dir.join(CONSOLE_SOCKET));
+        config.console_max_bytes = Some(self.config.log_max_bytes);
         if let Some(vsock) = &mut config.vsock {
             vsock.uds_path = dir.join(VSOCK_SOCKET);
         }
+        config.jail = match &self.config.jail {
+            Some(policy) => {
+                let _lock = locked(&self.jail_lock);
+                Some(jail::prepare(&self.config.run_dir, name, &config, policy, self.cgroups.as_ref())?)
+            }
+            None => None,
+        };
         let config_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&config).map_err(|e| io_err("serialize", &config_path)(e.into()))?;
         std::fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
         let log_path = dir.join("vmm.log");
-        let log = std::fs::File::create(&log_path).map_err(io_err("create", &log_path))?;
-        let log2 = log.try_clone().map_err(io_err("duplicate", &log_path))?;
-        let child = Command::new(&self.config.ignite_bin)
-            .args(["vmm", "run", "--config"])
-            .arg(&config_path)
-            .arg("--control-socket")
-            .arg(dir.join("control.sock"))
-            .arg("--exit-file")
-            .arg(dir.join("exit.json"))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .truncate(false)
+            .open(&log_path)
+            .and_then(|f| f.set_len(0).map(|()| f))
+            .map_err(io_err("create", &log_path))?;
+        let mut args: Vec<OsString> = vec![
+            "vmm".into(),
+            "run".into(),
+            "--config".into(),
+            config_path.into(),
+            "--control-socket".into(),
+            dir.join("control.sock").into(),
+            "--exit-file".into(),
+            dir.join("exit.json").into(),
+            "--log-file".into(),
+            log_path.into(),
+        ];
+        if config.jail.is_none() {
+            args.push("--no-jail".into());
+        }
+        let env = vmm_core::jail::vmm_environment();
+        let spec = vmm_core::jail::SpawnSpec {
+            program: &self.config.ignite_bin,
+            args: &args,
+            env: &env,
+            stdout: Some(log.as_fd()),
+            stderr: Some(log.as_fd()),
+            namespaces: config.jail.is_some(),
             // Its own process group: a Ctrl-C to the daemon's terminal never reaches the VM.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| SupervisorError::Spawn {
-                name: name.into(),
-                bin: self.config.ignite_bin.clone(),
-                source,
-            })?;
-        let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
-        // The child is reaped by its watcher through the pidfd, not through `Child`.
-        drop(child);
-        let pidfd = open_pidfd(name, pid)?;
+            process_group: true,
+        };
+        let (pid, pidfd) = vmm_core::jail::spawn(&spec).map_err(|source| SupervisorError::Spawn {
+            name: name.into(),
+            bin: self.config.ignite_bin.clone(),
+            source,
+        })?;
+        // The child is reaped by its watcher through the pidfd.
         // A child that already exited is a zombie with the same start time: still its identity.
         let started_at = proc::stat(pid).map(|s| s.started_at).unwrap_or(0);
         let info = ProcInfo { pid, started_at };
@@ -320,6 +387,16 @@ impl Supervisor {
             }
         }
         Ok(report)
+    }
+
+    /// The host's cgroups as VMs use them (`None`: not detected, or VMs are not jailed).
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_ref()
+    }
+
+    /// Whether VMMs run jailed.
+    pub fn jailed(&self) -> bool {
+        self.config.jail.is_some()
     }
 
     /// Whether VM `name` has a live supervised process.
@@ -424,6 +501,9 @@ impl Supervisor {
             return Err(SupervisorError::StillRunning(name.to_string()));
         }
         locked(&self.vms).remove(name);
+        if let Some(cgroups) = &self.cgroups {
+            cgroups.remove(name).map_err(|e| SupervisorError::Jail(format!("vm {name}: {e}: {}", e.source)))?;
+        }
         let dir = self.vm_dir(name);
         match std::fs::remove_dir_all(&dir) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", &dir)(err)),
@@ -450,7 +530,11 @@ impl Supervisor {
                 orphans.processes.push((pid, vm));
             }
         }
+        // Cgroups of VMs whose run directory is gone already (a crash between the two removals).
+        let cgroups = self.cgroups.as_ref().map(Cgroups::names).unwrap_or_default();
+        orphans.dirs.extend(cgroups.into_iter().filter(|n| !known.contains(n)));
         orphans.dirs.sort();
+        orphans.dirs.dedup();
         orphans.processes.sort();
         Ok(orphans)
     }
@@ -504,9 +588,7 @@ mod tests {
     #[test]
     fn an_empty_run_dir_has_nothing_to_adopt_and_unknown_dirs_are_orphans() {
         let dir = tempfile::tempdir().unwrap();
-        let sup =
-            Supervisor::new(SupervisorConfig { run_dir: dir.path().join("vms"), ignite_bin: "/bin/false".into() })
-                .unwrap();
+        let sup = Supervisor::new(SupervisorConfig::new(dir.path().join("vms"), "/bin/false".into())).unwrap();
         assert_eq!(sup.adopt().unwrap(), AdoptReport::default());
         std::fs::create_dir(sup.vm_dir("ghost")).unwrap();
         assert_eq!(sup.adopt().unwrap().stale, ["ghost"]);

@@ -86,6 +86,11 @@ pub(crate) fn exit_report(name: String, dir: &Path, status: Option<WaitIdStatus>
     let signal = status.and_then(|s| s.terminating_signal());
     let code = status.and_then(|s| s.exit_status());
     let detail = match (signal, code) {
+        // The VMM's SIGSYS handler logged which call and which thread broke its seccomp filter.
+        (Some(sig), _) if sig == libc_sigsys() => match seccomp_report(&tail(&dir.join("vmm.log"))) {
+            Some(report) => format!("the vmm process was killed by seccomp: {report}"),
+            None => format!("the vmm process was killed by signal {sig} (SIGSYS) before recording an exit"),
+        },
         (Some(sig), _) => format!("the vmm process was killed by signal {sig} before recording an exit"),
         (None, Some(code)) => format!(
             "the vmm process exited with status {code} without recording an exit: {}",
@@ -94,6 +99,16 @@ pub(crate) fn exit_report(name: String, dir: &Path, status: Option<WaitIdStatus>
         (None, None) => "the vmm process ended without recording an exit".to_string(),
     };
     VmExit { name, reason: ExitReason::Crash { detail }, code, signal, console_tail }
+}
+
+/// `SIGSYS`, the signal a seccomp violation kills the VMM with.
+fn libc_sigsys() -> i32 {
+    rustix::process::Signal::SYS.as_raw()
+}
+
+/// The last seccomp report in a VMM log tail (`syscall N (name) by the T thread`).
+fn seccomp_report(log: &str) -> Option<String> {
+    log.lines().rev().find_map(vmm_core::jail::seccomp::parse_report).map(str::to_string)
 }
 
 /// The last few KiB of a log file, lossily decoded; empty when it cannot be read.

@@ -51,6 +51,7 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
         },
         reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
         ignite_bin: tiny_guest::ignite_bin(),
+        vmm: Default::default(),
         socket: Some(root.join("ignite.sock")),
         tcp: None,
     }

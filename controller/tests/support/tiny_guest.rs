@@ -11,6 +11,8 @@ use vmm_core::VmConfig;
 pub const IDLE_MARKER: &str = "SUPERVISOR-GUEST-UP";
 /// The marker the exit-code guest prints before powering off.
 pub const EXIT_MARKER: &str = "SUPERVISOR-GUEST-EXIT";
+/// The marker the flood guest prints first.
+pub const FLOOD_MARKER: &str = "FLOOD-START";
 /// The code the exit-code guest powers off with.
 pub const EXIT_CODE: i32 = 42;
 
@@ -26,7 +28,7 @@ fn guest_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("ignite-tiny-guests").tempdir().unwrap().keep();
-        for name in ["serial_idle", "exit_code"] {
+        for name in ["serial_idle", "exit_code", "serial_flood"] {
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests").join(format!("{name}.S"));
             let obj = dir.join(format!("{name}.o"));
             run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
@@ -60,6 +62,11 @@ pub fn idle_guest() -> VmConfig {
 /// A guest that prints [`EXIT_MARKER`] and powers off with [`EXIT_CODE`].
 pub fn exit_code_guest() -> VmConfig {
     config(guest_dir().join("exit_code.elf"))
+}
+
+/// A guest that prints [`FLOOD_MARKER`], then 64-byte lines to its console until stopped.
+pub fn flood_guest() -> VmConfig {
+    config(guest_dir().join("serial_flood.elf"))
 }
 
 /// The `ignite` binary of this workspace, built once per test process (`cargo build -p ignite`).

@@ -7,7 +7,11 @@
 //!   tiny guest halted;
 //! - a real Linux boot: spawn to kernel log markers for the same kernel, initramfs and disk.
 //!
-//! Prints a table of figures and ratios. Not a test: it asserts nothing about time.
+//! - the jail's cost: spawn to first serial byte and memory overhead, jailed against `--no-jail`
+//!   (jailing needs root; without it that table is skipped and says why).
+//!
+//! Prints tables of figures and ratios. Not a test: it asserts nothing about time. Every wait is
+//! bounded: a VMM that prints nothing new for 2 minutes (QEMU stuck on an emulated host) is stopped.
 //!
 //! Usage: bench-vmm [--runs N] [--skip-linux]
 
@@ -25,9 +29,23 @@ const QEMU: &str = "qemu-system-x86_64";
 /// A kernel line both VMMs reach on every host (QEMU stops at the INT3 self-test on emulated hosts).
 const EARLY_MARKER: &str = "x86/fpu:";
 const INIT_MARKER: &str = "Run /init as init process";
+/// How long a booting VMM may print nothing before the benchmark gives up on it.
+const SILENCE_LIMIT: Duration = Duration::from_secs(120);
+
+const USAGE: &str = "usage: bench-vmm [--runs N] [--skip-linux]\n\n\
+    Compares ignite's engine with QEMU microvm on the same guests (start-up, memory, a Linux boot)\n\
+    and jailed against --no-jail VMMs, printing medians and ratios.";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
+    if let Some(unknown) = args.iter().skip(1).find(|a| a.starts_with('-') && *a != "--runs" && *a != "--skip-linux") {
+        eprintln!("bench-vmm: unknown option {unknown}\n{USAGE}");
+        std::process::exit(2);
+    }
     let runs = args
         .iter()
         .position(|a| a == "--runs")
@@ -78,6 +96,39 @@ fn main() {
         linux_rows(dir.path(), have_qemu, &mut rows);
     }
     print_table("qemu", &rows);
+    jail_rows(&tiny, &halting, runs);
+}
+
+/// The jail's cost, jailed (ours) against `--no-jail` (theirs), in the same run.
+fn jail_rows(tiny: &Path, halting: &Path, runs: usize) {
+    if !vmm_core::jail::is_root() {
+        println!("bench-vmm: the jail table needs root (a VMM is only jailed when started by root); skipped");
+        return;
+    }
+    let jailed: Vec<TinyRun> = (0..runs).map(|_| tiny_run(ignite_cmd(tiny, &[]))).collect();
+    let unjailed: Vec<TinyRun> = (0..runs).map(|_| tiny_run(ignite_cmd(tiny, &["--no-jail"]))).collect();
+    let med = |v: &[TinyRun], f: fn(&TinyRun) -> Option<f64>| median(v.iter().filter_map(f).collect());
+    let rows = vec![
+        Row::ms(
+            "tiny guest: spawn -> first serial byte",
+            med(&jailed, |r| r.first_output_ms),
+            med(&unjailed, |r| r.first_output_ms),
+        ),
+        Row::ms(
+            "vmm process start -> first KVM_RUN",
+            med(&jailed, |r| r.first_kvm_run_ms),
+            med(&unjailed, |r| r.first_kvm_run_ms),
+        ),
+        Row {
+            name: "VMM memory overhead (RSS - guest RAM resident)".into(),
+            unit: "MiB",
+            ours: median((0..3).filter_map(|_| memory_overhead(ignite_cmd(halting, &[]))).collect()),
+            theirs: median((0..3).filter_map(|_| memory_overhead(ignite_cmd(halting, &["--no-jail"]))).collect()),
+            note: None,
+        },
+    ];
+    println!("\nbench-vmm: jailed (ours) against --no-jail (theirs)");
+    print_table("--no-jail", &rows);
 }
 
 fn ignite_cmd(kernel: &Path, extra: &[&str]) -> Command {
@@ -148,9 +199,17 @@ fn memory_overhead(mut cmd: Command) -> Option<f64> {
     let mut byte = [0u8];
     let printed = child.stdout.as_mut().expect("stdout").read(&mut byte).is_ok_and(|n| n == 1);
     std::thread::sleep(Duration::from_millis(500));
-    let result = printed.then(|| rss_minus_guest_kib(child.id())).flatten();
+    // A root user's jailed VMM runs in a child of the started process: measure that one.
+    let pid = jailed_child(child.id()).unwrap_or(child.id());
+    let result = printed.then(|| rss_minus_guest_kib(pid)).flatten();
     stop(&mut child);
     result.map(|kib| kib / 1024.0)
+}
+
+/// The only child of `pid`, if it has one.
+fn jailed_child(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
 }
 
 fn rss_minus_guest_kib(pid: u32) -> Option<f64> {
@@ -211,8 +270,9 @@ fn linux_rows(dir: &Path, have_qemu: bool, rows: &mut Vec<Row>) {
     }
 }
 
-/// Spawns `cmd`, reads its console until it exits (at most 15 minutes), and returns for each marker
-/// the milliseconds until a line containing it appeared.
+/// Spawns `cmd`, reads its console until it exits, prints every marker, or stays silent for
+/// [`SILENCE_LIMIT`] (at most 15 minutes in all), and returns for each marker the milliseconds until a
+/// line containing it appeared.
 fn console_markers(mut cmd: Command, markers: &[&str]) -> Vec<Option<f64>> {
     let start = Instant::now();
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn vmm");
@@ -228,7 +288,10 @@ fn console_markers(mut cmd: Command, markers: &[&str]) -> Vec<Option<f64>> {
     let mut found = vec![None; markers.len()];
     let deadline = start + Duration::from_secs(900);
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+        match rx.recv_timeout(left.min(SILENCE_LIMIT)) {
             Ok((line, at)) => {
                 for (i, marker) in markers.iter().enumerate() {
                     if found[i].is_none() && line.contains(marker) {

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use controller::daemon::{Daemon, DaemonConfig, TcpApi};
+use controller::daemon::{Daemon, DaemonConfig, TcpApi, VmmPolicy};
 use controller::grpc::tls::ServerTls;
 use controller::host::{DefaultKernel, HostConfig};
 use controller::net::{NetConfig, Subnet};
 use controller::reconcile::ReconcilerConfig;
 use controller::source::{DirSpec, GitRef, GitSpec, SourceKind, SourceSpec};
+use controller::supervisor::JailPolicy;
 
 /// Flags of `ignite daemon`.
 #[derive(Args)]
@@ -58,6 +59,19 @@ pub struct DaemonArgs {
     /// Run VMs without a network interface (no bridge, taps or port forwards).
     #[arg(long, env = "IGNITE_NO_NETWORK")]
     no_network: bool,
+    /// Run VMMs unjailed, as root with every capability, no seccomp, namespaces or cgroup: for
+    /// debugging only (a guest escaping into its VMM then owns the host). Printed as a warning.
+    #[arg(long)]
+    no_jail: bool,
+    /// The uids jailed VMMs run as, one per VM (gid = uid): FIRST-LAST.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "3000000-3065535", value_parser = parse_uid_range)]
+    jail_uids: std::ops::RangeInclusive<u32>,
+    /// Memory a VMM may use beyond its guest's (its cgroup's limit is guest memory plus this), e.g. 96Mi.
+    #[arg(long, value_name = "SIZE", default_value = "96Mi")]
+    vmm_memory_allowance: controller::api::Quantity,
+    /// Cap on each VM's console.log and vmm.log (each rotated keeping one old file), e.g. 16Mi.
+    #[arg(long, value_name = "SIZE", default_value = "16Mi")]
+    max_log_size: controller::api::Quantity,
     /// Masquerade the VMs' outbound traffic behind the host.
     #[arg(long)]
     masquerade: bool,
@@ -181,6 +195,11 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         host,
         reconciler: ReconcilerConfig { workers: args.workers, ..Default::default() },
         ignite_bin: std::env::current_exe().context("locating the ignite binary")?,
+        vmm: VmmPolicy {
+            jail: (!args.no_jail)
+                .then(|| JailPolicy { uids: args.jail_uids, vmm_memory_allowance: args.vmm_memory_allowance.bytes() }),
+            log_max_bytes: args.max_log_size.bytes(),
+        },
         socket: Some(socket.to_path_buf()),
         tcp: match (args.listen, args.tls_cert, args.tls_key, args.tls_client_ca) {
             (Some(addr), Some(cert), Some(key), Some(client_ca)) => {
@@ -261,4 +280,14 @@ fn host_policy(
         ports = ports.reserve(addr.port(), "the daemon's API (--listen)");
     }
     Ok(controller::api::HostPolicy { paths, ports })
+}
+
+fn parse_uid_range(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (first, last) = s.split_once('-').ok_or("expected FIRST-LAST, e.g. 3000000-3065535")?;
+    let parse = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("`{v}` is not a uid"));
+    let (first, last) = (parse(first)?, parse(last)?);
+    if first == 0 || last < first {
+        return Err(format!("`{s}` is not a range of unprivileged uids (FIRST > 0, LAST >= FIRST)"));
+    }
+    Ok(first..=last)
 }

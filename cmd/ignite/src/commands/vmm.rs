@@ -1,6 +1,6 @@
 //! `ignite vmm`: the embedded engine without the daemon.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use vmm_core::control::{self, Action, ControlServer, ExitRecord};
+use vmm_core::control::{self, Action, ControlListener, ExitRecord};
+use vmm_core::jail::{self, cgroup::Cgroups};
 use vmm_core::{ConsoleConfig, DiskConfig, ExitReason, NetConfig, VirtModeConfig, Vm, VmConfig, VsockConfig};
 
 use super::{EXIT_GUEST_CRASH, EXIT_STOPPED, EXIT_VMM_ERROR};
@@ -85,7 +86,23 @@ pub struct RunArgs {
     /// Print start-up timings and exit counters as JSON on stderr when the VM ends.
     #[arg(long)]
     timings: bool,
+    /// Run without the jail (no own uid, namespaces, seccomp or cgroup): for debugging only. By
+    /// default a root user's VMM is jailed (uid from --jail-uid); other users' VMMs never are.
+    #[arg(long)]
+    no_jail: bool,
+    /// The unprivileged uid (and gid) a jailed VMM started from device flags runs as.
+    #[arg(long, value_name = "UID", default_value_t = DEFAULT_MANUAL_UID, conflicts_with = "config")]
+    jail_uid: u32,
+    /// Write the VMM's own log here, capped and rate-limited (size from the config's
+    /// `consoleMaxBytes`, else 16 MiB), instead of standard error.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
+
+/// The uid a root user's hand-started VMM runs as when none is given.
+const DEFAULT_MANUAL_UID: u32 = 64_000;
+/// The VMM log's cap when the config names none.
+const DEFAULT_LOG_MAX_BYTES: u64 = 16 << 20;
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let (path, read_only) = match s.rsplit_once(',') {
@@ -153,6 +170,8 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         rng: !args.no_rng,
         console: args.console.clone(),
         console_socket: args.console_socket.clone(),
+        console_max_bytes: None,
+        jail: None,
         virt_mode: args.virt_mode,
     })
 }
@@ -167,28 +186,196 @@ fn exit_code(reason: &ExitReason) -> u8 {
     }
 }
 
-fn write_exit_file(path: Option<&std::path::Path>, exit: ExitReason, code: u8) {
-    if let Some(path) = path {
+/// Where the exit record goes: written atomically by path, or into a file opened before the jail
+/// (read only after this process is gone, so it needs no rename).
+enum ExitSink {
+    None,
+    Path(PathBuf),
+    Opened(std::fs::File),
+}
+
+impl ExitSink {
+    fn new(path: Option<&Path>, jailed: bool) -> anyhow::Result<ExitSink> {
+        use std::os::unix::fs::OpenOptionsExt;
+        Ok(match path {
+            None => ExitSink::None,
+            Some(path) if jailed => ExitSink::Opened(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(path)
+                    .with_context(|| format!("cannot open the exit file {}", path.display()))?,
+            ),
+            Some(path) => ExitSink::Path(path.to_owned()),
+        })
+    }
+
+    fn write(&mut self, exit: ExitReason, code: u8) {
+        use std::io::Write;
         let record = ExitRecord { exit, exit_code: i32::from(code) };
-        if let Err(err) = record.write_atomic(path) {
-            eprintln!("error: cannot write the exit file {}: {err}", path.display());
+        let result = match self {
+            ExitSink::None => Ok(()),
+            ExitSink::Path(path) => record.write_atomic(path),
+            ExitSink::Opened(file) => serde_json::to_vec(&record)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| file.write_all(&bytes))
+                .and_then(|()| file.sync_all()),
+        };
+        if let Err(err) = result {
+            eprintln!("error: cannot write the exit file: {err}");
         }
     }
 }
 
+/// Whether this process is the first of its own PID namespace (how [`jail::spawn`] starts it).
+fn in_own_pid_namespace() -> bool {
+    std::process::id() == 1
+}
+
+/// A root user's VMM gets a jail unless `--no-jail`; the cgroup made for it is returned for removal.
+fn add_manual_jail(args: &RunArgs, config: &mut VmConfig) -> anyhow::Result<Option<(Cgroups, String)>> {
+    let root = jail::is_root();
+    if config.jail.is_some() || args.no_jail || !root {
+        if !root && !args.no_jail && config.jail.is_none() {
+            eprintln!("ignite: warning: not running as root, so the vmm runs without a jail");
+        }
+        return Ok(None);
+    }
+    let name = format!("manual-{}", std::process::id());
+    let cgroups = Cgroups::detect("manual");
+    let dirs = match &cgroups {
+        Some(cgroups) => cgroups.create(&name, jail::limits_for(config, jail::DEFAULT_VMM_ALLOWANCE))?,
+        None => Vec::new(),
+    };
+    let root_dir = PathBuf::from(MANUAL_JAIL_ROOT);
+    std::fs::create_dir_all(&root_dir).with_context(|| format!("cannot create {}", root_dir.display()))?;
+    config.jail = Some(jail::JailConfig::for_vm(config, args.jail_uid, args.jail_uid, root_dir, dirs));
+    Ok(cgroups.map(|c| (c, name)))
+}
+
+/// Where hand-started VMMs mount their jail's root (inside their own mount namespace).
+const MANUAL_JAIL_ROOT: &str = "/run/ignite/jail";
+
+/// Starts this same command again in its own namespaces (with `config` in a 0600 file when it was
+/// built from flags), forwards SIGTERM to it, and returns its exit status.
+fn run_in_namespaces(args: &RunArgs, config: &VmConfig) -> anyhow::Result<ExitCode> {
+    use std::ffi::OsString;
+    use std::os::unix::fs::OpenOptionsExt;
+    let config_file = PathBuf::from(format!("{MANUAL_JAIL_ROOT}-{}.json", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&config_file)
+        .with_context(|| format!("cannot create the jailed vmm's config file {}", config_file.display()))?;
+    std::io::Write::write_all(&mut file, &serde_json::to_vec(config)?)?;
+    let _remove = RemoveOnDrop(config_file.clone());
+    let mut argv: Vec<OsString> = vec!["vmm".into(), "run".into(), "--config".into(), config_file.into()];
+    for (flag, value) in [
+        ("--control-socket", args.control_socket.as_deref()),
+        ("--exit-file", args.exit_file.as_deref()),
+        ("--log-file", args.log_file.as_deref()),
+    ] {
+        if let Some(value) = value {
+            argv.extend([flag.into(), value.into()]);
+        }
+    }
+    argv.extend(["--stop-timeout".into(), args.stop_timeout.to_string().into()]);
+    if args.timings {
+        argv.push("--timings".into());
+    }
+    let exe = std::env::current_exe().context("cannot find the ignite binary")?;
+    let env = jail::vmm_environment();
+    let (pid, pidfd) = jail::spawn(&jail::SpawnSpec {
+        program: &exe,
+        args: &argv,
+        env: &env,
+        stdout: None,
+        stderr: None,
+        namespaces: true,
+        process_group: false,
+    })
+    .context("cannot start the jailed vmm")?;
+    // Ctrl-C reaches the child through the terminal's process group; SIGTERM is passed on.
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::new(AtomicBool::new(false)))?;
+    let status = loop {
+        if term.swap(false, Ordering::Relaxed) {
+            jail::send_signal(&pidfd, signal_hook::consts::SIGTERM);
+        }
+        if let Some(status) = jail::try_wait(pid)? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(match status {
+        jail::ChildStatus::Exited(code) => ExitCode::from(u8::try_from(code).unwrap_or(EXIT_VMM_ERROR)),
+        jail::ChildStatus::Signaled(signal) => {
+            eprintln!("error: the vmm was killed by signal {signal}");
+            ExitCode::from(128u8.saturating_add(u8::try_from(signal).unwrap_or(0)))
+        }
+    })
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitCode> {
-    let config = match vm_config(&args) {
+    let mut config = match vm_config(&args) {
         Ok(config) => config,
         Err(err) => {
             let detail = format!("{err:#}");
-            write_exit_file(args.exit_file.as_deref(), ExitReason::Error { detail }, EXIT_VMM_ERROR);
+            ExitSink::new(args.exit_file.as_deref(), false)?.write(ExitReason::Error { detail }, EXIT_VMM_ERROR);
             return Err(err);
         }
     };
+    if args.no_jail {
+        if config.jail.take().is_some() || jail::is_root() {
+            eprintln!("ignite: warning: --no-jail: the vmm runs as this user, unconfined (debugging only)");
+        }
+    } else if !in_own_pid_namespace() {
+        let manual = add_manual_jail(&args, &mut config)?;
+        if config.jail.is_some() {
+            let code = run_in_namespaces(&args, &config);
+            if let Some((cgroups, name)) = manual {
+                if let Err(err) = cgroups.remove(&name) {
+                    eprintln!("ignite: warning: {err}");
+                }
+            }
+            return code;
+        }
+    }
+    let jailed = config.jail.is_some();
+    if let Some(path) = &args.log_file {
+        let max = config.console_max_bytes.unwrap_or(DEFAULT_LOG_MAX_BYTES);
+        let log = vmm_core::log_file::BoundedLog::open(path, max)
+            .with_context(|| format!("cannot open the log file {}", path.display()))?;
+        crate::log_sink::set(log);
+    }
+    let mut exit_sink = ExitSink::new(args.exit_file.as_deref(), jailed)?;
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, interrupted.clone()).context("cannot install the signal handler")?;
     }
+    // Bound while the path is reachable; served once the process is jailed.
+    let listener = match args.control_socket.as_deref().map(|path| (path, ControlListener::bind(path))) {
+        None => None,
+        Some((_, Ok(listener))) => Some(listener),
+        Some((path, Err(err))) => {
+            let err = anyhow::Error::new(err).context(format!("cannot serve the control socket {}", path.display()));
+            exit_sink.write(ExitReason::Error { detail: format!("{err:#}") }, EXIT_VMM_ERROR);
+            return Err(err);
+        }
+    };
     let vm_started = process_start.elapsed();
     let handle = match Vm::start(&config) {
         Ok(handle) => handle,
@@ -196,25 +383,28 @@ fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitC
             let err =
                 anyhow::Error::new(err).context(format!("cannot start a vm with kernel {}", config.kernel.display()));
             let detail = format!("{err:#}");
-            write_exit_file(args.exit_file.as_deref(), ExitReason::Error { detail }, EXIT_VMM_ERROR);
+            exit_sink.write(ExitReason::Error { detail }, EXIT_VMM_ERROR);
             return Err(err);
         }
     };
-    let control = match args.control_socket.as_deref().map(|path| (path, ControlServer::bind(path))) {
+    let control = match listener.map(ControlListener::serve) {
         None => None,
-        Some((_, Ok(server))) => Some(server),
-        Some((path, Err(err))) => {
-            let err = anyhow::Error::new(err).context(format!("cannot serve the control socket {}", path.display()));
+        Some(Ok(server)) => Some(server),
+        Some(Err(err)) => {
+            let err = anyhow::Error::new(err).context("cannot serve the control socket");
             let exit = handle.kill();
-            write_exit_file(
-                args.exit_file.as_deref(),
-                ExitReason::Error { detail: format!("{err:#}") },
-                EXIT_VMM_ERROR,
-            );
+            exit_sink.write(ExitReason::Error { detail: format!("{err:#}") }, EXIT_VMM_ERROR);
             tracing::debug!(reason = %exit.reason, "vm stopped");
             return Err(err);
         }
     };
+    if let Err(err) = jail::seccomp::apply(jail::seccomp::ThreadKind::Main) {
+        let err = anyhow::Error::new(err);
+        let exit = handle.kill();
+        exit_sink.write(ExitReason::Error { detail: format!("{err:#}") }, EXIT_VMM_ERROR);
+        tracing::debug!(reason = %exit.reason, "vm stopped");
+        return Err(err);
+    }
     let mut paused = false;
     // When a graceful stop was asked for: the moment to stop by force. The control socket keeps
     // answering meanwhile, so a later `kill` (or a shorter stop) takes effect and nobody waits.
@@ -261,7 +451,7 @@ fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitC
     }
     let exit = handle.wait();
     let code = exit_code(&exit.reason);
-    write_exit_file(args.exit_file.as_deref(), exit.reason.clone(), code);
+    exit_sink.write(exit.reason.clone(), code);
     drop(control);
     if args.timings {
         let report = serde_json::json!({

@@ -194,7 +194,8 @@ pub fn sources(cmd: SourcesCommand, ctx: &Ctx) -> anyhow::Result<()> {
 /// its reflection lists.
 pub fn version(ctx: &Ctx) -> anyhow::Result<()> {
     use controller::grpc::standard;
-    println!("ignite {} (client)", env!("CARGO_PKG_VERSION"));
+    let cgroups = vmm_core::jail::cgroup::Cgroups::host_version().map_or("none usable".to_string(), |v| v.to_string());
+    println!("ignite {} (client), this host's cgroups: {cgroups}", env!("CARGO_PKG_VERSION"));
     let answer = client::runtime()?.block_on(async {
         let channel = client::try_channel(ctx).await?;
         let info = HostClient::new(channel.clone()).info(proto::Empty {}).await.ok()?.into_inner();
@@ -209,12 +210,14 @@ pub fn version(ctx: &Ctx) -> anyhow::Result<()> {
     match answer {
         Some((i, health, reflection)) => {
             println!(
-                "ignite {} (daemon on {}): root {}, virtualization {}, snapshotter {}, {} VMs ({} running), {} CPUs, {}",
+                "ignite {} (daemon on {}): root {}, virtualization {}, snapshotter {}, vmm {}, cgroups {}, {} VMs ({} running), {} CPUs, {}",
                 i.version,
                 ctx.daemon(),
                 i.root,
                 i.virt_mode,
                 i.snapshotter,
+                i.vmm_jail,
+                i.cgroups,
                 i.vms,
                 i.running_vms,
                 i.cpus,

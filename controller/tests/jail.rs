@@ -1,0 +1,258 @@
+//! Jailed VMMs on real /dev/kvm with the real `ignite` binary and tiny guests: what the kernel says
+//! about the process (uid, capabilities, no_new_privs, seccomp on every thread, namespaces, root,
+//! environment, cgroup limits), uid allocation across VMs and restarts, cleanup after a crash, and the
+//! console log cap against a flooding guest.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use controller::supervisor::{Supervisor, SupervisorConfig, VmExit};
+use support::tiny_guest::{self, FLOOD_MARKER, IDLE_MARKER};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// A hang guard only.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// Why these tests cannot run here, or `None`.
+fn unavailable() -> Option<String> {
+    if let Some(reason) = tiny_guest::kvm_unavailable() {
+        return Some(reason);
+    }
+    if !vmm_core::jail::is_root() {
+        return Some("jailing a VMM needs root".into());
+    }
+    None
+}
+
+macro_rules! require_jail {
+    ($test:literal) => {
+        if let Some(reason) = unavailable() {
+            eprintln!("SKIP {}: {reason}", $test);
+            return;
+        }
+    };
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < HANG_GUARD, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn next_exit(rx: &mut UnboundedReceiver<VmExit>) -> VmExit {
+    let mut exit = None;
+    wait_for("a vm exit report", || {
+        exit = rx.try_recv().ok();
+        exit.is_some()
+    });
+    exit.unwrap()
+}
+
+fn console(sup: &Supervisor, name: &str) -> String {
+    std::fs::read_to_string(sup.vm_dir(name).join("console.log")).unwrap_or_default()
+}
+
+/// The value of `field` in /proc/PID/status (or of a thread's status file).
+fn status_field(status_file: &Path, field: &str) -> String {
+    let text = std::fs::read_to_string(status_file).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {}", status_file.display()))
+        .trim()
+        .to_string()
+}
+
+fn ns(pid: &str, kind: &str) -> std::path::PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+}
+
+#[test]
+fn a_jailed_vmm_holds_no_privilege_and_sees_only_its_jail() {
+    require_jail!("a_jailed_vmm_holds_no_privilege_and_sees_only_its_jail");
+    let dir = tempfile::tempdir().unwrap();
+    let sup = Supervisor::new(SupervisorConfig::new(dir.path().join("vms"), tiny_guest::ignite_bin())).unwrap();
+    let mut exits = sup.exits().unwrap();
+    let info = sup.spawn("web", &tiny_guest::idle_guest()).unwrap();
+    wait_for("the guest marker", || console(&sup, "web").contains(IDLE_MARKER));
+    let pid = info.pid.to_string();
+    let status = Path::new("/proc").join(&pid).join("status");
+
+    let uids: Vec<u32> = status_field(&status, "Uid").split_whitespace().map(|u| u.parse().unwrap()).collect();
+    assert!(uids.iter().all(|&u| u == uids[0] && controller::supervisor::DEFAULT_UIDS.contains(&u)), "{uids:?}");
+    let gids: Vec<u32> = status_field(&status, "Gid").split_whitespace().map(|u| u.parse().unwrap()).collect();
+    assert!(gids.iter().all(|&g| g == uids[0]), "{gids:?}");
+    assert_eq!(status_field(&status, "Groups"), "");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&status, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    // Every thread, not only the main one, runs under a filter.
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().collect();
+    assert!(tasks.len() >= 3, "main, vcpu, devices and control threads: {}", tasks.len());
+    for task in &tasks {
+        let status = task.path().join("status");
+        assert_eq!(
+            status_field(&status, "Seccomp"),
+            "2",
+            "{}",
+            std::fs::read_to_string(task.path().join("comm")).unwrap()
+        );
+    }
+
+    for kind in ["mnt", "pid", "ipc", "uts"] {
+        assert_ne!(ns(&pid, kind), ns("self", kind), "the vmm has its own {kind} namespace");
+    }
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("NSpid:"))
+            .unwrap()
+            .split_whitespace()
+            .last(),
+        Some("1"),
+        "it is PID 1 of its namespace"
+    );
+
+    // Its root is the jail: a few device nodes and nothing of the host.
+    let root = Path::new("/proc").join(&pid).join("root");
+    let mut entries: Vec<String> =
+        std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    entries.sort();
+    assert_eq!(entries, vec!["dev"]);
+    assert!(!root.join("etc/shadow").exists());
+    assert!(root.join("dev/kvm").exists());
+
+    // A clean environment: nothing of the daemon's.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains("CARGO") && !environ.contains("PATH="), "{environ}");
+
+    // Only the VM's own descriptors: no inherited sockets or files of the daemon (this test).
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default().to_string_lossy().into_owned();
+        assert!(!target.contains("ignite-tiny-guests") || target.ends_with(".elf"), "unexpected descriptor {target}");
+    }
+
+    if let Some(cgroups) = sup.cgroups() {
+        let memory = cgroups.memory_limit("web").expect("a memory limit");
+        assert_eq!(memory, (32 << 20) + vmm_core::jail::DEFAULT_VMM_ALLOWANCE);
+        assert_eq!(cgroups.pids_limit("web"), Some(1 + vmm_core::jail::VMM_EXTRA_THREADS));
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(own.lines().filter(|l| l.contains("/ignite/") && l.ends_with("/web")).count() >= 3, "{own}");
+        eprintln!("cgroups {} with a memory limit of {memory} bytes", cgroups.version);
+    } else {
+        eprintln!("NOTE: no usable cgroups on this host; the cgroup part of this test did not run");
+    }
+
+    sup.stop("web", Duration::from_secs(5)).unwrap();
+    let exit = next_exit(&mut exits);
+    assert_eq!(exit.reason, vmm_core::ExitReason::Stopped, "{exit:?}");
+    sup.cleanup("web").unwrap();
+    assert!(!sup.vm_dir("web").exists());
+    if let Some(cgroups) = sup.cgroups() {
+        assert!(!cgroups.names().contains(&"web".to_string()), "the cgroup goes with the vm");
+    }
+}
+
+#[test]
+fn uids_are_per_vm_kept_across_a_supervisor_restart_and_freed_after_a_crash() {
+    require_jail!("uids_are_per_vm_kept_across_a_supervisor_restart_and_freed_after_a_crash");
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("vms");
+    let uid_of = |pid: i32| -> String {
+        status_field(&Path::new("/proc").join(pid.to_string()).join("status"), "Uid")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let sup = Supervisor::new(SupervisorConfig::new(run_dir.clone(), tiny_guest::ignite_bin())).unwrap();
+    let a = sup.spawn("a", &tiny_guest::idle_guest()).unwrap();
+    let b = sup.spawn("b", &tiny_guest::idle_guest()).unwrap();
+    wait_for("both guests", || console(&sup, "a").contains(IDLE_MARKER) && console(&sup, "b").contains(IDLE_MARKER));
+    let (uid_a, uid_b) = (uid_of(a.pid), uid_of(b.pid));
+    assert_ne!(uid_a, uid_b, "two live VMs never share a uid");
+
+    // The daemon "crashes": its supervisor goes away, then VM a's process is SIGKILLed.
+    drop(sup);
+    kill9(a.pid);
+    let sup = Supervisor::new(SupervisorConfig::new(run_dir.clone(), tiny_guest::ignite_bin())).unwrap();
+    let mut exits = sup.exits().unwrap();
+    wait_for("vm a's process to end", || {
+        !Path::new(&format!("/proc/{}", a.pid)).exists() || proc_state(a.pid) == Some('Z')
+    });
+    let report = sup.adopt().unwrap();
+    assert_eq!(report.adopted, vec!["b".to_string()]);
+    assert_eq!(uid_of(b.pid), uid_b);
+
+    // A restarted VM keeps its uid.
+    let a2 = sup.spawn("a", &tiny_guest::idle_guest()).unwrap();
+    // The console log is appended to across restarts: the second marker is this run's.
+    wait_for("vm a again", || console(&sup, "a").matches(IDLE_MARKER).count() == 2);
+    assert_eq!(uid_of(a2.pid), uid_a);
+
+    // Deleting b frees its uid, run directory and cgroup; a new VM may take the uid.
+    sup.kill("b").unwrap();
+    next_exit(&mut exits);
+    sup.cleanup("b").unwrap();
+    assert!(!sup.vm_dir("b").exists());
+    let c = sup.spawn("c", &tiny_guest::idle_guest()).unwrap();
+    wait_for("vm c", || console(&sup, "c").contains(IDLE_MARKER));
+    assert_eq!(uid_of(c.pid), uid_b, "the lowest free uid is b's old one");
+
+    // A cgroup whose run directory is gone (a crash between the two removals) is an orphan to clean.
+    for vm in ["a", "c"] {
+        sup.kill(vm).unwrap();
+        next_exit(&mut exits);
+    }
+    if let Some(cgroups) = sup.cgroups() {
+        std::fs::remove_dir_all(sup.vm_dir("c")).unwrap();
+        let orphans = sup.list_orphans(&["a".to_string()]).unwrap();
+        assert_eq!(orphans.dirs, vec!["c".to_string()]);
+        sup.cleanup("c").unwrap();
+        assert!(!cgroups.names().contains(&"c".to_string()));
+    }
+    sup.cleanup("a").unwrap();
+    sup.cleanup("c").unwrap();
+}
+
+#[test]
+fn a_flooding_guest_leaves_its_console_log_within_the_cap() {
+    require_jail!("a_flooding_guest_leaves_its_console_log_within_the_cap");
+    const CAP: u64 = 16 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SupervisorConfig::new(dir.path().join("vms"), tiny_guest::ignite_bin());
+    config.log_max_bytes = CAP;
+    let sup = Supervisor::new(config).unwrap();
+    let mut exits = sup.exits().unwrap();
+    sup.spawn("flood", &tiny_guest::flood_guest()).unwrap();
+    let log = sup.vm_dir("flood").join("console.log");
+    let old = sup.vm_dir("flood").join("console.log.1");
+    // Rotated at least twice: the old file holds lines only (the start marker rotated away).
+    wait_for("two rotations", || {
+        std::fs::read_to_string(&old).is_ok_and(|t| t.len() as u64 > CAP / 2 && !t.contains(FLOOD_MARKER))
+    });
+    for file in [&log, &old] {
+        let len = std::fs::metadata(file).unwrap().len();
+        assert!(len <= CAP, "{} is {len} bytes, over the {CAP}-byte cap", file.display());
+    }
+    sup.kill("flood").unwrap();
+    next_exit(&mut exits);
+    sup.cleanup("flood").unwrap();
+}
+
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
+}
+
+/// SIGKILL to `pid`, through kill(1) (this crate forbids unsafe code).
+fn kill9(pid: i32) {
+    let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill -9 {pid}");
+}
