@@ -83,6 +83,12 @@ pub struct DaemonArgs {
     /// The most entries (files, directories, links) an image may have, over all its layers.
     #[arg(long, value_name = "N", default_value_t = image_store::unpack::DEFAULT_MAX_IMAGE_ENTRIES)]
     max_image_entries: u64,
+    /// The longest one image pull may take, all of it (manifests, config, layers): a registry
+    /// that trickles bytes just often enough to dodge the 60 s read timeout would otherwise hold a
+    /// worker, and the VMs queued behind it, forever. The VM gets an ImagePullFailed condition
+    /// and is retried with backoff.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    image_pull_timeout: Duration,
     /// Serve the API over TCP too, on ADDR:PORT, with mutual TLS (needs --tls-cert, --tls-key and
     /// --tls-client-ca: whoever reaches the API can start VMs, so clients must present a
     /// certificate).
@@ -174,6 +180,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         insecure_registries: args.insecure_registries,
         virt_mode: vmm_core::VirtModeConfig::Auto,
         policy: host_policy(args.allow_host_paths, args.allow_privileged_ports, args.listen)?,
+        pull_timeouts: image_store::pull::PullTimeouts { total: args.image_pull_timeout, ..Default::default() },
     };
     let config = DaemonConfig {
         root: root.to_path_buf(),
