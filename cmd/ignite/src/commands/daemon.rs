@@ -11,7 +11,7 @@ use controller::grpc::tls::ServerTls;
 use controller::host::{DefaultKernel, HostConfig};
 use controller::net::{NetConfig, Subnet};
 use controller::reconcile::ReconcilerConfig;
-use controller::source::{DirSpec, GitRef, GitSpec, SourceKind, SourceSpec};
+use controller::source::{DirSpec, GitCredentials, GitRef, GitSpec, SourceKind, SourceSpec};
 
 /// Flags of `ignite daemon`.
 #[derive(Args)]
@@ -34,6 +34,12 @@ pub struct DaemonArgs {
     /// Commit to pin.
     #[arg(long, requires = "gitops")]
     commit: Option<String>,
+    /// User name and password (or token) for an https --gitops remote: a file of one line,
+    /// USERNAME:PASSWORD, or a token alone (sent as the password of user x-access-token), readable
+    /// by its owner only (chmod 600). Credentials inside the URL are refused: they would show in
+    /// the process list, logs and status. Sent over https only, or plain http to this host.
+    #[arg(long, value_name = "FILE", requires = "gitops")]
+    git_credentials_file: Option<PathBuf>,
     /// Subdirectory of the repository holding the manifests.
     #[arg(long, default_value = "", requires = "gitops")]
     path: String,
@@ -150,7 +156,12 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             (None, Some(commit)) => GitRef::Commit(commit),
             (None, None) => GitRef::Branch(args.branch.unwrap_or_else(|| "main".into())),
         };
-        let git = GitSpec { url, reference, path: args.path, interval: args.interval };
+        controller::source::credentials::refuse_url_credentials(&url)?;
+        let credentials = match &args.git_credentials_file {
+            Some(file) => Some(GitCredentials::load(file)?),
+            None => None,
+        };
+        let git = GitSpec { url, reference, path: args.path, interval: args.interval, credentials };
         sources.push(SourceSpec { name: "gitops".into(), kind: SourceKind::Git(git) });
     }
     if let Some(path) = args.dir {
