@@ -203,7 +203,8 @@ impl Runtime for HostRuntime {
         )?;
         let base = artifacts::base_rootfs(&self.paths, &image, self.config.init_bin.as_deref())?;
         // Early, so a VM that cannot join fails before a disk is made; the token stays in memory.
-        let join = kubernetes::join_config(self.kube.as_ref(), vm)?;
+        let owner = self.store.get_vm(name).ok().flatten().map(|r| r.owner).unwrap_or_default();
+        let join = kubernetes::join_config(self.kube.as_ref(), vm, &owner)?;
         let dir = prepared::dir(&self.runtime_dir(), name);
         guest::create_private_dir(&dir)
             .map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;

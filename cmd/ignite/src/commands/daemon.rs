@@ -128,6 +128,17 @@ pub struct DaemonArgs {
     /// Lifetime of the bootstrap tokens created for spec.bootstrap.kubernetes.createToken (default: 1h).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "kube")]
     kube_token_ttl: Option<Duration>,
+    /// Let the MicroVMs of namespace NS use the bootstrap-token Secret kube-system/NAME as
+    /// spec.bootstrap.kubernetes.tokenSecretRef (NS/NAME; repeatable; @host/NAME for the VMs of
+    /// this host's own git, directory and API sources). None by default: a VM naming a Secret not
+    /// listed is Stalled (BootstrapNotAllowed) and the Secret is never read.
+    #[arg(long = "kube-token-secret", value_name = "NS/NAME", requires = "kube")]
+    kube_token_secrets: Vec<String>,
+    /// Let the MicroVMs of namespace NS have the daemon create bootstrap tokens
+    /// (spec.bootstrap.kubernetes.createToken; repeatable; @host for the VMs of this host's own
+    /// sources). None by default: such a VM is Stalled (BootstrapNotAllowed).
+    #[arg(long = "kube-bootstrap-namespaces", value_name = "NS", requires = "kube")]
+    kube_bootstrap_namespaces: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -208,6 +219,13 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         },
     };
     let token_ttl = args.kube_token_ttl;
+    let mut scope = controller::kube::scope::BootstrapScope::default();
+    for entry in &args.kube_token_secrets {
+        scope.allow_token_secret(entry).context("--kube-token-secret")?;
+    }
+    for ns in &args.kube_bootstrap_namespaces {
+        scope.allow_create_token(ns).context("--kube-bootstrap-namespaces")?;
+    }
     let kube = match args.kube {
         false => None,
         true => {
@@ -241,6 +259,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             (Some(settings), Some(client)) => {
                 let mut access = controller::kube::access::KubeAccess::new(client.clone(), settings.host_name.clone());
                 access.token_ttl = token_ttl.unwrap_or(access.token_ttl);
+                access.scope = scope;
                 Some(access)
             }
             _ => None,
