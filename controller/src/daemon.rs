@@ -78,6 +78,15 @@ pub enum DaemonError {
         #[source]
         source: StoreError,
     },
+    /// The root could not be created or made private (0700).
+    #[error("making the root {root} private (mode 0700)")]
+    Root {
+        /// The root.
+        root: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The snapshotter could not be chosen or recovered.
     #[error("preparing the disk snapshotter")]
     Snapshotter(#[source] image_store::SnapshotError),
@@ -123,6 +132,8 @@ impl Daemon {
         config: DaemonConfig,
         kube: Option<crate::kube::access::KubeAccess>,
     ) -> Result<Daemon, DaemonError> {
+        crate::private::secure_root(&config.root)
+            .map_err(|source| DaemonError::Root { root: config.root.clone(), source })?;
         let store =
             Store::open(&config.root).map_err(|source| DaemonError::Store { root: config.root.clone(), source })?;
         let paths = image_store::StorePaths::new(&config.root);

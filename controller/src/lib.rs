@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod host;
 pub mod kube;
 pub mod net;
+pub mod private;
 pub mod reconcile;
 pub mod source;
 pub mod store;

@@ -63,6 +63,7 @@ fn git_commits_drive_real_vm_processes() {
             reference: GitRef::Branch("main".into()),
             path: "vms".into(),
             interval: Duration::from_millis(300),
+            credentials: None,
         }),
     };
     let config = daemon_config(root.path(), vec![spec], None);

@@ -137,6 +137,9 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     let bootstrap = bootstrap_spec();
     let fleet = tempfile::tempdir().unwrap();
     std::fs::write(fleet.path().join("web.yaml"), manifest("web", &image, "64Mi", &bootstrap)).unwrap();
+    // Asks for a token Secret of kube-system the daemon does not let this host's sources use.
+    let greedy = bootstrap.replace("createToken: true", "tokenSecretRef: bootstrap-token-abcdef");
+    std::fs::write(fleet.path().join("greedy.yaml"), manifest("greedy", &image, "64Mi", &greedy)).unwrap();
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _guard = support::daemon::KillVmsOnDrop(r);
@@ -147,12 +150,31 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let access = runtime.block_on(async {
         tokio::spawn(api_server(handle, cluster.clone()));
-        KubeAccess::new(kube::Client::new(service, "default"), "test-host")
+        let mut access = KubeAccess::new(kube::Client::new(service, "default"), "test-host");
+        // This host's own sources (here a directory) may have tokens created; nothing else.
+        access.scope.allow_create_token(controller::kube::scope::HOST_SOURCES).unwrap();
+        access
     });
     let daemon = runtime.block_on(Daemon::start_with_kube(config, Some(access))).unwrap();
     let store = daemon.store().clone();
 
     wait_for("web up", Duration::from_secs(60), || vm_up(r, "web"));
+    let refused = "VM \"greedy\": spec.bootstrap.kubernetes.tokenSecretRef: VMs of this host's own sources \
+                   (git, directory, API) may not use secret kube-system/bootstrap-token-abcdef: the daemon allows \
+                   it with --kube-token-secret @host/bootstrap-token-abcdef";
+    wait_for("greedy stalled", Duration::from_secs(60), || {
+        store.get_vm("greedy").unwrap().is_some_and(|v| {
+            v.status.conditions.iter().any(|c| {
+                format!("{:?}/{:?}", c.type_, c.status) == "Stalled/True"
+                    && c.reason == "BootstrapNotAllowed"
+                    && c.message.contains(refused)
+            })
+        })
+    });
+    let asked = cluster.lock().unwrap().requests.clone();
+    assert!(!asked.iter().any(|r| r.contains("bootstrap-token-abcdef")), "the Secret is never read: {asked:?}");
+    assert!(!r.join("runtime/greedy/prepared.json").exists(), "nothing is prepared for greedy");
+    std::fs::remove_file(fleet.path().join("greedy.yaml")).unwrap();
     let secret = cluster.lock().unwrap().secrets.first().cloned().expect("a bootstrap-token Secret was created");
     assert_eq!(secret["type"], "bootstrap.kubernetes.io/token");
     assert_eq!(secret["metadata"]["labels"]["ignite.dev/vm"], "web");

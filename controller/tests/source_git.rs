@@ -20,6 +20,7 @@ fn spec(url: &str, reference: GitRef, path: &str) -> SourceSpec {
             reference,
             path: path.into(),
             interval: Duration::from_secs(30),
+            credentials: None,
         }),
     }
 }

@@ -45,6 +45,19 @@ pub enum ContentError {
         /// Bytes received.
         actual: u64,
     },
+    /// More bytes arrived than the blob's descriptor declares: the transfer was cut off there,
+    /// nothing past the declared size was written or kept.
+    #[error(
+        "blob {digest} is longer than the {expected} bytes its descriptor declares: cut off after {received} bytes"
+    )]
+    TooLong {
+        /// The blob's digest (or `unverified` for a blob stored under whatever digest it has).
+        digest: String,
+        /// The declared size.
+        expected: u64,
+        /// Bytes received when the transfer was cut off.
+        received: u64,
+    },
     /// The blob is not in the store.
     #[error("blob {0} is not in the content store")]
     NotFound(Digest),
@@ -278,8 +291,16 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    /// Appends bytes (and hashes them).
+    /// Appends bytes (and hashes them). Bytes past the expected size are refused before any of
+    /// them is written: a registry (or file) sending an endless blob fills neither disk nor memory.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), ContentError> {
+        if let Some(expected) = self.expected_size {
+            let received = self.written.saturating_add(bytes.len() as u64);
+            if received > expected {
+                let digest = self.expected.as_ref().map_or_else(|| "unverified".to_string(), |d| d.to_string());
+                return Err(ContentError::TooLong { digest, expected, received });
+            }
+        }
         if let Some(file) = self.file.as_mut() {
             file.write_all(bytes).map_err(io_err(&self.tmp))?;
         }
@@ -357,6 +378,8 @@ mod tests {
         assert!(matches!(e, ContentError::DigestMismatch { .. }), "{e}");
         assert!(e.to_string().contains(other.as_str()), "{e}");
         assert!(!store.has(&other));
+        let e = store.put_reader(&b"hello, and then some"[..], Some(d.clone()), Some(5)).unwrap_err();
+        assert!(matches!(e, ContentError::TooLong { expected: 5, .. }), "{e}");
         let e = store.put_reader(&b"hell"[..], Some(d.clone()), Some(5)).unwrap_err();
         assert!(matches!(e, ContentError::SizeMismatch { actual: 4, .. }), "{e}");
         assert_eq!(temps(&paths), 0);

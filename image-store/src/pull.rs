@@ -10,7 +10,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
-use oci_client::Client;
+use oci_client::{Client, RegistryOperation};
 use tracing::Instrument as _;
 
 use crate::auth::{registry_auth, AuthError};
@@ -20,6 +20,11 @@ use crate::import::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFE
 use crate::progress::{ProgressFn, ProgressTracker};
 use crate::reference::{ImageReference, ReferenceError};
 use crate::{Digest, ImageRecord, StorePaths};
+
+/// The largest manifest fetched when no descriptor declares its size (by tag): manifests are a
+/// few KiB; containerd bounds them at 4 MiB too. A manifest named by an index is bounded by the
+/// size the index declares.
+pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 /// Layers downloaded at the same time: enough to hide latency, few enough not to flood a registry.
 pub const MAX_CONCURRENT_DOWNLOADS: usize = 3;
@@ -38,23 +43,28 @@ pub struct PullOptions {
 }
 
 /// A registry that accepts a connection and then says nothing must not hold a pull (and the VM
-/// waiting for it) forever.
+/// waiting for it) forever; nor may one that trickles a byte now and then, just often enough to
+/// never miss a read timeout: the whole pull has a bound too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PullTimeouts {
     /// To connect ([`DEFAULT_CONNECT_TIMEOUT`]).
     pub connect: std::time::Duration,
     /// Between two reads of one response ([`DEFAULT_READ_TIMEOUT`]).
     pub read: std::time::Duration,
+    /// For the whole pull: manifests, config and every layer ([`DEFAULT_TOTAL_TIMEOUT`]).
+    pub total: std::time::Duration,
 }
 
 /// The default [`PullTimeouts::connect`].
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The default [`PullTimeouts::read`].
 pub const DEFAULT_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The default [`PullTimeouts::total`]: a few GiB over a slow link, not a registry stalling forever.
+pub const DEFAULT_TOTAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 impl Default for PullTimeouts {
     fn default() -> Self {
-        PullTimeouts { connect: DEFAULT_CONNECT_TIMEOUT, read: DEFAULT_READ_TIMEOUT }
+        PullTimeouts { connect: DEFAULT_CONNECT_TIMEOUT, read: DEFAULT_READ_TIMEOUT, total: DEFAULT_TOTAL_TIMEOUT }
     }
 }
 
@@ -115,6 +125,25 @@ pub enum PullError {
         #[source]
         source: OciDistributionError,
     },
+    /// The whole pull took longer than [`PullTimeouts::total`]; what it had downloaded is dropped.
+    #[error("pulling {reference} did not finish within {}s (the daemon's --image-pull-timeout)", .limit.as_secs_f64())]
+    TimedOut {
+        /// The reference being pulled.
+        reference: String,
+        /// The bound.
+        limit: std::time::Duration,
+    },
+    /// A manifest is longer than its descriptor declares, or than [`MAX_MANIFEST_BYTES`]; the
+    /// transfer was cut off there, nothing more was read.
+    #[error("the manifest of {reference} is longer than {limit} bytes (cut off after {received})")]
+    ManifestTooLong {
+        /// The reference (with the digest, for a manifest named by an index).
+        reference: String,
+        /// The declared size, or [`MAX_MANIFEST_BYTES`].
+        limit: u64,
+        /// Bytes received (or announced) when the transfer was cut off.
+        received: u64,
+    },
     /// A manifest or config is unusable (e.g. a zstd layer, no amd64 image).
     #[error(transparent)]
     Manifest(#[from] ManifestError),
@@ -134,6 +163,10 @@ const ACCEPTED: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MAN
 
 struct Puller<'a> {
     client: Client,
+    /// For manifests, whose size oci-client does not bound (same timeouts as `client`).
+    http: reqwest::Client,
+    /// `http` or `https`.
+    scheme: &'static str,
     auth: RegistryAuth,
     reference: &'a ImageReference,
     store: ContentStore,
@@ -168,21 +201,59 @@ impl Puller<'_> {
         }
     }
 
-    /// Fetches a manifest and checks it against `expected` (when pinned by digest).
-    async fn manifest(&self, at: &ImageReference) -> Result<(Vec<u8>, Digest), PullError> {
+    /// Fetches a manifest, at most `declared` bytes (its descriptor's size; [`MAX_MANIFEST_BYTES`]
+    /// without one), and checks it against `at`'s digest when pinned. The body is read chunk by
+    /// chunk and the transfer cut off past the bound: a registry cannot make us buffer an endless
+    /// manifest (oci-client's `pull_manifest_raw` reads whole bodies).
+    async fn manifest(&self, at: &ImageReference, declared: Option<u64>) -> Result<(Vec<u8>, Digest), PullError> {
         let what = at.digest.as_ref().map(|d| format!("digest {d}"));
-        let (bytes, _) = self
+        let oci = at.to_oci();
+        // A bearer token (also cached for the blob requests), or None: basic or no auth.
+        let token = self
             .client
-            .pull_manifest_raw(&at.to_oci(), &self.auth, ACCEPTED)
+            .auth(&oci, &self.auth, RegistryOperation::Pull)
             .await
-            .map_err(|e| self.classify(e, what))?;
+            .map_err(|e| self.classify(e, what.clone()))?;
+        let tag_or_digest = oci.digest().or(oci.tag()).unwrap_or("latest");
+        let url =
+            format!("{}://{}/v2/{}/manifests/{tag_or_digest}", self.scheme, oci.resolve_registry(), oci.repository());
+        let mut request = self.http.get(&url).header(reqwest::header::ACCEPT, ACCEPTED.join(", "));
+        request = match (token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            _ => request,
+        };
+        let request_err = |e| self.classify(OciDistributionError::RequestError(e), what.clone());
+        let mut response = request.send().await.map_err(request_err)?;
+        let status = response.status();
+        if !status.is_success() {
+            let code = status.as_u16();
+            let e = match code {
+                401 | 403 => OciDistributionError::UnauthorizedError { url },
+                _ => OciDistributionError::ServerError { code, url, message: status.to_string() },
+            };
+            return Err(self.classify(e, what));
+        }
+        let limit = declared.unwrap_or(MAX_MANIFEST_BYTES);
+        let too_long = |received| PullError::ManifestTooLong { reference: at.to_string(), limit, received };
+        if let Some(announced) = response.content_length().filter(|&n| n > limit) {
+            return Err(too_long(announced));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(request_err)? {
+            let received = (bytes.len() + chunk.len()) as u64;
+            if received > limit {
+                return Err(too_long(received));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         let actual = Digest::of_bytes(&bytes);
         if let Some(expected) = &at.digest {
             if *expected != actual {
                 return Err(ContentError::DigestMismatch { expected: expected.clone(), actual }.into());
             }
         }
-        Ok((bytes.to_vec(), actual))
+        Ok((bytes, actual))
     }
 
     /// Downloads one blob into the store unless present. `layer` blobs count towards layer progress.
@@ -246,7 +317,12 @@ impl Puller<'_> {
 pub async fn pull(paths: &StorePaths, reference: &str, options: &PullOptions) -> Result<ImageRecord, PullError> {
     let parsed = ImageReference::parse(reference)?;
     let span = tracing::info_span!("pull", reference = %parsed);
-    pull_parsed(paths, &parsed, options).instrument(span).await
+    let limit = options.timeouts.total;
+    // Dropping the pull on time-out drops its blob writers, which delete their temp files.
+    match tokio::time::timeout(limit, pull_parsed(paths, &parsed, options).instrument(span)).await {
+        Ok(result) => result,
+        Err(_) => Err(PullError::TimedOut { reference: parsed.to_string(), limit }),
+    }
 }
 
 async fn pull_parsed(
@@ -261,14 +337,21 @@ async fn pull_parsed(
         read_timeout: Some(options.timeouts.read),
         ..Default::default()
     };
-    let puller = Puller { client: Client::new(config), auth, reference: parsed, store: ContentStore::open(paths)? };
+    let http = reqwest::Client::builder()
+        .connect_timeout(options.timeouts.connect)
+        .read_timeout(options.timeouts.read)
+        .build()
+        .map_err(|e| PullError::Registry { reference: parsed.to_string(), source: e.into() })?;
+    let scheme = if options.insecure { "http" } else { "https" };
+    let store = ContentStore::open(paths)?;
+    let puller = Puller { client: Client::new(config), http, scheme, auth, reference: parsed, store };
 
-    let (mut bytes, mut digest) = puller.manifest(parsed).await?;
+    let (mut bytes, mut digest) = puller.manifest(parsed, None).await?;
     let mut doc = ManifestDoc::parse(&bytes, &digest)?;
     if doc.is_index() {
-        let (chosen, _) = doc.select_amd64(&digest)?;
+        let (chosen, size) = doc.select_amd64(&digest)?;
         tracing::debug!(index = %digest, manifest = %chosen, "resolved linux/amd64");
-        (bytes, digest) = puller.manifest(&parsed.with_digest(chosen)).await?;
+        (bytes, digest) = puller.manifest(&parsed.with_digest(chosen), Some(size)).await?;
         doc = ManifestDoc::parse(&bytes, &digest)?;
     }
     let (config_digest, layers) = doc.image_parts(&digest)?;

@@ -149,11 +149,45 @@ fn a_registry_that_accepts_and_never_answers_times_out() {
         }
     });
     let (_dir, paths) = store();
-    let timeouts = image_store::pull::PullTimeouts { connect: Duration::from_secs(1), read: Duration::from_secs(1) };
+    let timeouts = image_store::pull::PullTimeouts {
+        connect: Duration::from_secs(1),
+        read: Duration::from_secs(1),
+        ..Default::default()
+    };
     let opts = PullOptions { timeouts, ..insecure() };
     let e = pull_blocking(&paths, &format!("{silent}/x:v1"), &opts).unwrap_err();
     assert!(matches!(e, PullError::Unreachable { .. }), "{}", chain(&e));
     assert_eq!(image_store::pull::PullTimeouts::default().read, image_store::pull::DEFAULT_READ_TIMEOUT);
+}
+
+#[test]
+fn a_registry_that_trickles_bytes_hits_the_whole_pull_bound() {
+    let (trickle, _) = support::registry::trickling_registry();
+    let (_dir, paths) = store();
+    let timeouts = image_store::pull::PullTimeouts { total: Duration::from_secs(2), ..Default::default() };
+    let opts = PullOptions { timeouts, ..insecure() };
+    let started = std::time::Instant::now();
+    let e = pull_blocking(&paths, &format!("{trickle}/slow:v1"), &opts).unwrap_err();
+    assert!(matches!(e, PullError::TimedOut { .. }), "{}", chain(&e));
+    let text = e.to_string();
+    assert!(text.contains(&format!("{trickle}/slow:v1")) && text.contains("within 2s"), "{text}");
+    // Not the 60 s read timeout: the trickle never lets that one fire.
+    assert!(started.elapsed() < image_store::pull::DEFAULT_READ_TIMEOUT, "{:?}", started.elapsed());
+    assert_eq!(count_files(&paths.tmp_dir()), 0, "temp files left");
+    assert_eq!(image_store::pull::PullTimeouts::default().total, image_store::pull::DEFAULT_TOTAL_TIMEOUT);
+}
+
+#[test]
+fn an_endless_manifest_is_cut_off_at_the_manifest_bound() {
+    let endless = support::registry::endless_manifest_registry();
+    let (_dir, paths) = store();
+    let e = pull_blocking(&paths, &format!("{endless}/endless:v1"), &insecure()).unwrap_err();
+    let PullError::ManifestTooLong { limit, received, .. } = &e else { panic!("{}", chain(&e)) };
+    assert_eq!(*limit, image_store::pull::MAX_MANIFEST_BYTES);
+    // Cut off at the first chunk past the bound: never read (let alone kept) in full.
+    assert!(*received > *limit && *received < *limit + (1 << 20), "{}", chain(&e));
+    assert!(e.to_string().contains(&format!("{endless}/endless:v1")), "{e}");
+    assert_eq!(count_files(&paths.images_dir()), 0, "record left");
 }
 
 #[test]
@@ -217,6 +251,21 @@ fn truncated_layer_is_rejected_and_next_pull_succeeds() {
         "truncated",
         |b| b.truncate(b.len() / 3),
         |e| matches!(e, PullError::Content(ContentError::SizeMismatch { .. }) | PullError::Transfer { .. }),
+    );
+}
+
+#[test]
+fn an_overlong_layer_is_cut_off_at_its_declared_size() {
+    // 16 MiB more than the manifest declares: the writer refuses the first byte past the size,
+    // so the pull fails on TooLong (not on a digest or size check once everything was written).
+    bad_blob_case(
+        "overlong",
+        |b| b.resize(b.len() + (16 << 20), 0),
+        |e| {
+            matches!(e, PullError::Content(ContentError::TooLong { .. }))
+                && e.to_string().contains("longer than the")
+                && e.to_string().contains("cut off")
+        },
     );
 }
 

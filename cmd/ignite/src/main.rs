@@ -124,6 +124,11 @@ enum Command {
 fn main() -> ExitCode {
     let process_start = Instant::now();
     let cli = Cli::parse();
+    // What writes under --root (the daemon, VMMs, local image and kernel stores) creates nothing
+    // other users can read: the root holds secrets at rest.
+    if matches!(cli.command, Command::Daemon(_) | Command::Vmm(_) | Command::Image(_) | Command::Kernel(_)) {
+        controller::private::restrict_umask();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
         .with_writer(log_sink::make)

@@ -33,13 +33,20 @@ pub fn is_loopback_registry(reference: &str) -> bool {
 }
 
 /// The image record for `reference`: the local one if present, else pulled.
-pub fn resolve_image(paths: &StorePaths, reference: &str, insecure: bool) -> Result<ImageRecord, RuntimeError> {
+/// The pull is bounded by `timeouts` (the whole of it, too: a registry trickling bytes must not
+/// hold this reconcile worker, and every VM queued behind it, forever).
+pub fn resolve_image(
+    paths: &StorePaths,
+    reference: &str,
+    insecure: bool,
+    timeouts: image_store::pull::PullTimeouts,
+) -> Result<ImageRecord, RuntimeError> {
     let index = ImageIndex::open(paths)
         .map_err(|e| RuntimeError::transient("ImageStoreFailed", format!("image store: {e}")))?;
     if let Ok(record) = index.find(reference) {
         return Ok(record);
     }
-    let options = PullOptions { insecure: insecure || is_loopback_registry(reference), ..Default::default() };
+    let options = PullOptions { insecure: insecure || is_loopback_registry(reference), timeouts, ..Default::default() };
     image_store::pull_blocking(paths, reference, &options).map_err(|e| {
         let message = format!("pulling image {reference}: {}", crate::reconcile::error_chain(&e));
         match e {
@@ -146,6 +153,7 @@ mod tests {
             insecure_registries: false,
             virt_mode: Default::default(),
             policy: crate::api::HostPolicy { paths, ..Default::default() },
+            pull_timeouts: Default::default(),
         }
     }
 

@@ -55,9 +55,14 @@ impl BootstrapClass for crate::kube::access::ApiCallError {
     }
 }
 
+/// The reason of a bootstrap the daemon's allow-lists do not let the VM's namespace have.
+pub const NOT_ALLOWED: &str = "BootstrapNotAllowed";
+
 /// The join configuration for `vm`'s config drive, when it declares `spec.bootstrap.kubernetes`.
-/// Without Kubernetes access that is a permanent error naming the field and the daemon flags.
-pub fn join_config(kube: Option<&KubeAccess>, vm: &Vm) -> Result<Option<JoinConfig>, RuntimeError> {
+/// Without Kubernetes access that is a permanent error naming the field and the daemon flags; so
+/// is a token the daemon's [`BootstrapScope`](crate::kube::scope::BootstrapScope) does not give
+/// the VM's `owner` (checked before any call to the API server).
+pub fn join_config(kube: Option<&KubeAccess>, vm: &Vm, owner: &str) -> Result<Option<JoinConfig>, RuntimeError> {
     let Some(k8s) = vm.spec.bootstrap.as_ref().and_then(|b| b.kubernetes.as_ref()) else {
         return Ok(None);
     };
@@ -67,6 +72,10 @@ pub fn join_config(kube: Option<&KubeAccess>, vm: &Vm) -> Result<Option<JoinConf
         let e = bootstrap::BootstrapError::NoKubeAccess { vm: name.into(), field };
         return Err(RuntimeError::permanent(REASON, e.to_string()));
     };
+    if let Some(message) = access.scope.refusal(crate::kube::scope::requester(owner), name, k8s) {
+        warn!(vm = name, owner, error = %message, "bootstrap token not allowed");
+        return Err(RuntimeError::permanent(NOT_ALLOWED, message));
+    }
     let what = format!("VM {name:?}: bootstrap token");
     let token = block_on(access, &what, bootstrap::token_for(access, name, k8s, SystemTime::now()))?;
     info!(vm = name, provider_id = %access.provider_id(name), "join configuration on the config drive");

@@ -22,12 +22,12 @@ fn create_token() -> serde_json::Value {
 
 #[test]
 fn a_vm_without_bootstrap_needs_no_kubernetes() {
-    assert_eq!(join_config(None, &vm(serde_json::Value::Null)).unwrap(), None);
+    assert_eq!(join_config(None, &vm(serde_json::Value::Null), "git:fleet").unwrap(), None);
 }
 
 #[test]
 fn bootstrap_without_kubernetes_access_is_a_permanent_precise_error() {
-    let err = join_config(None, &vm(create_token())).unwrap_err();
+    let err = join_config(None, &vm(create_token()), "git:fleet").unwrap_err();
     assert!(err.permanent);
     assert_eq!(err.reason, "BootstrapFailed");
     assert_eq!(
@@ -36,16 +36,17 @@ fn bootstrap_without_kubernetes_access_is_a_permanent_precise_error() {
     );
     let by_ref =
         json!({"apiServerEndpoint": "k:6443", "caCertHash": "sha256:00", "tokenSecretRef": "bootstrap-token-abcdef"});
-    let err = join_config(None, &vm(by_ref)).unwrap_err();
+    let err = join_config(None, &vm(by_ref), "git:fleet").unwrap_err();
     assert!(err.message.contains("spec.bootstrap.kubernetes.tokenSecretRef needs the daemon"), "{}", err.message);
     forget(None, "web").expect("a VM is removable without Kubernetes access");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn the_join_configuration_lands_private_on_the_config_drive() {
-    let (access, mut server) = mock::access();
+    let (mut access, mut server) = mock::access();
+    access.scope.allow_create_token("team").unwrap();
     // The runtime's steps are synchronous and block on the daemon's runtime, as on a reconcile worker.
-    let step = std::thread::spawn(move || join_config(Some(&access), &vm(create_token())));
+    let step = std::thread::spawn(move || join_config(Some(&access), &vm(create_token()), "kube:team/web"));
     expect(&mut server, "GET", "/api/v1/namespaces/kube-system/secrets", 200, mock::list("SecretList", vec![])).await;
     let (posted, send) = mock::next(&mut server).await;
     mock::respond(send, 201, posted.body.clone());
@@ -69,12 +70,46 @@ async fn the_join_configuration_lands_private_on_the_config_drive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn an_unreachable_api_server_is_a_transient_bootstrap_failure() {
-    let (access, mut server) = mock::access();
-    let step = std::thread::spawn(move || join_config(Some(&access), &vm(create_token())));
+    let (mut access, mut server) = mock::access();
+    access.scope.allow_create_token(crate::kube::scope::HOST_SOURCES).unwrap();
+    let step = std::thread::spawn(move || join_config(Some(&access), &vm(create_token()), "git:fleet"));
     mock::fail_connection(&mut server).await;
     let err = tokio::task::spawn_blocking(move || step.join().unwrap()).await.unwrap().unwrap_err();
     assert!(!err.permanent && err.reason == "BootstrapFailed", "{err:?}");
     assert!(err.message.starts_with("VM \"web\": bootstrap token: cannot list secrets"), "{}", err.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_token_outside_the_daemons_allow_lists_is_refused_before_any_call() {
+    let (mut access, _server) = mock::access();
+    access.scope.allow_create_token("team-a").unwrap();
+    access.scope.allow_token_secret("team-a/bootstrap-token-abcdef").unwrap();
+    let by_ref = json!({"apiServerEndpoint": "k:6443", "caCertHash": format!("sha256:{}", "ab".repeat(32)),
+        "tokenSecretRef": "bootstrap-token-abcdef"});
+    // Another namespace, and this host's own sources: neither is on the lists. The mock API
+    // server would hang a call: the refusal comes first.
+    let access = std::sync::Arc::new(access);
+    let a = access.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        (
+            join_config(Some(&a), &vm(create_token()), "kube:team-b/web").unwrap_err(),
+            join_config(Some(&a), &vm(by_ref.clone()), "kube:team-b/web").unwrap_err(),
+            join_config(Some(&a), &vm(create_token()), "git:fleet").unwrap_err(),
+        )
+    })
+    .await
+    .unwrap();
+    for err in [&refused.0, &refused.1, &refused.2] {
+        assert!(err.permanent && err.reason == NOT_ALLOWED, "{err:?}");
+    }
+    assert!(refused.0.message.contains("--kube-bootstrap-namespaces team-b"), "{}", refused.0.message);
+    assert!(
+        refused.1.message.contains("may not use secret kube-system/bootstrap-token-abcdef"),
+        "{}",
+        refused.1.message
+    );
+    assert!(refused.1.message.contains("--kube-token-secret team-b/bootstrap-token-abcdef"), "{}", refused.1.message);
+    assert!(refused.2.message.contains("--kube-bootstrap-namespaces @host"), "{}", refused.2.message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

@@ -47,6 +47,8 @@ pub struct HostConfig {
     pub virt_mode: vmm_core::VirtModeConfig,
     /// What manifests may name on this host: files (`--allow-host-path`) and ports.
     pub policy: crate::api::HostPolicy,
+    /// Bounds on every image pull (`--image-pull-timeout` for the whole pull).
+    pub pull_timeouts: image_store::pull::PullTimeouts,
 }
 
 /// See the module docs.
@@ -193,10 +195,16 @@ impl Runtime for HostRuntime {
         if let Some((field, message)) = self.config.policy.ports.check(vm).into_iter().next() {
             return Err(RuntimeError::permanent("PortNotAllowed", format!("VM {name:?}: {field}: {message}")));
         }
-        let image = artifacts::resolve_image(&self.paths, &spec.image, self.config.insecure_registries)?;
+        let image = artifacts::resolve_image(
+            &self.paths,
+            &spec.image,
+            self.config.insecure_registries,
+            self.config.pull_timeouts,
+        )?;
         let base = artifacts::base_rootfs(&self.paths, &image, self.config.init_bin.as_deref())?;
         // Early, so a VM that cannot join fails before a disk is made; the token stays in memory.
-        let join = kubernetes::join_config(self.kube.as_ref(), vm)?;
+        let owner = self.store.get_vm(name).ok().flatten().map(|r| r.owner).unwrap_or_default();
+        let join = kubernetes::join_config(self.kube.as_ref(), vm, &owner)?;
         let dir = prepared::dir(&self.runtime_dir(), name);
         guest::create_private_dir(&dir)
             .map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;

@@ -19,6 +19,9 @@ pub struct KubeAccess {
     pub host: String,
     /// Lifetime of created bootstrap tokens.
     pub token_ttl: Duration,
+    /// Which VMs may have a token (`--kube-token-secret`, `--kube-bootstrap-namespaces`): none
+    /// by default.
+    pub scope: super::scope::BootstrapScope,
     /// The tokio runtime the client's calls run on: the runtime's steps are synchronous (they run on
     /// reconcile worker threads or in `spawn_blocking`) and block on it.
     pub handle: tokio::runtime::Handle,
@@ -40,6 +43,7 @@ impl KubeAccess {
             client,
             host: host.into(),
             token_ttl: DEFAULT_TOKEN_TTL,
+            scope: Default::default(),
             handle: tokio::runtime::Handle::current(),
         }
     }

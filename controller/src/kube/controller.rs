@@ -374,7 +374,7 @@ async fn reconcile_inner(obj: &DynamicObject, ctx: &Context) -> Result<Action, K
         Ok(report) => report.touched().for_each(|n| ctx.queue.add(n)),
         Err(ApplyError::OwnerConflict { owner: other, .. }) => {
             let message = format!(
-                "VM name {vm_name:?} (namespace-name) is already taken on host {} by {other}: rename this MicroVM or move it to another namespace",
+                "VM name {vm_name:?} (from namespace and name) is already taken on host {} by {other}: rename this MicroVM or move it to another namespace",
                 ctx.settings.host_name
             );
             warn!(error = %message, "name conflict");
@@ -525,7 +525,7 @@ pub fn desired_vm(obj: &DynamicObject, vm_name: &str) -> Result<Vm, Vec<(String,
         .map(|(field, message)| {
             if field == "metadata.name" {
                 let message = format!(
-                    "the VM name on the host, {vm_name:?} (namespace-name), must be a DNS label of at most 63 characters: shorten the namespace or the name"
+                    "the VM name on the host, {vm_name:?} (the namespace with each '-' doubled, '-', the name), must be a DNS label of at most 63 characters: shorten the namespace or the name"
                 );
                 (field, message)
             } else {
@@ -685,7 +685,7 @@ mod tests {
         let long = "x".repeat(60);
         let p = problems(&long, &format!("prod-{long}"), json!({"image": "busybox"}));
         assert_eq!(p[0].0, "metadata.name");
-        assert!(p[0].1.contains("namespace-name") && p[0].1.contains("63"), "{p:?}");
+        assert!(p[0].1.contains("each '-' doubled") && p[0].1.contains("63"), "{p:?}");
         let p = problems("web", "prod-web", json!({"image": "busybox", "host": 7}));
         assert_eq!(p, [("spec.host".to_string(), "must be a host name, found 7".to_string())]);
         let p = problems("web", "prod-web", json!({"image": "busybox", "network": {"ports": ["80"]}}));

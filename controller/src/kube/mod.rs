@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod errors;
 pub mod nodes;
+pub mod scope;
 pub mod select;
 pub mod status;
 

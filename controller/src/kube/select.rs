@@ -88,10 +88,14 @@ pub fn is_ours(ours: &str, selector: &LabelSelector, host: Option<&str>, labels:
     }
 }
 
-/// The VM name of MicroVM `namespace/name` on the host: `namespace-name` (validated like any VM
-/// name: a DNS label of at most 63 characters).
+/// The VM name of MicroVM `namespace/name` on the host: the namespace with each `-` doubled, a
+/// `-`, and the name (validated like any VM name: a DNS label of at most 63 characters).
+///
+/// Injective, so two MicroVMs never share a VM: `a-b/c` is `a--b-c`, `a/b-c` is `a-b-c`. A
+/// namespace never ends with `-` and a name never starts with one, so the first run of `-` of odd
+/// length is the separator. Namespaces without `-` keep the plain `namespace-name`.
 pub fn vm_name(namespace: &str, name: &str) -> String {
-    format!("{namespace}-{name}")
+    format!("{}-{name}", namespace.replace('-', "--"))
 }
 
 /// The store owner of MicroVM `namespace/name`: each MicroVM stands alone.
@@ -139,6 +143,22 @@ mod tests {
     #[test]
     fn names_and_owners_include_the_namespace() {
         assert_eq!(vm_name("prod", "web"), "prod-web");
+        assert_eq!(vm_name("a-b", "c"), "a--b-c");
+        assert_eq!(vm_name("a", "b-c"), "a-b-c");
+        assert_ne!(vm_name("a-b", "c"), vm_name("a", "b-c"));
+        assert_ne!(vm_name("a--b", "c"), vm_name("a-b", "-c"));
+        // Every split of a few names stays apart, and within the VM-name alphabet.
+        let parts = ["a", "a-b", "b-c", "a--b", "c", "x-y-z", "x"];
+        let mut seen = std::collections::HashMap::new();
+        for ns in parts {
+            for name in parts {
+                let vm = vm_name(ns, name);
+                assert!(vm.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'), "{vm}");
+                if let Some(other) = seen.insert(vm.clone(), (ns, name)) {
+                    panic!("{ns}/{name} and {}/{} both map to {vm}", other.0, other.1);
+                }
+            }
+        }
         assert_eq!(owner("prod", "web"), "kube:prod/web");
         assert_ne!(owner("a-b", "c"), owner("a", "b-c"), "same VM name, different owners: a conflict, not a takeover");
         assert_eq!(parse_owner(&owner("a-b", "c")), Some(("a-b", "c")));

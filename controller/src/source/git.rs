@@ -22,6 +22,7 @@ impl GitSource {
     pub fn new(spec: SourceSpec, cache_dir: &Path) -> Result<GitSource, SourceError> {
         let SourceKind::Git(git) = &spec.kind else { panic!("GitSource::new needs a git source spec") };
         let git = git.clone();
+        super::credentials::refuse_url_credentials(&git.url)?;
         let mirror = cache_dir.join(format!("{}.git", spec.name));
         Ok(GitSource { spec, git, mirror })
     }
@@ -49,7 +50,25 @@ impl GitSource {
     fn fetch(&self, repo: &Repository) -> Result<(), SourceError> {
         let mut remote = repo.remote_anonymous(&self.git.url).map_err(self.git_err("remote"))?;
         let mut callbacks = git2::RemoteCallbacks::new();
-        callbacks.credentials(|_url, username, allowed| {
+        let mut offered = false;
+        callbacks.credentials(|url, username, allowed| {
+            if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
+                let Some(credentials) = &self.git.credentials else {
+                    return Err(git2::Error::from_str(
+                        "the remote asks for a user name and password: give them with --git-credentials-file",
+                    ));
+                };
+                if !super::credentials::may_send_to(url) {
+                    return Err(git2::Error::from_str(
+                        "credentials are sent over https only (or plain http to this host), never in the clear",
+                    ));
+                }
+                // libgit2 asks again after a refusal: answering with the same pair would loop.
+                if std::mem::replace(&mut offered, true) {
+                    return Err(git2::Error::from_str("the remote refused the credentials of --git-credentials-file"));
+                }
+                return credentials.to_git();
+            }
             if allowed.contains(git2::CredentialType::SSH_KEY) {
                 if let Some(key) = std::env::var_os("IGNITE_GIT_SSH_KEY") {
                     return git2::Cred::ssh_key(username.unwrap_or("git"), None, Path::new(&key), None);

@@ -2,6 +2,7 @@
 //! directory. A source delivers the raw `*.yaml`/`*.yml` files of one revision; parsing,
 //! validation and ownership are the reconciler's ([`crate::reconcile::apply`]).
 
+pub mod credentials;
 mod dir;
 mod git;
 mod poller;
@@ -9,6 +10,7 @@ mod poller;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use credentials::GitCredentials;
 pub use dir::DirectorySource;
 pub use git::GitSource;
 pub use poller::{spawn_poller, SyncOutcome};
@@ -42,6 +44,8 @@ pub struct GitSpec {
     pub path: String,
     /// Poll interval.
     pub interval: Duration,
+    /// For https remotes that want them (`--git-credentials-file`); never part of `url`.
+    pub credentials: Option<GitCredentials>,
 }
 
 /// Which commit of a repository to apply.
@@ -183,6 +187,9 @@ pub enum SourceError {
         #[source]
         source: ::git2::Error,
     },
+    /// The URL carries credentials (refused: they would show everywhere the URL does).
+    #[error(transparent)]
+    Credentials(#[from] credentials::CredentialsError),
     /// A local file or directory could not be read.
     #[error("reading {path}")]
     Io {

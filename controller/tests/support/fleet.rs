@@ -48,6 +48,7 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
             insecure_registries: false,
             virt_mode: vmm_core::VirtModeConfig::Auto,
             policy: Default::default(),
+            pull_timeouts: Default::default(),
         },
         reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
         ignite_bin: tiny_guest::ignite_bin(),

@@ -23,6 +23,55 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A registry stand-in on 127.0.0.1 answering every request with `head` and then `piece` again
+/// and again, `pause` apart, until the client hangs up. Returns its address and the number of
+/// connections it accepted so far.
+fn endless_server(
+    head: &'static str,
+    piece: Vec<u8>,
+    pause: Duration,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let piece = piece.clone();
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let _ = conn.read(&mut request);
+                if conn.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                while conn.write_all(&piece).is_ok() {
+                    std::thread::sleep(pause);
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A registry stand-in whose every answer promises a 1 MB manifest and then trickles it, one byte
+/// every 100 ms: never silent long enough for a read timeout. Returns its address and the number
+/// of connections it accepted so far.
+pub fn trickling_registry() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                Content-Length: 1000000\r\n\r\n";
+    endless_server(head, b" ".to_vec(), Duration::from_millis(100))
+}
+
+/// A registry stand-in whose every answer is an endless manifest (no length announced, 64 KiB
+/// of JSON whitespace after another, as fast as the client reads).
+pub fn endless_manifest_registry() -> std::net::SocketAddr {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                Connection: close\r\n\r\n";
+    endless_server(head, vec![b' '; 64 << 10], Duration::ZERO).0
+}
+
 impl Registry {
     /// Starts a registry; `htpasswd` turns on basic auth. `Err` holds the reason to skip.
     pub fn start(htpasswd: Option<&Path>) -> Result<Registry, String> {

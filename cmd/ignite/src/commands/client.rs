@@ -104,12 +104,15 @@ pub async fn channel(ctx: &Ctx) -> anyhow::Result<Channel> {
 
 /// Starts a daemon for `ctx` in its own session, logging to `ROOT/daemon.log`.
 async fn start_daemon(ctx: &Ctx) -> anyhow::Result<Channel> {
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
-    std::fs::create_dir_all(&ctx.root).with_context(|| format!("creating {}", ctx.root.display()))?;
+    // The root is private (the daemon makes it 0700 too); so is its log.
+    controller::private::secure_root(&ctx.root).with_context(|| format!("creating {}", ctx.root.display()))?;
     let log_path = ctx.root.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let exe = std::env::current_exe().context("locating the ignite binary")?;

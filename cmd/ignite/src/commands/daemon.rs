@@ -11,7 +11,7 @@ use controller::grpc::tls::ServerTls;
 use controller::host::{DefaultKernel, HostConfig};
 use controller::net::{NetConfig, Subnet};
 use controller::reconcile::ReconcilerConfig;
-use controller::source::{DirSpec, GitRef, GitSpec, SourceKind, SourceSpec};
+use controller::source::{DirSpec, GitCredentials, GitRef, GitSpec, SourceKind, SourceSpec};
 use controller::supervisor::JailPolicy;
 
 /// Flags of `ignite daemon`.
@@ -35,6 +35,12 @@ pub struct DaemonArgs {
     /// Commit to pin.
     #[arg(long, requires = "gitops")]
     commit: Option<String>,
+    /// User name and password (or token) for an https --gitops remote: a file of one line,
+    /// USERNAME:PASSWORD, or a token alone (sent as the password of user x-access-token), readable
+    /// by its owner only (chmod 600). Credentials inside the URL are refused: they would show in
+    /// the process list, logs and status. Sent over https only, or plain http to this host.
+    #[arg(long, value_name = "FILE", requires = "gitops")]
+    git_credentials_file: Option<PathBuf>,
     /// Subdirectory of the repository holding the manifests.
     #[arg(long, default_value = "", requires = "gitops")]
     path: String,
@@ -97,6 +103,12 @@ pub struct DaemonArgs {
     /// The most entries (files, directories, links) an image may have, over all its layers.
     #[arg(long, value_name = "N", default_value_t = image_store::unpack::DEFAULT_MAX_IMAGE_ENTRIES)]
     max_image_entries: u64,
+    /// The longest one image pull may take, all of it (manifests, config, layers): a registry
+    /// that trickles bytes just often enough to dodge the 60 s read timeout would otherwise hold a
+    /// worker, and the VMs queued behind it, forever. The VM gets an ImagePullFailed condition
+    /// and is retried with backoff.
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+    image_pull_timeout: Duration,
     /// Serve the API over TCP too, on ADDR:PORT, with mutual TLS (needs --tls-cert, --tls-key and
     /// --tls-client-ca: whoever reaches the API can start VMs, so clients must present a
     /// certificate).
@@ -130,6 +142,17 @@ pub struct DaemonArgs {
     /// Lifetime of the bootstrap tokens created for spec.bootstrap.kubernetes.createToken (default: 1h).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "kube")]
     kube_token_ttl: Option<Duration>,
+    /// Let the MicroVMs of namespace NS use the bootstrap-token Secret kube-system/NAME as
+    /// spec.bootstrap.kubernetes.tokenSecretRef (NS/NAME; repeatable; @host/NAME for the VMs of
+    /// this host's own git, directory and API sources). None by default: a VM naming a Secret not
+    /// listed is Stalled (BootstrapNotAllowed) and the Secret is never read.
+    #[arg(long = "kube-token-secret", value_name = "NS/NAME", requires = "kube")]
+    kube_token_secrets: Vec<String>,
+    /// Let the MicroVMs of namespace NS have the daemon create bootstrap tokens
+    /// (spec.bootstrap.kubernetes.createToken; repeatable; @host for the VMs of this host's own
+    /// sources). None by default: such a VM is Stalled (BootstrapNotAllowed).
+    #[arg(long = "kube-bootstrap-namespaces", value_name = "NS", requires = "kube")]
+    kube_bootstrap_namespaces: Vec<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -158,7 +181,12 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             (None, Some(commit)) => GitRef::Commit(commit),
             (None, None) => GitRef::Branch(args.branch.unwrap_or_else(|| "main".into())),
         };
-        let git = GitSpec { url, reference, path: args.path, interval: args.interval };
+        controller::source::credentials::refuse_url_credentials(&url)?;
+        let credentials = match &args.git_credentials_file {
+            Some(file) => Some(GitCredentials::load(file)?),
+            None => None,
+        };
+        let git = GitSpec { url, reference, path: args.path, interval: args.interval, credentials };
         sources.push(SourceSpec { name: "gitops".into(), kind: SourceKind::Git(git) });
     }
     if let Some(path) = args.dir {
@@ -188,6 +216,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         insecure_registries: args.insecure_registries,
         virt_mode: vmm_core::VirtModeConfig::Auto,
         policy: host_policy(args.allow_host_paths, args.allow_privileged_ports, args.listen)?,
+        pull_timeouts: image_store::pull::PullTimeouts { total: args.image_pull_timeout, ..Default::default() },
     };
     let config = DaemonConfig {
         root: root.to_path_buf(),
@@ -209,6 +238,13 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         },
     };
     let token_ttl = args.kube_token_ttl;
+    let mut scope = controller::kube::scope::BootstrapScope::default();
+    for entry in &args.kube_token_secrets {
+        scope.allow_token_secret(entry).context("--kube-token-secret")?;
+    }
+    for ns in &args.kube_bootstrap_namespaces {
+        scope.allow_create_token(ns).context("--kube-bootstrap-namespaces")?;
+    }
     let kube = match args.kube {
         false => None,
         true => {
@@ -242,6 +278,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             (Some(settings), Some(client)) => {
                 let mut access = controller::kube::access::KubeAccess::new(client.clone(), settings.host_name.clone());
                 access.token_ttl = token_ttl.unwrap_or(access.token_ttl);
+                access.scope = scope;
                 Some(access)
             }
             _ => None,
