@@ -1,6 +1,8 @@
 //! The VM process supervisor: one `ignite vmm run` process per VM, watched through its pidfd, with a
-//! per-VM run directory (`config.json`, `console.log`, `console.sock`, `vsock.sock`, `vmm.log`,
-//! `control.sock`, `exit.json`, `pid`).
+//! per-VM run directory (`config.json`, `console.log` and `.1`, `console.sock`, `vsock.sock`,
+//! `vmm.log` and `.1`, `control.sock`, `exit.json`, `pid`, `jail.json` with the VM's uid, and `jail/`,
+//! the empty mount point of the jail's root). The directory stays root's: the jailed VMM opens what
+//! it needs there before it drops its privileges and cannot reach the directory afterwards.
 //!
 //! The supervisor only reports exits (on [`Supervisor::exits`]); the reconciler decides about restarts.
 //! VM processes live in their own process group and survive the daemon: a new supervisor on the same
@@ -175,6 +177,8 @@ struct Tracked {
     pidfd: Arc<OwnedFd>,
 }
 
+/// The VMM's control socket in a VM's run directory (status, pause, resume, stop, kill).
+pub const CONTROL_SOCKET: &str = "control.sock";
 /// The console socket in a VM's run directory: serial output out, console input in.
 pub const CONSOLE_SOCKET: &str = "console.sock";
 /// The host side of a VM's vsock device in its run directory (`CONNECT <port>` protocol).
@@ -263,7 +267,7 @@ impl Supervisor {
         }
         let dir = self.vm_dir(name);
         std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        for stale in ["exit.json", "control.sock", "pid", CONSOLE_SOCKET, VSOCK_SOCKET] {
+        for stale in ["exit.json", CONTROL_SOCKET, "pid", CONSOLE_SOCKET, VSOCK_SOCKET] {
             let path = dir.join(stale);
             match std::fs::remove_file(&path) {
                 Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(io_err("remove", &path)(err)),
@@ -301,7 +305,7 @@ impl Supervisor {
             "--config".into(),
             config_path.into(),
             "--control-socket".into(),
-            dir.join("control.sock").into(),
+            dir.join(CONTROL_SOCKET).into(),
             "--exit-file".into(),
             dir.join("exit.json").into(),
             "--log-file".into(),
@@ -367,7 +371,7 @@ impl Supervisor {
             let live = recorded.and_then(|info| proc::stat(info.pid).filter(|s| s.started_at == info.started_at));
             match (recorded, live) {
                 (Some(info), Some(stat)) if stat.state != 'Z' => {
-                    if !proc::is_vmm_for(&proc::cmdline(info.pid), &dir.join("control.sock")) {
+                    if !proc::is_vmm_for(&proc::cmdline(info.pid), &dir.join(CONTROL_SOCKET)) {
                         tracing::warn!(vm = %name, pid = info.pid, "pid file names another program");
                         report.stale.push(name);
                         continue;
@@ -425,7 +429,7 @@ impl Supervisor {
     }
 
     fn control(&self, name: &str, op: &'static str, request: Value, timeout: Duration) -> Result<Option<Value>> {
-        match client::request(&self.vm_dir(name).join("control.sock"), &request, timeout) {
+        match client::request(&self.vm_dir(name).join(CONTROL_SOCKET), &request, timeout) {
             Ok(reply) => Ok(Some(reply)),
             Err(client::ClientError::Refused(error)) => Err(SupervisorError::Control { name: name.into(), op, error }),
             Err(client::ClientError::Unreachable(err)) => {

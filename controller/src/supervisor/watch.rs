@@ -68,10 +68,24 @@ pub(crate) fn watch(name: String, dir: &Path, pidfd: Arc<OwnedFd>, shutdown: Uni
         return;
     }
     let status = reap(&pidfd);
+    remove_sockets(dir);
     let exit = exit_report(name, dir, status);
     tracing::info!(vm = %exit.name, reason = %exit.reason, code = ?exit.code, "vm process ended");
     // Nobody listening (the supervisor is gone) is fine: exit.json still tells the next one.
     let _ = tx.send(exit);
+}
+
+/// Removes the sockets an ended VMM leaves in its run directory (a jailed one cannot reach them).
+pub(crate) fn remove_sockets(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    for name in [super::CONTROL_SOCKET, super::CONSOLE_SOCKET, super::VSOCK_SOCKET] {
+        let path = dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+            if let Err(err) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), %err, "socket of an ended vmm not removed");
+            }
+        }
+    }
 }
 
 /// How the VM in `dir` ended: from its exit file when there is one, else from the wait status.
