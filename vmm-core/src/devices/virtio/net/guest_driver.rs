@@ -1,4 +1,4 @@
-//! A minimal virtio driver for unit tests (net and vsock): split queues laid out in in-process guest
+//! A minimal virtio driver for unit tests (net and vsock) and the fuzz targets (feature `fuzzing`): split queues laid out in in-process guest
 //! memory, buffers from a bump allocator, and direct access to the rings so tests can also write
 //! hostile descriptors. `virtio_queue::mock::MockSplitQueue` is not used: creating one zeroes the
 //! rings (losing buffers posted before activation), and its used ring overlaps the second half of
@@ -13,9 +13,9 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::devices::virtio::{ActivateContext, GuestMemory, VirtioInterrupt};
 
 /// `VRING_DESC_F_NEXT`.
-pub(crate) const DESC_NEXT: u16 = 1;
+pub const DESC_NEXT: u16 = 1;
 /// `VRING_DESC_F_WRITE`.
-pub(crate) const DESC_WRITE: u16 = 2;
+pub const DESC_WRITE: u16 = 2;
 
 const MEM_SIZE: u64 = 0x80_0000;
 const QUEUE_SPACING: u64 = 0x4000;
@@ -23,7 +23,7 @@ const BUF_BASE: u64 = 0x10_0000;
 
 /// One descriptor of a chain to build.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Desc {
+pub struct Desc {
     /// Guest address of the buffer.
     pub addr: u64,
     /// Its length.
@@ -43,7 +43,7 @@ struct Ring {
 }
 
 /// The guest side of a device's queues.
-pub(crate) struct GuestDriver {
+pub struct GuestDriver {
     /// The guest's RAM.
     pub mem: GuestMemory,
     /// The device's interrupt line, to check signalling.

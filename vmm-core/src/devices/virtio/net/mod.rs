@@ -11,8 +11,8 @@ mod mac;
 mod spoof;
 mod tap;
 
-#[cfg(test)]
-pub(crate) mod guest_driver;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod guest_driver;
 #[cfg(test)]
 mod tap_tests;
 #[cfg(test)]
