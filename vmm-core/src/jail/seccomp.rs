@@ -145,16 +145,19 @@ const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
 }
 
-/// The KVM requests a running vCPU makes: `KVM_RUN`, and the registers for stepping over an
-/// instruction a software-emulated KVM cannot run.
+/// The KVM requests a running vCPU makes: `KVM_RUN`, and the registers and pending events for
+/// stepping over an instruction a software-emulated KVM cannot run (`vcpu::step_over_emulation_failure`).
 fn vcpu_ioctls() -> Vec<u64> {
     let regs = std::mem::size_of::<kvm_bindings::kvm_regs>();
     let sregs = std::mem::size_of::<kvm_bindings::kvm_sregs>();
+    let events = std::mem::size_of::<kvm_bindings::kvm_vcpu_events>();
     vec![
-        ioc(0, 0x80, 0),     // KVM_RUN
-        ioc(2, 0x81, regs),  // KVM_GET_REGS
-        ioc(1, 0x82, regs),  // KVM_SET_REGS
-        ioc(2, 0x83, sregs), // KVM_GET_SREGS
+        ioc(0, 0x80, 0),      // KVM_RUN
+        ioc(2, 0x81, regs),   // KVM_GET_REGS
+        ioc(1, 0x82, regs),   // KVM_SET_REGS
+        ioc(2, 0x83, sregs),  // KVM_GET_SREGS
+        ioc(2, 0x9f, events), // KVM_GET_VCPU_EVENTS
+        ioc(1, 0xa0, events), // KVM_SET_VCPU_EVENTS
     ]
 }
 
@@ -291,6 +294,13 @@ impl Line {
         }
     }
 
+    fn push_hex(&mut self, n: u64) {
+        let digits = 16 - (n.leading_zeros() as usize / 4).min(15);
+        for i in (0..digits).rev() {
+            self.push(&[b"0123456789abcdef"[((n >> (i * 4)) & 0xf) as usize]]);
+        }
+    }
+
     fn push_number(&mut self, mut n: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
@@ -306,15 +316,21 @@ impl Line {
     }
 }
 
-/// The report line for syscall `nr` on the thread named `thread` (`ignite-` is dropped from it).
-fn report(nr: i32, thread: &[u8]) -> Line {
+/// The report line for syscall `nr` (with its `ioctl` request, which says which device call it was)
+/// on the thread named `thread` (`ignite-` is dropped from it).
+fn report(nr: i32, request: Option<u64>, thread: &[u8]) -> Line {
     let mut line = Line { buf: [0; 160], len: 0 };
     line.push(b"seccomp: syscall ");
     line.push_number(u64::try_from(nr).unwrap_or(u64::MAX));
     line.push(b" (");
     let name = usize::try_from(nr).ok().and_then(|n| SYSCALL_NAMES.get(n)).copied().unwrap_or("");
     line.push(if name.is_empty() { b"?" } else { name.as_bytes() });
-    line.push(b") by the ");
+    line.push(b")");
+    if let Some(request) = request {
+        line.push(b" with request 0x");
+        line.push_hex(request);
+    }
+    line.push(b" by the ");
     let end = thread.iter().position(|&b| b == 0).unwrap_or(thread.len());
     let thread = &thread[..end];
     line.push(thread.strip_prefix(b"ignite-").unwrap_or(thread));
@@ -327,7 +343,7 @@ pub fn parse_report(line: &str) -> Option<&str> {
     line.trim().strip_prefix("seccomp: ").filter(|rest| rest.starts_with("syscall "))
 }
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // The SIGSYS siginfo (SYS_SECCOMP) holds the call address, then the syscall number.
     #[repr(C)]
     struct SigsysInfo {
@@ -342,10 +358,14 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler, laid out as above for
     // SIGSYS.
     let nr = unsafe { (*info.cast::<SigsysInfo>()).syscall };
+    // The trapped call's second argument is still in RSI.
+    // SAFETY: the kernel passes the interrupted thread's ucontext as the third argument.
+    let rsi = unsafe { (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize] };
+    let request = (i64::from(nr) == libc::SYS_ioctl).then_some(rsi as u64);
     let mut name = [0u8; 16];
     // SAFETY: PR_GET_NAME writes at most 16 bytes into the buffer.
     unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
-    let line = report(nr, &name);
+    let line = report(nr, request, &name);
     // The VMM is PID 1 of its namespace, which ignores a SIGSYS it sends itself with the default
     // action: instead, one more filter kills the process (with SIGSYS) at its next system call.
     let kill = [libc::sock_filter {
@@ -371,16 +391,21 @@ mod tests {
 
     #[test]
     fn reports_name_the_call_and_the_thread() {
-        let line = report(59, b"ignite-vcpu0\0\0\0\0");
+        let line = report(59, None, b"ignite-vcpu0\0\0\0\0");
         let text = std::str::from_utf8(&line.buf[..line.len]).unwrap();
         assert_eq!(text, "seccomp: syscall 59 (execve) by the vcpu0 thread\n");
         assert_eq!(parse_report(text), Some("syscall 59 (execve) by the vcpu0 thread"));
-        let line = report(100_000, b"vmm-control");
+        let line = report(100_000, None, b"vmm-control");
         assert_eq!(
             std::str::from_utf8(&line.buf[..line.len]).unwrap(),
             "seccomp: syscall 100000 (?) by the vmm-control thread\n"
         );
         assert_eq!(parse_report("something else"), None);
+        let line = report(16, Some(0xc008_ae67), b"ignite-vcpu1");
+        assert_eq!(
+            std::str::from_utf8(&line.buf[..line.len]).unwrap(),
+            "seccomp: syscall 16 (ioctl) with request 0xc008ae67 by the vcpu1 thread\n"
+        );
     }
 
     #[test]
@@ -394,7 +419,7 @@ mod tests {
         {
             assert!(!vcpu.contains_key(&forbidden), "{}", SYSCALL_NAMES[forbidden as usize]);
         }
-        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 4);
+        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 6);
         assert_eq!(rules(ThreadKind::Main).unwrap()[&libc::SYS_clone].len(), 1, "clone only for threads");
         for kind in ThreadKind::ALL {
             let rules = rules(kind).unwrap();
