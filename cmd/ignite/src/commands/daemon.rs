@@ -67,7 +67,7 @@ pub struct DaemonArgs {
     no_network: bool,
     /// Run VMMs unjailed, as root with every capability, no seccomp, namespaces or cgroup: for
     /// debugging only (a guest escaping into its VMM then owns the host). Printed as a warning.
-    #[arg(long)]
+    #[arg(long, env = "IGNITE_NO_JAIL")]
     no_jail: bool,
     /// The uids jailed VMMs run as, one per VM (gid = uid): FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST", default_value = "3000000-3065535", value_parser = parse_uid_range)]

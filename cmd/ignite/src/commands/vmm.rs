@@ -264,6 +264,9 @@ fn run_in_namespaces(args: &RunArgs, config: &VmConfig) -> anyhow::Result<ExitCo
     use std::ffi::OsString;
     use std::os::unix::fs::OpenOptionsExt;
     let config_file = PathBuf::from(format!("{MANUAL_JAIL_ROOT}-{}.json", std::process::id()));
+    if let Some(dir) = config_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
