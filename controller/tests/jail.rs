@@ -6,11 +6,11 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use controller::supervisor::{Supervisor, SupervisorConfig, VmExit};
+use controller::supervisor::{Supervisor, SupervisorConfig};
+use support::supervised::{self, console, next_exit, proc_state};
 use support::tiny_guest::{self, FLOOD_MARKER, IDLE_MARKER};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 /// A hang guard only.
 const HANG_GUARD: Duration = Duration::from_secs(120);
@@ -35,27 +35,6 @@ macro_rules! require_jail {
     };
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < HANG_GUARD, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn next_exit(rx: &mut UnboundedReceiver<VmExit>) -> VmExit {
-    let mut exit = None;
-    wait_for("a vm exit report", || {
-        exit = rx.try_recv().ok();
-        exit.is_some()
-    });
-    exit.unwrap()
-}
-
-fn console(sup: &Supervisor, name: &str) -> String {
-    std::fs::read_to_string(sup.vm_dir(name).join("console.log")).unwrap_or_default()
-}
-
 /// The value of `field` in /proc/PID/status (or of a thread's status file).
 fn status_field(status_file: &Path, field: &str) -> String {
     let text = std::fs::read_to_string(status_file).unwrap();
@@ -77,7 +56,7 @@ fn a_jailed_vmm_holds_no_privilege_and_sees_only_its_jail() {
     let sup = Supervisor::new(SupervisorConfig::new(dir.path().join("vms"), tiny_guest::ignite_bin())).unwrap();
     let mut exits = sup.exits().unwrap();
     let info = sup.spawn("web", &tiny_guest::idle_guest()).unwrap();
-    wait_for("the guest marker", || console(&sup, "web").contains(IDLE_MARKER));
+    supervised::wait_for(HANG_GUARD, "the guest marker", || console(&sup, "web").contains(IDLE_MARKER));
     let pid = info.pid.to_string();
     let status = Path::new("/proc").join(&pid).join("status");
 
@@ -150,7 +129,7 @@ fn a_jailed_vmm_holds_no_privilege_and_sees_only_its_jail() {
     }
 
     sup.stop("web", Duration::from_secs(5)).unwrap();
-    let exit = next_exit(&mut exits);
+    let exit = next_exit(&mut exits, HANG_GUARD);
     assert_eq!(exit.reason, vmm_core::ExitReason::Stopped, "{exit:?}");
     sup.cleanup("web").unwrap();
     assert!(!sup.vm_dir("web").exists());
@@ -174,7 +153,9 @@ fn uids_are_per_vm_kept_across_a_supervisor_restart_and_freed_after_a_crash() {
     let sup = Supervisor::new(SupervisorConfig::new(run_dir.clone(), tiny_guest::ignite_bin())).unwrap();
     let a = sup.spawn("a", &tiny_guest::idle_guest()).unwrap();
     let b = sup.spawn("b", &tiny_guest::idle_guest()).unwrap();
-    wait_for("both guests", || console(&sup, "a").contains(IDLE_MARKER) && console(&sup, "b").contains(IDLE_MARKER));
+    supervised::wait_for(HANG_GUARD, "both guests", || {
+        console(&sup, "a").contains(IDLE_MARKER) && console(&sup, "b").contains(IDLE_MARKER)
+    });
     let (uid_a, uid_b) = (uid_of(a.pid), uid_of(b.pid));
     assert_ne!(uid_a, uid_b, "two live VMs never share a uid");
 
@@ -183,7 +164,7 @@ fn uids_are_per_vm_kept_across_a_supervisor_restart_and_freed_after_a_crash() {
     kill9(a.pid);
     let sup = Supervisor::new(SupervisorConfig::new(run_dir.clone(), tiny_guest::ignite_bin())).unwrap();
     let mut exits = sup.exits().unwrap();
-    wait_for("vm a's process to end", || {
+    supervised::wait_for(HANG_GUARD, "vm a's process to end", || {
         !Path::new(&format!("/proc/{}", a.pid)).exists() || proc_state(a.pid) == Some('Z')
     });
     let report = sup.adopt().unwrap();
@@ -193,22 +174,22 @@ fn uids_are_per_vm_kept_across_a_supervisor_restart_and_freed_after_a_crash() {
     // A restarted VM keeps its uid.
     let a2 = sup.spawn("a", &tiny_guest::idle_guest()).unwrap();
     // The console log is appended to across restarts: the second marker is this run's.
-    wait_for("vm a again", || console(&sup, "a").matches(IDLE_MARKER).count() == 2);
+    supervised::wait_for(HANG_GUARD, "vm a again", || console(&sup, "a").matches(IDLE_MARKER).count() == 2);
     assert_eq!(uid_of(a2.pid), uid_a);
 
     // Deleting b frees its uid, run directory and cgroup; a new VM may take the uid.
     sup.kill("b").unwrap();
-    next_exit(&mut exits);
+    next_exit(&mut exits, HANG_GUARD);
     sup.cleanup("b").unwrap();
     assert!(!sup.vm_dir("b").exists());
     let c = sup.spawn("c", &tiny_guest::idle_guest()).unwrap();
-    wait_for("vm c", || console(&sup, "c").contains(IDLE_MARKER));
+    supervised::wait_for(HANG_GUARD, "vm c", || console(&sup, "c").contains(IDLE_MARKER));
     assert_eq!(uid_of(c.pid), uid_b, "the lowest free uid is b's old one");
 
     // A cgroup whose run directory is gone (a crash between the two removals) is an orphan to clean.
     for vm in ["a", "c"] {
         sup.kill(vm).unwrap();
-        next_exit(&mut exits);
+        next_exit(&mut exits, HANG_GUARD);
     }
     if let Some(cgroups) = sup.cgroups() {
         std::fs::remove_dir_all(sup.vm_dir("c")).unwrap();
@@ -234,7 +215,7 @@ fn a_flooding_guest_leaves_its_console_log_within_the_cap() {
     let log = sup.vm_dir("flood").join("console.log");
     let old = sup.vm_dir("flood").join("console.log.1");
     // Rotated at least twice: the old file holds lines only (the start marker rotated away).
-    wait_for("two rotations", || {
+    supervised::wait_for(HANG_GUARD, "two rotations", || {
         std::fs::read_to_string(&old).is_ok_and(|t| t.len() as u64 > CAP / 2 && !t.contains(FLOOD_MARKER))
     });
     for file in [&log, &old] {
@@ -242,13 +223,8 @@ fn a_flooding_guest_leaves_its_console_log_within_the_cap() {
         assert!(len <= CAP, "{} is {len} bytes, over the {CAP}-byte cap", file.display());
     }
     sup.kill("flood").unwrap();
-    next_exit(&mut exits);
+    next_exit(&mut exits, HANG_GUARD);
     sup.cleanup("flood").unwrap();
-}
-
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
 }
 
 /// SIGKILL to `pid`, through kill(1) (this crate forbids unsafe code).

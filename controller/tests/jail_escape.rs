@@ -5,31 +5,14 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use controller::supervisor::{Supervisor, SupervisorConfig, VmExit};
+use controller::supervisor::{Supervisor, SupervisorConfig};
+use support::supervised::{self, console, next_exit};
 use support::tiny_guest::{self, IDLE_MARKER};
-use tokio::sync::mpsc::UnboundedReceiver;
 use vmm_core::jail::escape_test;
 
 const HANG_GUARD: Duration = Duration::from_secs(120);
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < HANG_GUARD, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn next_exit(rx: &mut UnboundedReceiver<VmExit>) -> VmExit {
-    let mut exit = None;
-    wait_for("a vm exit report", || {
-        exit = rx.try_recv().ok();
-        exit.is_some()
-    });
-    exit.unwrap()
-}
 
 #[test]
 fn escape_attempts_from_a_device_thread_are_killed_by_seccomp_and_reported() {
@@ -48,10 +31,9 @@ fn escape_attempts_from_a_device_thread_are_killed_by_seccomp_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let sup = Supervisor::new(SupervisorConfig::new(dir.path().join("vms"), tiny_guest::ignite_bin())).unwrap();
     let mut exits = sup.exits().unwrap();
-    let console = |name: &str| std::fs::read_to_string(sup.vm_dir(name).join("console.log")).unwrap_or_default();
     // A bystander started before the hook is set: it must outlive every attempt.
     sup.spawn("bystander", &tiny_guest::idle_guest()).unwrap();
-    wait_for("the bystander", || console("bystander").contains(IDLE_MARKER));
+    supervised::wait_for(HANG_GUARD, "the bystander", || console(&sup, "bystander").contains(IDLE_MARKER));
 
     for (attempt, call) in
         [("open", "syscall 257 (openat)"), ("exec", "syscall 59 (execve)"), ("ptrace", "syscall 101 (ptrace)")]
@@ -60,7 +42,7 @@ fn escape_attempts_from_a_device_thread_are_killed_by_seccomp_and_reported() {
         let name = format!("escape-{attempt}");
         sup.spawn(&name, &tiny_guest::idle_guest()).unwrap();
         std::env::remove_var(escape_test::ENV);
-        let exit = next_exit(&mut exits);
+        let exit = next_exit(&mut exits, HANG_GUARD);
         assert_eq!(exit.name, name);
         assert_eq!(exit.signal, Some(31), "killed by SIGSYS: {exit:?}");
         let vmm_core::ExitReason::Crash { detail } = &exit.reason else { panic!("{exit:?}") };
@@ -70,6 +52,6 @@ fn escape_attempts_from_a_device_thread_are_killed_by_seccomp_and_reported() {
         eprintln!("{attempt}: {detail}");
     }
     sup.kill("bystander").unwrap();
-    next_exit(&mut exits);
+    next_exit(&mut exits, HANG_GUARD);
     sup.cleanup("bystander").unwrap();
 }

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod fleet;
+pub mod supervised;
 pub use controller::testing::{git, netns};
 pub mod tiny_guest;
 pub mod tls;
