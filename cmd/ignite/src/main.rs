@@ -182,3 +182,35 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{ArgAction, CommandFactory};
+
+    /// A switch that also reads an environment variable takes the usual spellings there: the daemon's
+    /// `IGNITE_NO_JAIL=1` once failed with "invalid value '1'", so the daemon never started.
+    #[test]
+    fn switches_read_from_the_environment_accept_1_yes_and_0() {
+        fn walk(cmd: &clap::Command, seen: &mut usize) {
+            for arg in cmd.get_arguments() {
+                if arg.get_env().is_none() || !matches!(arg.get_action(), ArgAction::SetTrue) {
+                    continue;
+                }
+                *seen += 1;
+                // The same argument and value parser, given its value on the command line instead.
+                let alone = clap::Command::new("t").arg(arg.clone().action(ArgAction::Set).env(None).required(false));
+                let flag = format!("--{}", arg.get_long().unwrap_or_default());
+                for value in ["1", "yes", "true", "0", "no", "false"] {
+                    let parsed = alone.clone().try_get_matches_from(["t", flag.as_str(), value]);
+                    assert!(parsed.is_ok(), "{} {flag}: {value:?} from the environment: {parsed:?}", cmd.get_name());
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, seen);
+            }
+        }
+        let mut seen = 0;
+        walk(&super::Cli::command(), &mut seen);
+        assert!(seen >= 2, "IGNITE_NO_NETWORK and IGNITE_NO_JAIL are switches read from the environment");
+    }
+}

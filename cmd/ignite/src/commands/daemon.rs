@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::Args;
 use controller::daemon::{Daemon, DaemonConfig, TcpApi, VmmPolicy};
 use controller::grpc::tls::ServerTls;
@@ -63,11 +64,11 @@ pub struct DaemonArgs {
     #[arg(long, default_value = "10.61.0.0/24")]
     subnet: Subnet,
     /// Run VMs without a network interface (no bridge, taps or port forwards).
-    #[arg(long, env = "IGNITE_NO_NETWORK")]
+    #[arg(long, env = "IGNITE_NO_NETWORK", value_parser = BoolishValueParser::new())]
     no_network: bool,
     /// Run VMMs unjailed, as root with every capability, no seccomp, namespaces or cgroup: for
     /// debugging only (a guest escaping into its VMM then owns the host). Printed as a warning.
-    #[arg(long, env = "IGNITE_NO_JAIL")]
+    #[arg(long, env = "IGNITE_NO_JAIL", value_parser = BoolishValueParser::new())]
     no_jail: bool,
     /// The uids jailed VMMs run as, one per VM (gid = uid): FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST", default_value = "3000000-3065535", value_parser = parse_uid_range)]
