@@ -214,6 +214,20 @@ fn a_flooding_guest_leaves_its_console_log_within_the_cap() {
     sup.spawn("flood", &tiny_guest::flood_guest()).unwrap();
     let log = sup.vm_dir("flood").join("console.log");
     let old = sup.vm_dir("flood").join("console.log.1");
+    // An attached console client (`ignite attach`) gets the output too: the vCPU thread writes to it.
+    let socket = sup.vm_dir("flood").join("console.sock");
+    supervised::wait_for(HANG_GUARD, "the console socket", || socket.exists());
+    let mut attached = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    attached.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    let mut seen = 0;
+    let mut buf = [0u8; 4096];
+    while seen < 4 * CAP {
+        let n = std::io::Read::read(&mut attached, &mut buf).unwrap();
+        let vmm_log = || std::fs::read_to_string(sup.vm_dir("flood").join("vmm.log")).unwrap_or_default();
+        assert!(n > 0, "the console closed after {seen} bytes; vmm.log: {}", vmm_log());
+        assert!(buf[..n].iter().all(|b| *b == b'F' || *b == b'\n' || FLOOD_MARKER.as_bytes().contains(b)));
+        seen += n as u64;
+    }
     // Rotated at least twice: the old file holds lines only (the start marker rotated away).
     supervised::wait_for(HANG_GUARD, "two rotations", || {
         std::fs::read_to_string(&old).is_ok_and(|t| t.len() as u64 > CAP / 2 && !t.contains(FLOOD_MARKER))

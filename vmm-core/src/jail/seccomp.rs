@@ -161,6 +161,17 @@ fn vcpu_ioctls() -> Vec<u64> {
     ]
 }
 
+/// What a vCPU thread sends: the UART's output to attached console clients (`ignite attach`),
+/// written in the port write that produced it. Rust's `UnixStream::write` is
+/// `sendto(fd, buf, len, MSG_NOSIGNAL, NULL, 0)`: those flags and no address, so no datagram can be
+/// aimed anywhere.
+fn console_send_rule() -> Result<SeccompRule, BackendError> {
+    SeccompRule::new(vec![
+        SeccompCondition::new(3, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::MSG_NOSIGNAL as u64)?,
+        SeccompCondition::new(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)?,
+    ])
+}
+
 /// `prctl` only to read the thread's name (the `SIGSYS` report) or set it (thread start).
 fn prctl_rules() -> Result<Vec<SeccompRule>, BackendError> {
     [libc::PR_GET_NAME, libc::PR_SET_NAME]
@@ -198,6 +209,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendErr
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             rules.insert(libc::SYS_ioctl, ioctls);
+            rules.insert(libc::SYS_sendto, vec![console_send_rule()?]);
         }
         ThreadKind::Devices => {
             allow(SOCKETS);
