@@ -25,9 +25,9 @@ fn copy_files(entries: &[(&str, &Path)]) -> String {
     text
 }
 
-fn drive(root: &Path, vm: &str) -> ignite_init::config::GuestConfig {
+fn drive(root: &Path, vm: &str) -> guest_api::config::GuestConfig {
     let file = std::fs::File::open(root.join("runtime").join(vm).join("config.img")).unwrap();
-    ignite_init::config::read_config_drive(file).unwrap()
+    guest_api::config::read_config_drive(file).unwrap()
 }
 
 #[test]
@@ -64,7 +64,7 @@ fn manifests_read_host_files_only_where_the_operator_allowed() {
     let copied = drive(r, "good").files;
     assert_eq!(copied.len(), 1);
     assert_eq!((copied[0].path.as_str(), copied[0].mode), ("/etc/motd", 0o640));
-    assert_eq!(copied[0].content, ignite_init::config::encode_content(b"hello from the host\n"));
+    assert_eq!(copied[0].content, guest_api::config::encode_content(b"hello from the host\n"));
 
     runtime.block_on(async {
         let channel = controller::grpc::connect(&socket).await.unwrap();

@@ -185,7 +185,7 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     let drive = r.join("runtime/web/config.img");
     assert_eq!(std::fs::metadata(&drive).unwrap().permissions().mode() & 0o777, 0o600);
     assert_eq!(std::fs::metadata(r.join("runtime/web")).unwrap().permissions().mode() & 0o777, 0o700);
-    let guest = ignite_init::config::read_config_drive(std::fs::File::open(&drive).unwrap()).unwrap();
+    let guest = guest_api::config::read_config_drive(std::fs::File::open(&drive).unwrap()).unwrap();
     let join = guest.join.expect("a join configuration on the drive");
     assert_eq!(join.config_path, "/etc/ignite/kubeadm-join.yaml");
     assert!(join.config.contains(&format!("token: {token}")), "{}", join.config);

@@ -74,7 +74,7 @@ pub fn ignite_init_vm(rootfs: &Path, drive: &Path, console: &Path) -> Command {
         .arg("--disk")
         .arg(format!("{},ro", drive.display()))
         .arg("--cmdline")
-        .arg("console=ttyS0 reboot=k panic=-1 root=/dev/vda rw init=/sbin/ignite-init ignite.config=/dev/vdb")
+        .arg(guest_api::boot::KERNEL_ARGS)
         .arg("--console")
         .arg(console);
     cmd

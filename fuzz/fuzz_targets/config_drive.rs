@@ -2,7 +2,7 @@
 //! decodes must encode to a drive that decodes to the same configuration.
 #![no_main]
 
-use ignite_init::config::{encode, read_config_drive};
+use guest_api::config::{encode, read_config_drive};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,5 +1,6 @@
 //! What the store knows about a pulled or imported image: the shared record every part reads.
 
+use guest_api::image::ImageConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::Digest;
@@ -17,7 +18,7 @@ pub struct ImageRecord {
     /// Layers, bottom first; every blob is in the content store.
     pub layers: Vec<Layer>,
     /// What the guest init needs from the image configuration.
-    pub config: GuestImageConfig,
+    pub config: ImageConfig,
     /// Total compressed size of the layers in bytes.
     pub size: u64,
 }
@@ -32,25 +33,4 @@ pub struct Layer {
     pub media_type: String,
     /// Compressed size in bytes.
     pub size: u64,
-}
-
-/// The parts of the OCI image configuration the guest's init applies.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct GuestImageConfig {
-    /// `Entrypoint`.
-    #[serde(default)]
-    pub entrypoint: Vec<String>,
-    /// `Cmd`.
-    #[serde(default)]
-    pub cmd: Vec<String>,
-    /// `Env`, as `KEY=value`.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// `WorkingDir`.
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    /// `User` (`name`, `uid`, `uid:gid`).
-    #[serde(default)]
-    pub user: Option<String>,
 }

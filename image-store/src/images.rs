@@ -229,7 +229,7 @@ fn dedup(refs: impl Iterator<Item = String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::GuestImageConfig;
+    use guest_api::image::ImageConfig;
 
     fn record(refs: &[&str], seed: &[u8]) -> ImageRecord {
         ImageRecord {
@@ -237,7 +237,7 @@ mod tests {
             manifest_digest: Digest::of_bytes(seed),
             config_digest: Digest::of_bytes(b"config"),
             layers: vec![],
-            config: GuestImageConfig::default(),
+            config: ImageConfig::default(),
             size: 0,
         }
     }

@@ -13,7 +13,9 @@ use serde::Deserialize;
 use crate::content::{ContentError, ContentStore};
 use crate::images::{ImageIndex, ImageIndexError};
 use crate::reference::ImageReference;
-use crate::{Digest, GuestImageConfig, ImageRecord, Layer, StorePaths};
+use guest_api::image::ImageConfig;
+
+use crate::{Digest, ImageRecord, Layer, StorePaths};
 
 /// OCI image manifest media type.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -189,11 +191,11 @@ struct RootFs {
 }
 
 /// The guest-relevant parts of an image configuration blob.
-pub(crate) fn guest_config(bytes: &[u8], digest: &Digest) -> Result<GuestImageConfig, ManifestError> {
+pub(crate) fn guest_config(bytes: &[u8], digest: &Digest) -> Result<ImageConfig, ManifestError> {
     let parsed: ImageConfigJson =
         serde_json::from_slice(bytes).map_err(|source| ManifestError::Config { digest: digest.clone(), source })?;
     let c = parsed.config.unwrap_or_default();
-    Ok(GuestImageConfig {
+    Ok(ImageConfig {
         entrypoint: c.entrypoint.unwrap_or_default(),
         cmd: c.cmd.unwrap_or_default(),
         env: c.env.unwrap_or_default(),

@@ -28,7 +28,7 @@ pub mod whiteout;
 pub use content::{ContentError, ContentStore};
 pub use digest::{Digest, DigestError};
 pub use ext4::{build_ext4, Ext4Error};
-pub use image::{GuestImageConfig, ImageRecord, Layer};
+pub use image::{ImageRecord, Layer};
 pub use images::{ImageIndex, ImageIndexError, Removal};
 pub use import::{import, import_docker_archive, import_oci_layout, ImportError, ManifestError};
 pub use kernel::{KernelError, KernelRecord};

@@ -12,10 +12,7 @@ use crate::unpack::{self, UnpackError};
 use crate::whiteout;
 use crate::{Digest, ImageRecord, StorePaths};
 
-/// Where the guest init binary is placed in the root filesystem.
-pub const INIT_PATH: &str = "sbin/ignite-init";
-/// Where the image configuration (JSON [`crate::GuestImageConfig`]) is placed for the guest.
-pub const CONFIG_PATH: &str = "etc/ignite/image.json";
+pub use guest_api::image::{IMAGE_CONFIG_PATH as CONFIG_PATH, INIT_PATH};
 /// Mount points the guest init needs, created when the image lacks them.
 const MOUNT_POINTS: [&str; 5] = ["dev", "proc", "sys", "run", "tmp"];
 

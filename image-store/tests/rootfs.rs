@@ -8,7 +8,7 @@ use std::process::Command;
 
 use image_store::kernel::{self, KernelError};
 use image_store::testing::mount::Mounted;
-use image_store::{build_base_rootfs, remove_base_rootfs, Digest, GuestImageConfig, ImageRecord, Layer, RootfsError};
+use image_store::{build_base_rootfs, remove_base_rootfs, Digest, ImageRecord, Layer, RootfsError};
 use image_store::{StorePaths, UnpackError};
 use tar::{EntryType, Header};
 
@@ -76,7 +76,7 @@ fn image(name: &str, layers: Vec<Layer>) -> ImageRecord {
         config_digest: Digest::of_bytes(b"config"),
         size: layers.iter().map(|l| l.size).sum(),
         layers,
-        config: GuestImageConfig {
+        config: guest_api::image::ImageConfig {
             entrypoint: vec!["/usr/bin/tool".into()],
             cmd: vec!["--serve".into()],
             env: vec!["PATH=/usr/bin:/bin".into()],
@@ -259,7 +259,7 @@ fn base_rootfs_holds_exactly_the_image_tree() {
     let (tree, inodes) = debugfs_tree(&img);
     assert_eq!(tree, expected, "tree read back by debugfs");
     assert_eq!(inodes["usr/bin/tool"], inodes["usr/bin/tool2"], "hardlink kept");
-    let config: GuestImageConfig = serde_json::from_slice(&config_json).unwrap();
+    let config: guest_api::image::ImageConfig = serde_json::from_slice(&config_json).unwrap();
     assert_eq!(config, image.config);
     let ls = Command::new("debugfs").args(["-R", "ls -l /"]).arg(&img).output().unwrap();
     let ls = String::from_utf8_lossy(&ls.stdout);

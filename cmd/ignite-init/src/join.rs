@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::children::Children;
-use crate::config::JoinConfig;
+use guest_api::config::JoinConfig;
 use crate::spec::DEFAULT_PATH;
 
 /// Where `kubeadm` is looked for in the image, in order.

@@ -1,5 +1,5 @@
-//! `ignite-init`'s library: the per-VM config drive format shared with the controller ([`config`]), and the
-//! pure logic the guest init applies (image config + overrides merge, user resolution: [`spec`]), and the
+//! `ignite-init`'s library: the exec agent's server ([`agent`], its protocol is `guest_api::agent`), the
+//! system calls it makes ([`sys`]), and the pure logic the guest init applies (image config + overrides merge, user resolution: [`spec`]), and the
 //! Kubernetes node bootstrap run alongside the entrypoint ([`node`]: `kubeadm join` ([`join`]) and the
 //! kubelet ([`kubelet`], its environment files: [`envfile`], its size-capped log: [`logfile`]),
 //! relative to a root directory so it is testable, its processes started through [`children`]).
@@ -8,13 +8,13 @@
 
 pub mod agent;
 pub mod children;
-pub mod config;
 pub mod envfile;
 pub mod join;
 pub mod kubelet;
 pub mod logfile;
 pub mod node;
 pub mod spec;
+pub mod sys;
 
 /// An error and its sources, joined with `: ` (for console lines).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

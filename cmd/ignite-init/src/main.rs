@@ -8,14 +8,14 @@
 mod registered;
 mod setup;
 mod supervise;
-mod sys;
 mod vsock_agent;
 
-use ignite_init::spec;
+use guest_api::boot::{exit_status_line, CONSOLE_PREFIX};
+use ignite_init::{spec, sys};
 
 /// Writes one `ignite-init:`-prefixed line to the console.
 fn log(msg: &str) {
-    eprintln!("ignite-init: {msg}");
+    eprintln!("{CONSOLE_PREFIX}{msg}");
 }
 
 fn main() {
@@ -26,14 +26,14 @@ fn main() {
     let code = match run() {
         Ok(exit) => {
             match exit {
-                sys::Exit::Status(s) => log(&format!("exit status={s}")),
+                sys::Exit::Status(s) => log(&exit_status_line(s)),
                 sys::Exit::Signal(s) => log(&format!("exit signal={s}")),
             }
             exit.code()
         }
         Err((msg, code)) => {
             log(&format!("error: {msg}"));
-            log(&format!("exit status={code}"));
+            log(&exit_status_line(code));
             code
         }
     };

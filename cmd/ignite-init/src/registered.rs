@@ -16,7 +16,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::sys::{self, Exit};
+use ignite_init::sys::{self, Exit};
 
 /// The registered children: pid to exit (`None` while it runs).
 pub struct Registered {

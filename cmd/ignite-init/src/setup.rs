@@ -4,16 +4,13 @@
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::Path;
 
-use ignite_init::config::{self, GuestConfig};
+use guest_api::boot::CONFIG_PARAM;
+use guest_api::config::{self, GuestConfig};
+use guest_api::image::{ImageConfig, IMAGE_CONFIG_PATH};
 use ignite_init::error_chain as chain;
+use ignite_init::sys;
 
 use crate::log;
-use crate::sys;
-
-/// Where the image store puts the image configuration.
-pub const IMAGE_CONFIG: &str = "/etc/ignite/image.json";
-/// The kernel command line parameter naming the config drive.
-const CONFIG_PARAM: &str = "ignite.config=";
 
 /// Mounts /proc, /sys, /dev (devtmpfs), /dev/pts, /run and /tmp; failures are logged, not fatal, except /proc.
 pub fn mount_pseudo_filesystems() -> Result<(), String> {
@@ -50,11 +47,12 @@ pub fn load_guest_config() -> Result<GuestConfig, String> {
 }
 
 /// Reads the image configuration (absent: empty, so overrides alone can name the command).
-pub fn load_image_config() -> Result<ignite_init::spec::ImageConfig, String> {
-    match std::fs::read(IMAGE_CONFIG) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{IMAGE_CONFIG} is invalid: {e}")),
+pub fn load_image_config() -> Result<ImageConfig, String> {
+    let path = format!("/{IMAGE_CONFIG_PATH}");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{path} is invalid: {e}")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
-        Err(e) => Err(format!("cannot read {IMAGE_CONFIG}: {e}")),
+        Err(e) => Err(format!("cannot read {path}: {e}")),
     }
 }
 

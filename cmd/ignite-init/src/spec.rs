@@ -3,34 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
-use crate::config::GuestConfig;
+use guest_api::config::GuestConfig;
+use guest_api::image::ImageConfig;
 
 /// `PATH` when neither the image nor the overrides set one (Docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// The image configuration the image store writes to `/etc/ignite/image.json` (its `GuestImageConfig`).
-/// Unknown fields are ignored so an older init still boots images from a newer store.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageConfig {
-    /// `Entrypoint`.
-    #[serde(default)]
-    pub entrypoint: Vec<String>,
-    /// `Cmd`.
-    #[serde(default)]
-    pub cmd: Vec<String>,
-    /// `Env`, as `KEY=value`.
-    #[serde(default)]
-    pub env: Vec<String>,
-    /// `WorkingDir`.
-    #[serde(default)]
-    pub working_dir: Option<String>,
-    /// `User`.
-    #[serde(default)]
-    pub user: Option<String>,
-}
 
 /// The main process, before the user is resolved.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ignite_init::spec::{ProcessSpec, User};
 
 use crate::log;
-use crate::sys::{self, Exit};
+use ignite_init::sys::{self, Exit};
 
 /// How long the main process gets between SIGTERM and SIGKILL on a graceful stop.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);

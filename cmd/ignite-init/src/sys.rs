@@ -1,7 +1,11 @@
-//! The system calls PID 1 needs, each wrapped once: mounts, hostname, signals, reaping, power-off.
+//! The system calls ignite-init needs, each wrapped once: mounts, hostname, signals, reaping, power-off
+//! (PID 1's), and the exec agent's AF_VSOCK sockets and ids. Every `unsafe` of the guest init that is not
+//! about spawning children lives here.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 /// Converts a `-1` return into the current `errno`.
@@ -161,4 +165,88 @@ pub fn power_off(code: u8) -> io::Error {
     // SAFETY: reboot(RB_AUTOBOOT) restarts the machine; the VMM ends the VM on reset.
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     io::Error::last_os_error()
+}
+
+/// This process's effective user and group ids.
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    // SAFETY: getegid has no preconditions and cannot fail.
+    let gid = unsafe { libc::getegid() };
+    (uid, gid)
+}
+
+/// A fresh AF_VSOCK stream socket (close-on-exec, plus `extra` type flags).
+fn vsock_socket(extra: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory effects; the result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | extra, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created socket nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The address `cid:port`.
+fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; every field is set below or meant to be zero.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+const VSOCK_ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
+/// A listening AF_VSOCK stream socket on `cid` (`libc::VMADDR_CID_ANY`: any) and `port`.
+pub fn vsock_listen(cid: u32, port: u32) -> io::Result<OwnedFd> {
+    let owned = vsock_socket(0)?;
+    let addr = vsock_addr(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of VSOCK_ADDR_LEN bytes that outlives the call.
+    let ret = unsafe { libc::bind(owned.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), VSOCK_ADDR_LEN) };
+    check(ret)?;
+    // SAFETY: listen has no memory effects.
+    check(unsafe { libc::listen(owned.as_raw_fd(), 16) })?;
+    Ok(owned)
+}
+
+/// Accepts one connection (close-on-exec, so commands do not inherit it).
+pub fn vsock_accept(listener: &OwnedFd) -> io::Result<File> {
+    // SAFETY: null address pointers are allowed; the result is checked below.
+    let fd =
+        unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly accepted socket nobody else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Connects to `cid:port` over AF_VSOCK, waiting at most `timeout`; `None` when nothing answers in time
+/// or the connection is refused (e.g. no loopback transport on this host).
+pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> io::Result<Option<File>> {
+    let file = File::from(vsock_socket(libc::SOCK_NONBLOCK)?);
+    let fd = file.as_raw_fd();
+    let addr = vsock_addr(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of VSOCK_ADDR_LEN bytes that outlives the call.
+    let ret = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), VSOCK_ADDR_LEN) };
+    if ret < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+        return Ok(None);
+    }
+    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd.
+    let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
+    let (mut err, mut err_len) = (0i32, std::mem::size_of::<i32>() as libc::socklen_t);
+    // SAFETY: `err` and `err_len` are valid out-pointers of the sizes given.
+    let got = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut err_len)
+    };
+    if ready != 1 || got != 0 || err != 0 {
+        return Ok(None);
+    }
+    // SAFETY: F_SETFL on an owned fd has no memory effects.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, 0) })?;
+    Ok(Some(file))
 }

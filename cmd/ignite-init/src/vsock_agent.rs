@@ -1,5 +1,5 @@
 //! The guest agent: a thread listening on AF_VSOCK port [`AGENT_PORT`] that runs `ignite exec`
-//! commands (protocol: `ignite_init::agent`), one thread per connection.
+//! commands (protocol: `guest_api::agent`), one thread per connection.
 //!
 //! PID 1's reaper (`supervise`) reaps every child, the agent's too. So the agent never waits for its
 //! children itself: it starts them through [`CHILDREN`], the table the reaper records exits in.
@@ -8,11 +8,12 @@ use std::fs::File;
 use std::io;
 use std::os::unix::process::CommandExt;
 
-use ignite_init::agent::{self, accept, listen, Accounts, ExecDefaults, Spawned, AGENT_PORT};
+use guest_api::agent::AGENT_PORT;
+use ignite_init::agent::{self, Accounts, ExecDefaults, Spawned};
+use ignite_init::sys::{self, vsock_accept as accept, vsock_listen as listen};
 
 use crate::log;
 use crate::registered::CHILDREN;
-use crate::sys;
 
 /// Starts the agent thread on port [`AGENT_PORT`]; commands start from `defaults`. Failing to listen
 /// (no vsock device) is logged, not fatal: the VM runs without `ignite exec`.

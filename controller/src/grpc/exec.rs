@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ignite_init::agent::{self, ExecRequest, Tag, AGENT_PORT, MAX_FRAME};
+use guest_api::agent::{self, ExecRequest, Tag, AGENT_PORT, MAX_FRAME};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;

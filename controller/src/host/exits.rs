@@ -8,16 +8,6 @@ use vmm_core::ExitReason;
 use crate::reconcile::Exit;
 use crate::supervisor::VmExit;
 
-/// The line `ignite-init` prints on the console when the main process ends.
-const INIT_EXIT_MARKER: &str = "ignite-init: exit status=";
-
-/// The exit status `ignite-init` reported on the console, if any (the last report wins).
-pub fn init_status(console: &str) -> Option<i32> {
-    let at = console.rfind(INIT_EXIT_MARKER)?;
-    let rest = &console[at + INIT_EXIT_MARKER.len()..];
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-}
-
 /// Turns a supervisor report into what the reconciler judges restarts by.
 pub fn exit_of(exit: &VmExit) -> Exit {
     match &exit.reason {
@@ -26,7 +16,7 @@ pub fn exit_of(exit: &VmExit) -> Exit {
         }
         ExitReason::Reset => {
             // The guest rebooted: ignite-init reports its main process's status before that.
-            let code = init_status(&exit.console_tail);
+            let code = guest_api::boot::exit_status(&exit.console_tail);
             let detail = match code {
                 Some(c) => format!("exit status {c}"),
                 None => "the guest rebooted".to_string(),
@@ -83,7 +73,6 @@ mod tests {
         assert!(exit_of(&vm_exit(ExitReason::Reset, "")).succeeded());
         assert!(exit_of(&vm_exit(ExitReason::Crash { detail: "triple fault".into() }, "")).crashed);
         assert!(!exit_of(&vm_exit(ExitReason::Stopped, "")).succeeded());
-        assert_eq!(init_status("ignite-init: exit status=1\nignite-init: exit status=0\n"), Some(0));
     }
 
     #[test]

@@ -6,20 +6,13 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ignite_init::config::{CopiedFile, GuestConfig};
+use guest_api::config::{CopiedFile, GuestConfig};
 use vmm_core::{ConsoleConfig, DiskConfig, NetConfig as VmNetConfig, VirtModeConfig, VmConfig, VsockConfig};
 
 use crate::api::host_paths::{MAX_COPY_FILES_TOTAL_BYTES, MAX_COPY_FILE_BYTES};
 use crate::api::{HostPaths, Vm};
 
 use super::prepared::PreparedVm;
-
-/// The kernel command line every ignite guest boots with: root disk `/dev/vda`, `ignite-init`
-/// as PID 1, its settings on the read-only config drive `/dev/vdb`.
-pub fn base_cmdline() -> String {
-    "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw rootfstype=ext4 init=/sbin/ignite-init ignite.config=/dev/vdb"
-        .to_string()
-}
 
 /// Every guest's vsock CID. The host side of each VM's vsock device is its own unix socket, not the
 /// host kernel's vsock, so CIDs need not differ between VMs; 3 is the first one guests may have.
@@ -67,7 +60,7 @@ pub fn guest_config(vm: &Vm, host_paths: &HostPaths) -> Result<GuestConfig, Stri
                 let file = host_paths
                     .read(source, MAX_COPY_FILE_BYTES)
                     .map_err(|e| format!("spec.copyFiles[{i}].source: {}", crate::reconcile::error_chain(&e)))?;
-                (ignite_init::config::encode_content(&file.content), mode.unwrap_or(file.mode))
+                (guest_api::config::encode_content(&file.content), mode.unwrap_or(file.mode))
             }
             (None, Some(content)) => {
                 // Validation checked it decodes; re-encoded so the guest sees one canonical form.
@@ -75,7 +68,7 @@ pub fn guest_config(vm: &Vm, host_paths: &HostPaths) -> Result<GuestConfig, Stri
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(compact)
                     .map_err(|e| format!("spec.copyFiles[{i}].contentBase64: {e}"))?;
-                (ignite_init::config::encode_content(&bytes), mode.unwrap_or(0o644))
+                (guest_api::config::encode_content(&bytes), mode.unwrap_or(0o644))
             }
             (None, None) => return Err(format!("spec.copyFiles[{i}]: names neither source nor contentBase64")),
         };
@@ -100,6 +93,6 @@ pub fn guest_config(vm: &Vm, host_paths: &HostPaths) -> Result<GuestConfig, Stri
 }
 
 /// Writes the config drive (mode 0600: it may hold keys and secrets).
-pub fn write_drive(path: &Path, config: &GuestConfig) -> Result<(), ignite_init::config::ConfigDriveError> {
-    ignite_init::config::write_config_drive(path, config)
+pub fn write_drive(path: &Path, config: &GuestConfig) -> Result<(), guest_api::config::ConfigDriveError> {
+    guest_api::config::write_config_drive(path, config)
 }

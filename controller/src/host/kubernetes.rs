@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
-use ignite_init::config::JoinConfig;
+use guest_api::config::JoinConfig;
 use tracing::{info, warn};
 
 use crate::api::Vm;

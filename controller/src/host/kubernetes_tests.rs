@@ -59,11 +59,11 @@ async fn the_join_configuration_lands_private_on_the_config_drive() {
 
     let dir = tempfile::tempdir().unwrap();
     let drive = dir.path().join("config.img");
-    let mut config = ignite_init::config::GuestConfig { hostname: "web".into(), ..Default::default() };
+    let mut config = guest_api::config::GuestConfig { hostname: "web".into(), ..Default::default() };
     config.join = Some(join.clone());
     crate::host::guest::write_drive(&drive, &config).unwrap();
     assert_eq!(std::fs::metadata(&drive).unwrap().permissions().mode() & 0o777, 0o600);
-    let back = ignite_init::config::read_config_drive(std::fs::File::open(&drive).unwrap()).unwrap();
+    let back = guest_api::config::read_config_drive(std::fs::File::open(&drive).unwrap()).unwrap();
     assert_eq!(back.join.as_ref(), Some(&join));
     assert_eq!(back.join.unwrap().config_path, "/etc/ignite/kubeadm-join.yaml");
 }

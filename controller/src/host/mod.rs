@@ -224,7 +224,7 @@ impl Runtime for HostRuntime {
         })?;
 
         crate::failpoint::hit("create:after-disk");
-        let mut cmdline = guest::base_cmdline();
+        let mut cmdline = guest_api::boot::KERNEL_ARGS.to_string();
         let (mut tap, mut mac, mut ip) = (None, None, None);
         if let Some(netcfg) = &self.config.net {
             let lease_err = |e: crate::store::StoreError| {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use ::kube::api::{Api, DeleteParams, ListParams, PostParams};
-use ignite_init::config::JoinConfig;
+use guest_api::config::JoinConfig;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;

@@ -66,7 +66,7 @@ pub struct CopiedFile {
     pub content: String,
 }
 
-/// How a guest joins a Kubernetes cluster (see [`crate::join`]).
+/// How a guest joins a Kubernetes cluster (in the guest: `ignite_init::join`).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JoinConfig {
