@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::host::{HostConfig, HostRuntime};
+use crate::layout::RootLayout;
 use crate::net::{HostNet, LinuxHostNet};
 use crate::reconcile::{
     apply_revision, error_chain, now_rfc3339, parse_revision, ApplyError, Reconciler, ReconcilerConfig, Runtime,
@@ -136,7 +137,8 @@ impl Daemon {
             .map_err(|source| DaemonError::Root { root: config.root.clone(), source })?;
         let store =
             Store::open(&config.root).map_err(|source| DaemonError::Store { root: config.root.clone(), source })?;
-        let paths = image_store::StorePaths::new(&config.root);
+        let layout = RootLayout::new(&config.root);
+        let paths = layout.store();
         // Opening the blob store sweeps what a crashed daemon left half-written or half-unpacked in tmp/.
         if let Err(e) = image_store::ContentStore::open(&paths) {
             warn!(error = %e, "could not sweep the image store's temp files");
@@ -147,7 +149,7 @@ impl Daemon {
         if !recovered.removed.is_empty() {
             info!(removed = ?recovered.removed, "removed half-made disks left by a crash");
         }
-        let run_dir = config.root.join("vms");
+        let run_dir = layout.vms_dir();
         let supervisor = Supervisor::new(SupervisorConfig {
             run_dir: run_dir.clone(),
             ignite_bin: config.ignite_bin.clone(),
@@ -321,7 +323,7 @@ impl Daemon {
     fn follow(&mut self, spec: SourceSpec, root: &std::path::Path, policy: &crate::api::HostPolicy) {
         let (trigger_tx, trigger_rx) = mpsc::channel(4);
         self.triggers.push((spec.name.clone(), trigger_tx));
-        let source = match source::open(&spec, &root.join("sources")) {
+        let source = match source::open(&spec, &RootLayout::new(root).sources_dir()) {
             Ok(source) => source,
             Err(e) => {
                 error!(source = spec.name, error = %error_chain(&e), "cannot open source");

@@ -10,6 +10,7 @@ pub mod failpoint;
 pub mod grpc;
 pub mod host;
 pub mod kube;
+pub mod layout;
 pub mod net;
 pub mod private;
 pub mod reconcile;

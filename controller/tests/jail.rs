@@ -132,7 +132,7 @@ fn a_jailed_vmm_holds_no_privilege_and_sees_only_its_jail() {
     let exit = next_exit(&mut exits, HANG_GUARD);
     assert_eq!(exit.reason, vmm_core::ExitReason::Stopped, "{exit:?}");
     sup.cleanup("web").unwrap();
-    assert!(!sup.vm_dir("web").exists());
+    assert!(!sup.vm_dir("web").path().exists());
     if let Some(cgroups) = sup.cgroups() {
         assert!(!cgroups.names().contains(&"web".to_string()), "the cgroup goes with the vm");
     }
@@ -181,7 +181,7 @@ fn uids_are_per_vm_kept_across_a_supervisor_restart_and_freed_after_a_crash() {
     sup.kill("b").unwrap();
     next_exit(&mut exits, HANG_GUARD);
     sup.cleanup("b").unwrap();
-    assert!(!sup.vm_dir("b").exists());
+    assert!(!sup.vm_dir("b").path().exists());
     let c = sup.spawn("c", &tiny_guest::idle_guest()).unwrap();
     supervised::wait_for(HANG_GUARD, "vm c", || console(&sup, "c").contains(IDLE_MARKER));
     assert_eq!(uid_of(c.pid), uid_b, "the lowest free uid is b's old one");
@@ -192,7 +192,7 @@ fn uids_are_per_vm_kept_across_a_supervisor_restart_and_freed_after_a_crash() {
         next_exit(&mut exits, HANG_GUARD);
     }
     if let Some(cgroups) = sup.cgroups() {
-        std::fs::remove_dir_all(sup.vm_dir("c")).unwrap();
+        std::fs::remove_dir_all(sup.vm_dir("c").path()).unwrap();
         let orphans = sup.list_orphans(&["a".to_string()]).unwrap();
         assert_eq!(orphans.dirs, vec!["c".to_string()]);
         sup.cleanup("c").unwrap();
@@ -212,10 +212,10 @@ fn a_flooding_guest_leaves_its_console_log_within_the_cap() {
     let sup = Supervisor::new(config).unwrap();
     let mut exits = sup.exits().unwrap();
     sup.spawn("flood", &tiny_guest::flood_guest()).unwrap();
-    let log = sup.vm_dir("flood").join("console.log");
-    let old = sup.vm_dir("flood").join("console.log.1");
+    let log = sup.vm_dir("flood").console_log();
+    let old = log.with_extension("log.1");
     // An attached console client (`ignite attach`) gets the output too: the vCPU thread writes to it.
-    let socket = sup.vm_dir("flood").join("console.sock");
+    let socket = sup.vm_dir("flood").console_socket();
     supervised::wait_for(HANG_GUARD, "the console socket", || socket.exists());
     let mut attached = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     attached.set_read_timeout(Some(HANG_GUARD)).unwrap();
@@ -223,7 +223,7 @@ fn a_flooding_guest_leaves_its_console_log_within_the_cap() {
     let mut buf = [0u8; 4096];
     while seen < 4 * CAP {
         let n = std::io::Read::read(&mut attached, &mut buf).unwrap();
-        let vmm_log = || std::fs::read_to_string(sup.vm_dir("flood").join("vmm.log")).unwrap_or_default();
+        let vmm_log = || std::fs::read_to_string(sup.vm_dir("flood").vmm_log()).unwrap_or_default();
         assert!(n > 0, "the console closed after {seen} bytes; vmm.log: {}", vmm_log());
         assert!(buf[..n].iter().all(|b| *b == b'F' || *b == b'\n' || FLOOD_MARKER.as_bytes().contains(b)));
         seen += n as u64;

@@ -5,11 +5,11 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use controller::supervisor::{Supervisor, SupervisorConfig, VmExit};
+use controller::supervisor::{Supervisor, SupervisorConfig};
+use support::supervised::{self, console, proc_state};
 use support::tiny_guest::{self, EXIT_CODE, EXIT_MARKER, IDLE_MARKER};
-use tokio::sync::mpsc::UnboundedReceiver;
 use vmm_core::ExitReason;
 
 /// A hang guard only: every wait below normally ends in well under a second.
@@ -28,33 +28,6 @@ fn supervisor(run_dir: &Path) -> Supervisor {
     Supervisor::new(SupervisorConfig::new(run_dir.to_owned(), tiny_guest::ignite_bin())).unwrap()
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < HANG_GUARD, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn next_exit(rx: &mut UnboundedReceiver<VmExit>) -> VmExit {
-    let mut exit = None;
-    wait_for("a vm exit report", || {
-        exit = rx.try_recv().ok();
-        exit.is_some()
-    });
-    exit.unwrap()
-}
-
-fn console(sup: &Supervisor, name: &str) -> String {
-    std::fs::read_to_string(sup.vm_dir(name).join("console.log")).unwrap_or_default()
-}
-
-/// The process state letter, or `None` once the process is gone (reaped).
-fn proc_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
-}
-
 #[test]
 fn spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing() {
     require_kvm!("spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing");
@@ -66,10 +39,11 @@ fn spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing() {
     config.vsock = Some(vmm_core::VsockConfig { guest_cid: 3, uds_path: "/nonexistent/v.sock".into() });
     let info = sup.spawn("web", &config).unwrap();
     assert!(info.started_at > 0);
-    wait_for("the guest marker", || console(&sup, "web").contains(IDLE_MARKER));
+    supervised::wait_for(HANG_GUARD, "the guest marker", || console(&sup, "web").contains(IDLE_MARKER));
     assert!(sup.is_running("web"));
-    for file in ["config.json", "console.log", "console.sock", "vsock.sock", "control.sock", "pid", "vmm.log"] {
-        assert!(sup.vm_dir("web").join(file).exists(), "{file} missing");
+    let vm = sup.vm_dir("web");
+    for file in [vm.config(), vm.console_log(), vm.pid(), vm.vmm_log()].iter().chain(&vm.sockets()) {
+        assert!(file.exists(), "{} missing", file.display());
     }
     // Its own process group, so a Ctrl-C to the daemon does not reach it.
     assert_eq!(
@@ -88,12 +62,12 @@ fn spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing() {
 
     // The idle guest ignores Ctrl-Alt-Del: the stop is forced after the grace period.
     sup.stop("web", Duration::from_millis(200)).unwrap();
-    let exit = next_exit(&mut exits);
+    let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert_eq!((exit.name.as_str(), &exit.reason, exit.code), ("web", &ExitReason::Stopped, Some(130)));
     assert!(exit.console_tail.contains(IDLE_MARKER), "{exit:?}");
     assert!(!sup.is_running("web"));
-    for socket in ["control.sock", "console.sock", "vsock.sock"] {
-        assert!(!sup.vm_dir("web").join(socket).exists(), "{socket} removed on exit");
+    for socket in sup.vm_dir("web").sockets() {
+        assert!(!socket.exists(), "{} removed on exit", socket.display());
     }
     assert_eq!(proc_state(info.pid), None, "the vmm process was reaped (no zombie)");
     sup.cleanup("web").unwrap();
@@ -108,7 +82,7 @@ fn a_kill_during_a_long_graceful_stop_ends_the_vm_at_once() {
     let sup = std::sync::Arc::new(supervisor(dir.path()));
     let mut exits = sup.exits().unwrap();
     sup.spawn("slow", &tiny_guest::idle_guest()).unwrap();
-    wait_for("the guest marker", || console(&sup, "slow").contains(IDLE_MARKER));
+    supervised::wait_for(HANG_GUARD, "the guest marker", || console(&sup, "slow").contains(IDLE_MARKER));
     // The idle guest ignores Ctrl-Alt-Del, so this stop would take ten minutes...
     let stopper = sup.clone();
     let graceful = std::thread::spawn(move || stopper.stop("slow", Duration::from_secs(600)));
@@ -116,7 +90,7 @@ fn a_kill_during_a_long_graceful_stop_ends_the_vm_at_once() {
     assert_eq!(sup.status("slow").unwrap().state, "running", "the control socket answers during the stop");
     // ...but the control socket still answers, and a kill ends the VM now.
     sup.stop("slow", Duration::ZERO).unwrap();
-    let exit = next_exit(&mut exits);
+    let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert_eq!((exit.name.as_str(), &exit.reason), ("slow", &ExitReason::Stopped));
     // The graceful stop returns too, instead of waiting out its ten minutes.
     graceful.join().unwrap().unwrap();
@@ -130,7 +104,7 @@ fn the_guest_exit_code_is_reported() {
     let sup = supervisor(dir.path());
     let mut exits = sup.exits().unwrap();
     let info = sup.spawn("job", &tiny_guest::exit_code_guest()).unwrap();
-    let exit = next_exit(&mut exits);
+    let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert_eq!(exit.reason, ExitReason::PowerOff { code: EXIT_CODE as u8 });
     assert_eq!(exit.code, Some(EXIT_CODE));
     assert!(exit.console_tail.contains(EXIT_MARKER), "{exit:?}");
@@ -145,14 +119,14 @@ fn kill_9_of_the_vm_process_is_reported_as_a_crash() {
     let sup = supervisor(dir.path());
     let mut exits = sup.exits().unwrap();
     let info = sup.spawn("victim", &tiny_guest::idle_guest()).unwrap();
-    wait_for("the guest marker", || console(&sup, "victim").contains(IDLE_MARKER));
+    supervised::wait_for(HANG_GUARD, "the guest marker", || console(&sup, "victim").contains(IDLE_MARKER));
     rustix::process::kill_process(rustix::process::Pid::from_raw(info.pid).unwrap(), rustix::process::Signal::KILL)
         .unwrap();
-    let exit = next_exit(&mut exits);
+    let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert!(matches!(&exit.reason, ExitReason::Crash { detail } if detail.contains("signal 9")), "{exit:?}");
     assert_eq!((exit.signal, exit.code), (Some(9), None));
     // A jailed VMM opens its exit file before it drops its privileges: killed, it leaves it empty.
-    let record = std::fs::read(sup.vm_dir("victim").join("exit.json")).unwrap_or_default();
+    let record = std::fs::read(sup.vm_dir("victim").exit_record()).unwrap_or_default();
     assert!(record.is_empty(), "no exit record: {}", String::from_utf8_lossy(&record));
     assert_eq!(proc_state(info.pid), None, "no zombie");
     // Even after kill -9 (the supervisor removes the sockets), cleanup removes everything.
@@ -167,7 +141,7 @@ fn a_restarted_daemon_adopts_running_vms_and_learns_how_the_others_ended() {
     let first = supervisor(dir.path());
     let keeper = first.spawn("keeper", &tiny_guest::idle_guest()).unwrap();
     let goner = first.spawn("goner", &tiny_guest::idle_guest()).unwrap();
-    wait_for("both markers", || {
+    supervised::wait_for(HANG_GUARD, "both markers", || {
         console(&first, "keeper").contains(IDLE_MARKER) && console(&first, "goner").contains(IDLE_MARKER)
     });
     // The daemon goes away; the VMs keep running.
@@ -180,7 +154,7 @@ fn a_restarted_daemon_adopts_running_vms_and_learns_how_the_others_ended() {
     let mut reply = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut reply).unwrap();
     assert!(reply.contains("\"ok\":true"), "{reply}");
-    wait_for("goner to end", || proc_state(goner.pid) == Some('Z'));
+    supervised::wait_for(HANG_GUARD, "goner to end", || proc_state(goner.pid) == Some('Z'));
 
     // An impostor: a pid file naming an unrelated live process with its real start time.
     let mut sleep = std::process::Command::new("sleep").arg("600").spawn().unwrap();
@@ -212,7 +186,7 @@ fn a_restarted_daemon_adopts_running_vms_and_learns_how_the_others_ended() {
     assert!(second.is_running("keeper"));
     assert_eq!(second.status("keeper").unwrap().state, "running");
     second.stop("keeper", Duration::from_millis(100)).unwrap();
-    let exit = next_exit(&mut exits);
+    let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert_eq!((exit.name.as_str(), exit.reason), ("keeper", ExitReason::Stopped));
     assert_eq!(proc_state(keeper.pid), None, "no zombie");
     for name in ["keeper", "goner", "impostor"] {
@@ -247,7 +221,7 @@ fn a_daemon_killed_with_sigkill_leaves_its_vm_running_for_the_next_one() {
         .spawn()
         .unwrap();
     let console_path = dir.path().join("survivor/console.log");
-    wait_for("the survivor's marker", || {
+    supervised::wait_for(HANG_GUARD, "the survivor's marker", || {
         std::fs::read_to_string(&console_path).unwrap_or_default().contains(IDLE_MARKER)
             && dir.path().join("survivor/pid").exists()
     });
@@ -260,7 +234,7 @@ fn a_daemon_killed_with_sigkill_leaves_its_vm_running_for_the_next_one() {
     assert_eq!(sup.adopt().unwrap().adopted, ["survivor"]);
     assert_eq!(sup.status("survivor").unwrap().state, "running");
     sup.kill("survivor").unwrap();
-    let exit = next_exit(&mut exits);
+    let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert_eq!((exit.name.as_str(), exit.reason, exit.code), ("survivor", ExitReason::Stopped, Some(130)));
     sup.cleanup("survivor").unwrap();
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -7,8 +7,8 @@
 
 use std::time::Instant;
 
-use ignite_e2e::{busybox_root, ignite_init_bin, ignite_init_vm, kvm_unavailable};
 use guest_api::config::{encode_content, write_config_drive, CopiedFile, GuestConfig};
+use ignite_e2e::{busybox_root, ignite_init_bin, ignite_init_vm, kvm_unavailable};
 
 #[test]
 fn ignite_init_runs_the_configured_command_and_reports_its_exit() {

@@ -12,8 +12,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{busybox_root, ignite_init_bin, ignite_init_vm, kvm_unavailable};
 use guest_api::config::{write_config_drive, GuestConfig, JoinConfig};
+use ignite_e2e::{busybox_root, ignite_init_bin, ignite_init_vm, kvm_unavailable};
 
 const NAME: &str = "ignite_init_bootstraps_a_node_with_kubeadm_and_the_kubelet_and_hides_the_token";
 const TOKEN: &str = "abcdef.0123456789abcdef";

@@ -6,7 +6,9 @@ use std::io::{self, BufReader, Read, Write};
 use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use guest_api::agent::{decode_exit, read_frame, read_request, write_frame, write_request, ExecRequest, ProtocolError, Tag};
+use guest_api::agent::{
+    decode_exit, read_frame, read_request, write_frame, write_request, ExecRequest, ProtocolError, Tag,
+};
 
 use crate::spec::DEFAULT_PATH;
 
@@ -303,7 +305,10 @@ mod tests {
     #[test]
     fn commands_run_as_the_requested_user_else_the_main_processs_with_that_users_home() {
         if crate::sys::effective_ids().0 != 0 {
-            eprintln!("skipping: changing to another user needs root (this test runs as uid {})", crate::sys::effective_ids().0);
+            eprintln!(
+                "skipping: changing to another user needs root (this test runs as uid {})",
+                crate::sys::effective_ids().0
+            );
             return;
         }
         let script = req(&["sh", "-c", "echo $(id -u) $(id -g) $(id -G) $HOME"]);

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::children::Children;
-use guest_api::config::JoinConfig;
 use crate::spec::DEFAULT_PATH;
+use guest_api::config::JoinConfig;
 
 /// Where `kubeadm` is looked for in the image, in order.
 pub const KUBEADM_DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];

@@ -26,10 +26,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::children::Children;
-use guest_api::config::JoinConfig;
 use crate::error_chain as chain;
 use crate::join::{self, command_line, find_program, redact, under, JoinOutcome, JOINED_MARKER, KUBEADM_DIRS};
 use crate::kubelet::{self, KUBEADM_FLAGS, KUBELET_CONFIG, KUBELET_LOG};
+use guest_api::config::JoinConfig;
 
 /// The sockets kubeadm autodetects a container runtime by (containerd, CRI-O, cri-dockerd).
 pub const KNOWN_CRI_SOCKETS: [&str; 3] =

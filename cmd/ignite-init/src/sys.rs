@@ -240,9 +240,8 @@ pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> io::Result<Optio
     let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
     let (mut err, mut err_len) = (0i32, std::mem::size_of::<i32>() as libc::socklen_t);
     // SAFETY: `err` and `err_len` are valid out-pointers of the sizes given.
-    let got = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut err_len)
-    };
+    let got =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut i32).cast(), &mut err_len) };
     if ready != 1 || got != 0 || err != 0 {
         return Ok(None);
     }

@@ -1,7 +1,7 @@
 //! `Vms.Exec` and `Vms.Attach`: a command run by the guest agent over the VM's vsock socket, and the
 //! VM's live serial console over its console socket (both in the VM's run directory).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use guest_api::agent::{self, ExecRequest, Tag, AGENT_PORT, MAX_FRAME};
@@ -13,8 +13,8 @@ use tonic::{Status, Streaming};
 use super::proto::{self, attach_input, exec_input, exec_output};
 use super::server::{stream_from, ApiState, Stream_};
 use crate::api::Phase;
+use crate::layout::VmDir;
 use crate::reconcile::error_chain;
-use crate::supervisor::{CONSOLE_SOCKET, VSOCK_SOCKET};
 
 /// How long the guest gets to accept a connection to its agent. A guest kernel refuses a port nobody
 /// listens on at once; this bounds guests that never answer (no vsock driver, hung kernel).
@@ -25,7 +25,7 @@ pub const AGENT_UNAVAILABLE: &str = "the guest agent did not answer; is the VM's
 
 /// The run directory of VM `name` if it is running: NOT_FOUND for an unknown VM, FAILED_PRECONDITION
 /// for one that is not running.
-fn running_vm_dir(state: &ApiState, name: &str) -> Result<PathBuf, Status> {
+fn running_vm_dir(state: &ApiState, name: &str) -> Result<VmDir, Status> {
     let record = state.store.get_vm(name).map_err(|e| Status::internal(error_chain(&e)))?;
     let Some(record) = record else {
         return Err(Status::not_found(format!("no VM named {name:?} (see `ignite ps -a`)")));
@@ -42,7 +42,7 @@ fn running_vm_dir(state: &ApiState, name: &str) -> Result<PathBuf, Status> {
             record.status.phase
         )));
     }
-    Ok(state.root.join("vms").join(name))
+    Ok(state.layout().vm(name))
 }
 
 /// Connects to the guest's vsock `port` through the VM's vsock socket (`CONNECT <port>\n`, answered
@@ -117,7 +117,7 @@ pub(super) async fn exec(
         ));
     }
     let dir = running_vm_dir(state, &start.name)?;
-    let stream = connect_vsock(&dir.join(VSOCK_SOCKET), AGENT_PORT, AGENT_ANSWER_TIMEOUT).await?;
+    let stream = connect_vsock(&dir.vsock_socket(), AGENT_PORT, AGENT_ANSWER_TIMEOUT).await?;
     let (read_half, mut write_half) = stream.into_split();
     let mut env: Vec<(String, String)> = start.env.into_iter().collect();
     env.sort();
@@ -190,7 +190,7 @@ pub(super) async fn attach(
         return Err(Status::invalid_argument("the first Attach message must name the VM"));
     };
     let dir = running_vm_dir(state, &name)?;
-    let socket = dir.join(CONSOLE_SOCKET);
+    let socket = dir.console_socket();
     let stream = UnixStream::connect(&socket).await.map_err(|e| {
         Status::unavailable(format!("VM {name:?}: cannot connect to its console {}: {e}", socket.display()))
     })?;

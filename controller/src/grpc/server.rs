@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::proto::{self, events_server, host_server, images_server, kernels_server, sources_server, vms_server};
+use crate::layout::RootLayout;
 use crate::reconcile::{apply_objects, error_chain, parse_revision, ApplyError, Runtime, WorkQueue};
 use crate::store::{Store, StoreError, VmChange};
 
@@ -22,7 +23,7 @@ pub struct ApiState {
     pub store: Store,
     /// The reconciler's queue: applied and deleted objects are queued at once.
     pub queue: Arc<WorkQueue>,
-    /// The ignite root (console logs live under `vms/<name>/console.log`).
+    /// The ignite root (see [`ApiState::layout`]).
     pub root: PathBuf,
     /// On-demand sync triggers of the sources, by name.
     pub triggers: Vec<(String, mpsc::Sender<()>)>,
@@ -212,7 +213,7 @@ impl vms_server::Vms for ApiState {
         if self.store.get_vm(&request.name).map_err(internal)?.is_none() {
             return Err(Status::not_found(format!("no VM named {:?}", request.name)));
         }
-        let path = self.root.join("vms").join(&request.name).join("console.log");
+        let path = self.layout().vm(&request.name).console_log();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow_log(path, request.tail_bytes, request.follow, tx));
         Ok(Response::new(stream_from(rx)))
@@ -241,6 +242,11 @@ fn vm_event(change: VmChange) -> proto::VmEvent {
 }
 
 impl ApiState {
+    /// The paths under the root (per-VM run directories for logs, exec and attach).
+    pub fn layout(&self) -> RootLayout {
+        RootLayout::new(&self.root)
+    }
+
     /// Sets the desired state of a VM the API owns and queues it.
     fn set_desired_state(&self, name: &str, state: crate::api::DesiredState) -> Result<proto::Vm, Status> {
         let Some(record) = self.store.get_vm(name).map_err(internal)? else {

@@ -22,6 +22,7 @@ use image_store::{Snapshotter, StorePaths};
 use tracing::{info, warn};
 
 use crate::api::Vm;
+use crate::layout::RootLayout;
 use crate::net::{self, HostNet, NetConfig};
 use crate::reconcile::{error_chain, Actual, Prepared, Runtime, RuntimeError, Started};
 use crate::store::Store;
@@ -104,7 +105,7 @@ impl HostRuntime {
     }
 
     fn runtime_dir(&self) -> PathBuf {
-        self.config.root.join("runtime")
+        RootLayout::new(&self.config.root).runtime_dir()
     }
 
     fn load(&self, name: &str) -> Result<Option<PreparedVm>, RuntimeError> {
@@ -181,7 +182,7 @@ impl Runtime for HostRuntime {
             if self.store.list_leases().map(|l| l.iter().any(|l| l.vm == name)).unwrap_or(false) {
                 leftovers.push("lease".to_string());
             }
-            if self.supervisor.vm_dir(name).exists() {
+            if self.supervisor.vm_dir(name).path().exists() {
                 leftovers.push("run directory".to_string());
             }
         }

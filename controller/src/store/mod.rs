@@ -17,6 +17,7 @@ mod records;
 mod sources;
 mod vms;
 
+use crate::layout::RootLayout;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -128,9 +129,9 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store under `root/state`, checking the schema version.
+    /// Opens (or creates) the store under `root` ([`RootLayout::state_db`]), checking the schema version.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        let path = root.join("state");
+        let path = RootLayout::new(root).state_db();
         let db = open_db(&path)?;
         let store = Store {
             meta: db.open_tree(META)?,

@@ -3,7 +3,7 @@
 //! restart and is freed with the directory), one cgroup per VM, and the jail's mount point.
 
 use std::ops::RangeInclusive;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vmm_core::jail::cgroup::{CgroupLimits, Cgroups};
@@ -11,11 +11,7 @@ use vmm_core::jail::JailConfig;
 use vmm_core::VmConfig;
 
 use super::{io_err, Result, SupervisorError};
-
-/// The VM's jail record in its run directory.
-pub(crate) const JAIL_RECORD: &str = "jail.json";
-/// The empty directory the jail's root is mounted on (in the VMM's own mount namespace).
-const JAIL_ROOT: &str = "jail";
+use crate::layout::VmDir;
 
 /// How the supervisor jails VMMs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,21 +37,21 @@ pub(crate) struct JailRecord {
     pub uid: u32,
 }
 
-fn read_record(dir: &Path) -> Option<JailRecord> {
-    serde_json::from_slice(&std::fs::read(dir.join(JAIL_RECORD)).ok()?).ok()
+fn read_record(dir: &VmDir) -> Option<JailRecord> {
+    serde_json::from_slice(&std::fs::read(dir.jail_record()).ok()?).ok()
 }
 
 /// VM `name`'s uid: the one it had, else the lowest one in `policy.uids` no other run directory
 /// under `run_dir` holds. The caller serializes calls (the supervisor's lock).
 pub(crate) fn allocate_uid(run_dir: &Path, name: &str, policy: &JailPolicy) -> Result<u32> {
-    let dir = run_dir.join(name);
+    let dir = VmDir::new(run_dir, name);
     if let Some(record) = read_record(&dir).filter(|r| policy.uids.contains(&r.uid)) {
         return Ok(record.uid);
     }
     let mut taken = Vec::new();
     for entry in std::fs::read_dir(run_dir).map_err(io_err("list", run_dir))?.flatten() {
         if entry.file_name() != name {
-            taken.extend(read_record(&entry.path()).map(|r| r.uid));
+            taken.extend(read_record(&VmDir::new(run_dir, &entry.file_name().to_string_lossy())).map(|r| r.uid));
         }
     }
     taken.sort_unstable();
@@ -67,8 +63,8 @@ pub(crate) fn allocate_uid(run_dir: &Path, name: &str, policy: &JailPolicy) -> R
             taken.len()
         ))
     })?;
-    let path = dir.join(JAIL_RECORD);
-    let tmp = dir.join("jail.json.tmp");
+    let path = dir.jail_record();
+    let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(&JailRecord { uid }).unwrap_or_default()).map_err(io_err("write", &tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err("write", &path))?;
     Ok(uid)
@@ -90,7 +86,7 @@ pub(crate) fn prepare(
         }
         None => Vec::new(),
     };
-    let root: PathBuf = run_dir.join(name).join(JAIL_ROOT);
+    let root = VmDir::new(run_dir, name).jail_root();
     std::fs::create_dir_all(&root).map_err(io_err("create", &root))?;
     Ok(JailConfig::for_vm(config, uid, uid, root, dirs))
 }

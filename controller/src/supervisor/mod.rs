@@ -1,7 +1,6 @@
 //! The VM process supervisor: one `ignite vmm run` process per VM, watched through its pidfd, with a
-//! per-VM run directory (`config.json`, `console.log` and `.1`, `console.sock`, `vsock.sock`,
-//! `vmm.log` and `.1`, `control.sock`, `exit.json`, `pid`, `jail.json` with the VM's uid, and `jail/`,
-//! the empty mount point of the jail's root). The directory stays root's: the jailed VMM opens what
+//! per-VM run directory ([`VmDir`]: its configuration, console and VMM logs, sockets, exit record,
+//! pid, jail record with the VM's uid, and the empty mount point of the jail's root). The directory stays root's: the jailed VMM opens what
 //! it needs there before it drops its privileges and cannot reach the directory afterwards.
 //!
 //! The supervisor only reports exits (on [`Supervisor::exits`]); the reconciler decides about restarts.
@@ -26,6 +25,8 @@ use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use vmm_core::{ConsoleConfig, ExitReason, VmConfig};
+
+use crate::layout::VmDir;
 
 pub use jail::{JailPolicy, DEFAULT_UIDS};
 pub use proc::ProcInfo;
@@ -177,13 +178,6 @@ struct Tracked {
     pidfd: Arc<OwnedFd>,
 }
 
-/// The VMM's control socket in a VM's run directory (status, pause, resume, stop, kill).
-pub const CONTROL_SOCKET: &str = "control.sock";
-/// The console socket in a VM's run directory: serial output out, console input in.
-pub const CONSOLE_SOCKET: &str = "console.sock";
-/// The host side of a VM's vsock device in its run directory (`CONNECT <port>` protocol).
-pub const VSOCK_SOCKET: &str = "vsock.sock";
-
 /// How long a control request may take beyond its own grace period.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -245,41 +239,31 @@ impl Supervisor {
     }
 
     /// The run directory of VM `name`.
-    pub fn vm_dir(&self, name: &str) -> PathBuf {
-        self.config.run_dir.join(name)
+    pub fn vm_dir(&self, name: &str) -> VmDir {
+        VmDir::new(&self.config.run_dir, name)
     }
 
-    /// The console socket of VM `name` (its serial console, for `ignite attach`).
-    pub fn console_socket(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join(CONSOLE_SOCKET)
-    }
-
-    /// The vsock socket of VM `name` (the host side of its virtio-vsock device, for `ignite exec`).
-    pub fn vsock_socket(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join(VSOCK_SOCKET)
-    }
-
-    /// Starts VM `name` from `config` in its own process group. Its console is forced to
-    /// `console.log` and [`CONSOLE_SOCKET`], its vsock device (if any) to [`VSOCK_SOCKET`].
+    /// Starts VM `name` from `config` in its own process group. Its console is forced to its run
+    /// directory's console log and socket, its vsock device (if any) to its vsock socket ([`VmDir`]).
     pub fn spawn(&self, name: &str, config: &VmConfig) -> Result<ProcInfo> {
         if self.is_running(name) {
             return Err(SupervisorError::AlreadyRunning(name.to_string()));
         }
         let dir = self.vm_dir(name);
-        std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        for stale in ["exit.json", CONTROL_SOCKET, "pid", CONSOLE_SOCKET, VSOCK_SOCKET] {
-            let path = dir.join(stale);
+        std::fs::create_dir_all(dir.path()).map_err(io_err("create", dir.path()))?;
+        let [control, console, vsock] = dir.sockets();
+        for path in [dir.exit_record(), dir.pid(), control, console, vsock] {
             match std::fs::remove_file(&path) {
                 Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(io_err("remove", &path)(err)),
                 _ => {}
             }
         }
         let mut config = config.clone();
-        config.console = ConsoleConfig::File(dir.join("console.log"));
-        config.console_socket = Some(dir.join(CONSOLE_SOCKET));
+        config.console = ConsoleConfig::File(dir.console_log());
+        config.console_socket = Some(dir.console_socket());
         config.console_max_bytes = Some(self.config.log_max_bytes);
         if let Some(vsock) = &mut config.vsock {
-            vsock.uds_path = dir.join(VSOCK_SOCKET);
+            vsock.uds_path = dir.vsock_socket();
         }
         config.jail = match &self.config.jail {
             Some(policy) => {
@@ -288,10 +272,10 @@ impl Supervisor {
             }
             None => None,
         };
-        let config_path = dir.join("config.json");
+        let config_path = dir.config();
         let text = serde_json::to_string_pretty(&config).map_err(|e| io_err("serialize", &config_path)(e.into()))?;
         std::fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
-        let log_path = dir.join("vmm.log");
+        let log_path = dir.vmm_log();
         let log = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
@@ -305,9 +289,9 @@ impl Supervisor {
             "--config".into(),
             config_path.into(),
             "--control-socket".into(),
-            dir.join(CONTROL_SOCKET).into(),
+            dir.control_socket().into(),
             "--exit-file".into(),
-            dir.join("exit.json").into(),
+            dir.exit_record().into(),
             "--log-file".into(),
             log_path.into(),
         ];
@@ -334,8 +318,8 @@ impl Supervisor {
         // A child that already exited is a zombie with the same start time: still its identity.
         let started_at = proc::stat(pid).map(|s| s.started_at).unwrap_or(0);
         let info = ProcInfo { pid, started_at };
-        let pid_path = dir.join("pid");
-        let tmp = dir.join("pid.tmp");
+        let pid_path = dir.pid();
+        let tmp = pid_path.with_extension("tmp");
         std::fs::write(&tmp, format!("{pid} {started_at}\n")).map_err(io_err("write", &tmp))?;
         std::fs::rename(&tmp, &pid_path).map_err(io_err("write", &pid_path))?;
         tracing::info!(vm = name, pid, "vm process started");
@@ -367,11 +351,11 @@ impl Supervisor {
                 continue;
             }
             let dir = self.vm_dir(&name);
-            let recorded = std::fs::read_to_string(dir.join("pid")).ok().and_then(|t| parse_pid_file(&t));
+            let recorded = std::fs::read_to_string(dir.pid()).ok().and_then(|t| parse_pid_file(&t));
             let live = recorded.and_then(|info| proc::stat(info.pid).filter(|s| s.started_at == info.started_at));
             match (recorded, live) {
                 (Some(info), Some(stat)) if stat.state != 'Z' => {
-                    if !proc::is_vmm_for(&proc::cmdline(info.pid), &dir.join(CONTROL_SOCKET)) {
+                    if !proc::is_vmm_for(&proc::cmdline(info.pid), &dir.control_socket()) {
                         tracing::warn!(vm = %name, pid = info.pid, "pid file names another program");
                         report.stale.push(name);
                         continue;
@@ -386,7 +370,7 @@ impl Supervisor {
                     let status = open_pidfd(&name, info.pid).ok().and_then(|fd| watch::reap(&fd));
                     report.exited.push(watch::exit_report(name, &dir, status));
                 }
-                _ if dir.join("exit.json").exists() => report.exited.push(watch::exit_report(name, &dir, None)),
+                _ if dir.exit_record().exists() => report.exited.push(watch::exit_report(name, &dir, None)),
                 _ => report.stale.push(name),
             }
         }
@@ -429,7 +413,7 @@ impl Supervisor {
     }
 
     fn control(&self, name: &str, op: &'static str, request: Value, timeout: Duration) -> Result<Option<Value>> {
-        match client::request(&self.vm_dir(name).join(CONTROL_SOCKET), &request, timeout) {
+        match client::request(&self.vm_dir(name).control_socket(), &request, timeout) {
             Ok(reply) => Ok(Some(reply)),
             Err(client::ClientError::Refused(error)) => Err(SupervisorError::Control { name: name.into(), op, error }),
             Err(client::ClientError::Unreachable(err)) => {
@@ -509,8 +493,8 @@ impl Supervisor {
             cgroups.remove(name).map_err(|e| SupervisorError::Jail(format!("vm {name}: {e}: {}", e.source)))?;
         }
         let dir = self.vm_dir(name);
-        match std::fs::remove_dir_all(&dir) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", &dir)(err)),
+        match std::fs::remove_dir_all(dir.path()) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(io_err("remove", dir.path())(err)),
             _ => Ok(()),
         }
     }
@@ -594,13 +578,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sup = Supervisor::new(SupervisorConfig::new(dir.path().join("vms"), "/bin/false".into())).unwrap();
         assert_eq!(sup.adopt().unwrap(), AdoptReport::default());
-        std::fs::create_dir(sup.vm_dir("ghost")).unwrap();
+        std::fs::create_dir(sup.vm_dir("ghost").path()).unwrap();
         assert_eq!(sup.adopt().unwrap().stale, ["ghost"]);
         assert_eq!(sup.list_orphans(&[]).unwrap().dirs, ["ghost"]);
         assert!(sup.list_orphans(&["ghost".into()]).unwrap().dirs.is_empty());
         assert!(matches!(sup.stop("ghost", Duration::ZERO), Err(SupervisorError::NotRunning(_))));
         sup.cleanup("ghost").unwrap();
         sup.cleanup("ghost").unwrap();
-        assert!(!sup.vm_dir("ghost").exists());
+        assert!(!sup.vm_dir("ghost").path().exists());
     }
 }

@@ -15,6 +15,7 @@ use vmm_core::control::ExitRecord;
 use vmm_core::ExitReason;
 
 use super::VmExit;
+use crate::layout::VmDir;
 
 /// How much of the end of the console log an exit report carries.
 const CONSOLE_TAIL_BYTES: u64 = 4096;
@@ -49,7 +50,7 @@ pub(crate) fn reap(pidfd: &OwnedFd) -> Option<WaitIdStatus> {
 
 /// Runs until the process ends (then reports it) or `shutdown`'s peer is closed (then returns quietly,
 /// leaving the process to the next supervisor).
-pub(crate) fn watch(name: String, dir: &Path, pidfd: Arc<OwnedFd>, shutdown: UnixStream, tx: UnboundedSender<VmExit>) {
+pub(crate) fn watch(name: String, dir: &VmDir, pidfd: Arc<OwnedFd>, shutdown: UnixStream, tx: UnboundedSender<VmExit>) {
     let ended = {
         let mut fds = [PollFd::new(&*pidfd, PollFlags::IN), PollFd::new(&shutdown, PollFlags::IN)];
         loop {
@@ -76,10 +77,9 @@ pub(crate) fn watch(name: String, dir: &Path, pidfd: Arc<OwnedFd>, shutdown: Uni
 }
 
 /// Removes the sockets an ended VMM leaves in its run directory (a jailed one cannot reach them).
-pub(crate) fn remove_sockets(dir: &Path) {
+pub(crate) fn remove_sockets(dir: &VmDir) {
     use std::os::unix::fs::FileTypeExt;
-    for name in [super::CONTROL_SOCKET, super::CONSOLE_SOCKET, super::VSOCK_SOCKET] {
-        let path = dir.join(name);
+    for path in dir.sockets() {
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
             if let Err(err) = std::fs::remove_file(&path) {
                 tracing::warn!(path = %path.display(), %err, "socket of an ended vmm not removed");
@@ -89,11 +89,10 @@ pub(crate) fn remove_sockets(dir: &Path) {
 }
 
 /// How the VM in `dir` ended: from its exit file when there is one, else from the wait status.
-pub(crate) fn exit_report(name: String, dir: &Path, status: Option<WaitIdStatus>) -> VmExit {
-    let console_tail = tail(&dir.join("console.log"));
-    let record = std::fs::read_to_string(dir.join("exit.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<ExitRecord>(&text).ok());
+pub(crate) fn exit_report(name: String, dir: &VmDir, status: Option<WaitIdStatus>) -> VmExit {
+    let console_tail = tail(&dir.console_log());
+    let record =
+        std::fs::read_to_string(dir.exit_record()).ok().and_then(|text| serde_json::from_str::<ExitRecord>(&text).ok());
     if let Some(record) = record {
         return VmExit { name, reason: record.exit, code: Some(record.exit_code), signal: None, console_tail };
     }
@@ -101,14 +100,14 @@ pub(crate) fn exit_report(name: String, dir: &Path, status: Option<WaitIdStatus>
     let code = status.and_then(|s| s.exit_status());
     let detail = match (signal, code) {
         // The VMM's SIGSYS handler logged which call and which thread broke its seccomp filter.
-        (Some(sig), _) if sig == libc_sigsys() => match seccomp_report(&tail(&dir.join("vmm.log"))) {
+        (Some(sig), _) if sig == libc_sigsys() => match seccomp_report(&tail(&dir.vmm_log())) {
             Some(report) => format!("the vmm process was killed by seccomp: {report}"),
             None => format!("the vmm process was killed by signal {sig} (SIGSYS) before recording an exit"),
         },
         (Some(sig), _) => format!("the vmm process was killed by signal {sig} before recording an exit"),
         (None, Some(code)) => format!(
             "the vmm process exited with status {code} without recording an exit: {}",
-            tail(&dir.join("vmm.log")).trim()
+            tail(&dir.vmm_log()).trim()
         ),
         (None, None) => "the vmm process ended without recording an exit".to_string(),
     };
@@ -146,16 +145,16 @@ mod tests {
 
     #[test]
     fn the_exit_file_wins_and_its_absence_is_a_crash() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("console.log"), "x".repeat(5000) + "END").unwrap();
-        let exit = exit_report("a".into(), dir.path(), None);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(tmp.path(), "a");
+        std::fs::create_dir(dir.path()).unwrap();
+        std::fs::write(dir.console_log(), "x".repeat(5000) + "END").unwrap();
+        let exit = exit_report("a".into(), &dir, None);
         assert!(matches!(exit.reason, ExitReason::Crash { .. }), "{exit:?}");
         assert_eq!(exit.console_tail.len(), 4096);
         assert!(exit.console_tail.ends_with("END"));
-        ExitRecord { exit: ExitReason::PowerOff { code: 3 }, exit_code: 3 }
-            .write_atomic(&dir.path().join("exit.json"))
-            .unwrap();
-        let exit = exit_report("a".into(), dir.path(), None);
+        ExitRecord { exit: ExitReason::PowerOff { code: 3 }, exit_code: 3 }.write_atomic(&dir.exit_record()).unwrap();
+        let exit = exit_report("a".into(), &dir, None);
         assert_eq!((exit.reason, exit.code), (ExitReason::PowerOff { code: 3 }, Some(3)));
     }
 }

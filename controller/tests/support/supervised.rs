@@ -26,7 +26,7 @@ pub fn next_exit(rx: &mut UnboundedReceiver<VmExit>, guard: Duration) -> VmExit 
 
 /// VM `name`'s console log so far.
 pub fn console(sup: &Supervisor, name: &str) -> String {
-    std::fs::read_to_string(sup.vm_dir(name).join("console.log")).unwrap_or_default()
+    std::fs::read_to_string(sup.vm_dir(name).console_log()).unwrap_or_default()
 }
 
 /// The process state letter, or `None` once the process is gone (reaped).

@@ -108,7 +108,7 @@ async fn start_daemon(ctx: &Ctx) -> anyhow::Result<Channel> {
     use std::os::unix::process::CommandExt;
     // The root is private (the daemon makes it 0700 too); so is its log.
     controller::private::secure_root(&ctx.root).with_context(|| format!("creating {}", ctx.root.display()))?;
-    let log_path = ctx.root.join("daemon.log");
+    let log_path = controller::layout::RootLayout::new(&ctx.root).daemon_log();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

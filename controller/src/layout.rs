@@ -1,0 +1,180 @@
+//! The on-disk layout under `--root`, named in one place. Every path the daemon, the supervisor, the
+//! gRPC services and the CLI use under the root comes from here; the image store's part is
+//! [`image_store::StorePaths`], reached through [`RootLayout::store`].
+//!
+//! ```text
+//! ROOT/                      0700 (see crate::private)
+//!   state/                   the sled store: VMs, leases, events, sources
+//!   sources/                 git checkouts and source caches
+//!   runtime/<vm>/            what the host prepared for a VM and how it last ended
+//!     prepared.json  exit.json
+//!   vms/<vm>/                the VM's run directory, shared with its VMM process
+//!     config.json  pid  exit.json  jail.json  jail/
+//!     console.log[.1]  vmm.log[.1]
+//!     control.sock  console.sock  vsock.sock[_<port>]
+//!   daemon.log               a daemon the CLI started
+//!   blobs/ images/ rootfs/ kernels/ snapshots/ tmp/   the image store (StorePaths)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use image_store::StorePaths;
+
+/// Every path under one `--root`.
+#[derive(Clone, Debug)]
+pub struct RootLayout {
+    root: PathBuf,
+}
+
+impl RootLayout {
+    /// The layout of `root`.
+    pub fn new(root: impl Into<PathBuf>) -> RootLayout {
+        RootLayout { root: root.into() }
+    }
+
+    /// The root directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The image store's part of the root.
+    pub fn store(&self) -> StorePaths {
+        StorePaths::new(&self.root)
+    }
+
+    /// The sled database.
+    pub fn state_db(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    /// Where sources keep their checkouts.
+    pub fn sources_dir(&self) -> PathBuf {
+        self.root.join("sources")
+    }
+
+    /// The host's per-VM records (`runtime/<vm>/`).
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.root.join("runtime")
+    }
+
+    /// The VMs' run directories (`vms/`), the supervisor's `run_dir`.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    /// The run directory of VM `name`.
+    pub fn vm(&self, name: &str) -> VmDir {
+        VmDir::new(&self.vms_dir(), name)
+    }
+
+    /// The log of a daemon the CLI started.
+    pub fn daemon_log(&self) -> PathBuf {
+        self.root.join("daemon.log")
+    }
+}
+
+/// One VM's run directory (`vms/<vm>/`): what the supervisor and the VMM process share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmDir {
+    dir: PathBuf,
+}
+
+impl VmDir {
+    /// The run directory of VM `name` under `vms_dir`.
+    pub fn new(vms_dir: &Path, name: &str) -> VmDir {
+        VmDir { dir: vms_dir.join(name) }
+    }
+
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The VMM's configuration, written by the supervisor before the spawn.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+
+    /// The VMM's pid and start time (`PID STARTTIME`).
+    pub fn pid(&self) -> PathBuf {
+        self.dir.join("pid")
+    }
+
+    /// How the VMM process ended, written by the VMM itself (`vmm_core::ExitRecord`).
+    pub fn exit_record(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+
+    /// The uid/gid the VM's jail runs as.
+    pub fn jail_record(&self) -> PathBuf {
+        self.dir.join("jail.json")
+    }
+
+    /// The jail's root directory (the VMM's `/` after `pivot_root`).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("jail")
+    }
+
+    /// The guest's serial console output (rotated to `console.log.1`).
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// The VMM's own log (rotated to `vmm.log.1`); a seccomp kill is reported here.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+
+    /// The VMM's control socket (status, pause, resume, stop, kill).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// The console socket: serial output out, console input in (`ignite attach`).
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+
+    /// The host side of the VM's vsock device (`CONNECT <port>` protocol; guest-initiated
+    /// connections go to `vsock.sock_<port>`).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    /// The sockets a VMM serves; an ended VMM's are removed.
+    pub fn sockets(&self) -> [PathBuf; 3] {
+        [self.control_socket(), self.console_socket(), self.vsock_socket()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_is_under_the_root_and_vm_files_under_their_vm() {
+        let layout = RootLayout::new("/var/lib/ignite");
+        let vm = layout.vm("web");
+        assert_eq!(vm.path(), Path::new("/var/lib/ignite/vms/web"));
+        let files = [
+            vm.config(),
+            vm.pid(),
+            vm.exit_record(),
+            vm.jail_record(),
+            vm.jail_root(),
+            vm.console_log(),
+            vm.vmm_log(),
+            vm.control_socket(),
+            vm.console_socket(),
+            vm.vsock_socket(),
+        ];
+        let mut names: Vec<_> = files.iter().map(|f| f.strip_prefix(vm.path()).unwrap().to_owned()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), files.len(), "no two files share a name");
+        for dir in [layout.state_db(), layout.sources_dir(), layout.runtime_dir(), layout.daemon_log()] {
+            assert_eq!(dir.parent(), Some(layout.root()));
+        }
+        assert_eq!(layout.store().root(), layout.root());
+    }
+}
