@@ -11,9 +11,8 @@ use std::time::Duration;
 use controller::api::Phase;
 use controller::daemon::Daemon;
 use controller::net::{tap_name, NetConfig};
-use controller::source::{DirSpec, SourceKind, SourceSpec};
 use support::daemon::{vm_up, wait_for};
-use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
+use support::fleet::{daemon_config, local_dir, manifest, registry_with_image, unavailable};
 use support::netns::run_inside;
 
 const NAME: &str = "vms_get_taps_leases_and_port_forwards_that_go_with_them";
@@ -43,10 +42,7 @@ fn vms_get_taps_leases_and_port_forwards_that_go_with_them() {
     let r = root.path();
     let _guard = support::daemon::KillVmsOnDrop(r);
     let net = NetConfig { bridge: "ignbr-e2e".into(), subnet: "10.98.0.0/24".parse().unwrap(), masquerade: false };
-    let sources = vec![SourceSpec {
-        name: "local".into(),
-        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
-    }];
+    let sources = local_dir(fleet.path());
     let config = daemon_config(r, sources, Some(net));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let daemon = runtime.block_on(Daemon::start(config)).unwrap();

@@ -12,9 +12,8 @@ use controller::daemon::Daemon;
 use controller::grpc::proto::{
     self, events_client::EventsClient, host_client::HostClient, sources_client::SourcesClient, vms_client::VmsClient,
 };
-use controller::source::{DirSpec, SourceKind, SourceSpec};
 use support::daemon::{vm_up, wait_for, KillVmsOnDrop};
-use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
+use support::fleet::{daemon_config, local_dir, manifest, registry_with_image, unavailable};
 use support::tiny_guest;
 
 fn text(bytes: &[u8]) -> String {
@@ -224,10 +223,7 @@ fn the_api_and_the_cli_drive_the_fleet() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _guard = KillVmsOnDrop(r);
-    let sources = vec![SourceSpec {
-        name: "local".into(),
-        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
-    }];
+    let sources = local_dir(fleet.path());
     let config = daemon_config(r, sources, None);
     let socket = config.socket.clone().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();

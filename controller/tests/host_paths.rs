@@ -11,9 +11,8 @@ use std::time::Duration;
 use controller::api::HostPaths;
 use controller::daemon::Daemon;
 use controller::grpc::proto::{self, sources_client::SourcesClient, vms_client::VmsClient};
-use controller::source::{DirSpec, SourceKind, SourceSpec};
 use support::daemon::{vm_up, wait_for, KillVmsOnDrop};
-use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
+use support::fleet::{daemon_config, local_dir, manifest, registry_with_image, unavailable};
 
 const NAME: &str = "host_paths";
 
@@ -51,10 +50,7 @@ fn manifests_read_host_files_only_where_the_operator_allowed() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _guard = KillVmsOnDrop(r);
-    let sources = vec![SourceSpec {
-        name: "local".into(),
-        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
-    }];
+    let sources = local_dir(fleet.path());
     let mut config = daemon_config(r, sources, None);
     config.host.policy.paths = HostPaths::allow([allowed.path().to_path_buf()]).unwrap();
     let socket = config.socket.clone().unwrap();

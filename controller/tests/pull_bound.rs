@@ -9,10 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use controller::daemon::Daemon;
-use controller::source::{DirSpec, SourceKind, SourceSpec};
 use image_store::testing::registry::trickling_registry;
 use support::daemon::{vm_up, wait_for, KillVmsOnDrop};
-use support::fleet::{daemon_config, manifest, registry_with_image, unavailable};
+use support::fleet::{daemon_config, local_dir, manifest, registry_with_image, unavailable};
 
 #[test]
 fn a_trickling_registry_fails_its_vm_and_the_fleet_goes_on() {
@@ -28,10 +27,7 @@ fn a_trickling_registry_fails_its_vm_and_the_fleet_goes_on() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _guard = KillVmsOnDrop(r);
-    let sources = vec![SourceSpec {
-        name: "local".into(),
-        kind: SourceKind::Directory(DirSpec { path: fleet.path().into(), interval: Duration::from_millis(200) }),
-    }];
+    let sources = local_dir(fleet.path());
     let mut config = daemon_config(r, sources, None);
     config.reconciler.workers = 1;
     config.host.pull_timeouts.total = Duration::from_secs(3);

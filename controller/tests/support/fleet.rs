@@ -8,7 +8,7 @@ use controller::daemon::DaemonConfig;
 use controller::host::{DefaultKernel, HostConfig};
 use controller::net::NetConfig;
 use controller::reconcile::ReconcilerConfig;
-use controller::source::SourceSpec;
+use controller::source::{DirSpec, SourceKind, SourceSpec};
 use image_store::testing::{fixtures, registry::Registry};
 
 use super::tiny_guest;
@@ -33,6 +33,14 @@ pub fn manifest(name: &str, image: &str, memory: &str, extra: &str) -> String {
     format!(
         "apiVersion: ignite.dev/v1alpha1\nkind: VM\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  memory: {memory}\n  diskSize: 64Mi\n{extra}"
     )
+}
+
+/// One directory source named `local` reading `dir` every 200 ms.
+pub fn local_dir(dir: &Path) -> Vec<SourceSpec> {
+    vec![SourceSpec {
+        name: "local".into(),
+        kind: SourceKind::Directory(DirSpec { path: dir.into(), interval: Duration::from_millis(200) }),
+    }]
 }
 
 /// An in-process daemon on `root` following `sources`, running tiny idle guests.
