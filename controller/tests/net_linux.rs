@@ -44,12 +44,13 @@ fn bridge_and_taps_are_idempotent_and_listed() {
 /// in its own process group so the whole server can be killed.
 const GUEST_SERVERS: &str = r#"
 import socket, threading
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 53))
+def udp(s):
     while True:
         data, peer = s.recvfrom(1500); s.sendto(data, peer)
-threading.Thread(target=udp, daemon=True).start()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 53))
+threading.Thread(target=udp, args=(u,), daemon=True).start()
 t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(("0.0.0.0", 80)); t.listen(8)
+print("ready", flush=True)
 while True:
     c, _ = t.accept(); c.sendall(b"guest-says-hi\n"); c.close()
 "#;
@@ -63,15 +64,29 @@ impl Drop for Servers {
     }
 }
 
-fn start_guest_servers(guest_ns: &str) -> Servers {
-    let child = std::process::Command::new("ip")
-        .args(["netns", "exec", guest_ns, "python3", "-c", GUEST_SERVERS])
+/// Runs `cmd` (a server script that prints `ready` once its sockets are bound) and returns once it
+/// did: a loaded host can take seconds to start Python, and a fixed sleep made the first connection
+/// fail now and then (or a check that nothing answers pass for the wrong reason).
+fn spawn_ready(mut cmd: std::process::Command) -> Servers {
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap();
-    Servers(child)
+    let stdout = child.stdout.take().unwrap();
+    let servers = Servers(child);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "a test server did not start");
+    servers
+}
+
+/// The stand-in guest's TCP (80) and UDP (53) servers.
+fn start_guest_servers(guest_ns: &str) -> Servers {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", guest_ns, "python3", "-c", GUEST_SERVERS]);
+    spawn_ready(cmd)
 }
 
 /// The stand-in guest: its own namespace `name`, linked to the bridge of the test namespace `host`
@@ -109,7 +124,6 @@ fn port_forwards_reach_the_guest_from_the_host_and_are_removed() {
     net.ensure_bridge(&cfg).unwrap();
     let (guest, guest_ip) = stand_in_guest("ignite-test-net-fwd", "ignite-test-net-guest");
     let _servers = start_guest_servers(&guest.0);
-    std::thread::sleep(Duration::from_millis(300));
 
     let tcp = PortForward { vm: "web".into(), host_port: 8080, guest_ip, guest_port: 80, protocol: Protocol::Tcp };
     let udp = PortForward { vm: "web".into(), host_port: 5353, guest_ip, guest_port: 53, protocol: Protocol::Udp };
@@ -156,16 +170,12 @@ fn guest_connects(guest_ns: &str, addr: &str, port: u16) -> bool {
 fn host_server(addr: &str, port: u16) -> Servers {
     let script = format!(
         "import socket\nt = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         t.bind(('{addr}', {port})); t.listen(8)\nwhile True:\n    c, _ = t.accept(); c.sendall(b'host-says-hi\\n'); c.close()"
+         t.bind(('{addr}', {port})); t.listen(8)\nprint('ready', flush=True)\n\
+         while True:\n    c, _ = t.accept(); c.sendall(b'host-says-hi\\n'); c.close()"
     );
-    let child = std::process::Command::new("python3")
-        .args(["-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    Servers(child)
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", &script]);
+    spawn_ready(cmd)
 }
 
 /// Guests reach neither the host's loopback (the bridge has route_localnet for port forwards) nor any
@@ -189,7 +199,9 @@ fn guests_cannot_reach_the_host_only_what_it_forwards() {
     let _loopback = host_server("127.0.0.5", 7001);
     let _gateway = host_server("10.99.0.1", 7002);
     let _servers = start_guest_servers(&guest.0);
-    std::thread::sleep(Duration::from_millis(500));
+    // Both host services answer on the host: what the guest cannot reach below is really there.
+    assert_eq!(tcp_answer((Ipv4Addr::new(127, 0, 0, 5), 7001)).unwrap().trim(), "host-says-hi");
+    assert_eq!(tcp_answer((Ipv4Addr::new(10, 99, 0, 1), 7002)).unwrap().trim(), "host-says-hi");
 
     assert!(!guest_connects(&guest.0, "127.0.0.5", 7001), "a guest reached a service on the host's loopback");
     assert!(!guest_connects(&guest.0, "10.99.0.1", 7002), "a guest reached a service on the host's bridge address");
