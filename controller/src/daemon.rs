@@ -9,11 +9,12 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::api::conditions::now_rfc3339;
 use crate::host::{HostConfig, HostRuntime};
 use crate::layout::RootLayout;
 use crate::net::{HostNet, LinuxHostNet};
 use crate::reconcile::{
-    apply_revision, error_chain, now_rfc3339, parse_revision, ApplyError, Reconciler, ReconcilerConfig, Runtime,
+    apply_revision, error_chain, parse_revision, ApplyError, Reconciler, ReconcilerConfig, Runtime,
 };
 use crate::source::{self, SourceSpec, SyncOutcome};
 use crate::store::{Event, EventKind, SourceState, Store, StoreError};

@@ -2,6 +2,7 @@
 //! and the Kubernetes custom resource, plus the status the controller keeps in its store.
 
 pub mod bounds;
+pub mod conditions;
 pub mod errors;
 pub mod host_paths;
 pub mod host_policy;

@@ -40,8 +40,8 @@ use super::crd::{MicroVM, FINALIZER, RESOURCE};
 use super::errors::KubeError;
 use super::select::{self, LabelSelector};
 use super::status::MicroVmStatus;
+use crate::api::conditions::Summary;
 use crate::api::{self, ConditionType, ObjectMeta, Phase, Vm, VmSpec};
-use crate::reconcile::conditions::Summary;
 use crate::reconcile::{apply_revision, error_chain, ApplyError, Backoff, WorkQueue};
 use crate::store::Store;
 

@@ -4,8 +4,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::api::conditions::{self, Summary};
 use crate::api::{Condition, ConditionStatus, ConditionType, Phase, VmStatus};
-use crate::reconcile::conditions::{self, Summary};
 
 /// The observed state of a MicroVM, written through the status subresource by the host running it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -56,7 +56,7 @@ impl MicroVmStatus {
             let summary = Summary::new(Phase::Pending, ConditionType::Reconciling, "Pending", "queued on the host");
             let base = previous.filter(|p| !p.conditions.is_empty()).map_or(conditions, |p| p.conditions.clone());
             let mut pending = VmStatus { conditions: base, ..Default::default() };
-            conditions::apply(&mut pending, &summary, &crate::reconcile::now_rfc3339());
+            conditions::apply(&mut pending, &summary, &conditions::now_rfc3339());
             conditions = pending.conditions;
         }
         MicroVmStatus {
@@ -75,7 +75,7 @@ impl MicroVmStatus {
     pub fn with_summary(previous: Option<&MicroVmStatus>, summary: &Summary, generation: Option<i64>) -> Self {
         let mut status = previous.cloned().unwrap_or_default();
         let mut vm = VmStatus { conditions: status.conditions.clone(), phase: summary.phase, ..Default::default() };
-        conditions::apply(&mut vm, summary, &crate::reconcile::now_rfc3339());
+        conditions::apply(&mut vm, summary, &conditions::now_rfc3339());
         status.conditions = vm.conditions;
         status.phase = Some(summary.phase);
         status.observed_generation = generation;

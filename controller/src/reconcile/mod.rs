@@ -3,7 +3,6 @@
 //! with backoff, [`apply`] turns a source revision into desired objects.
 
 pub mod apply;
-pub mod conditions;
 pub mod decide;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
@@ -14,5 +13,5 @@ pub mod runtime;
 pub use apply::{apply_objects, apply_revision, parse_revision, ApplyError, ApplyReport};
 pub use decide::{decide, DesiredView, Settled, Step};
 pub use queue::{Backoff, WorkQueue};
-pub use reconciler::{error_chain, now_rfc3339, Outcome, ReconcileError, Reconciler, ReconcilerConfig};
+pub use reconciler::{error_chain, Outcome, ReconcileError, Reconciler, ReconcilerConfig};
 pub use runtime::{Actual, Exit, Prepared, Runtime, RuntimeError, Started};

@@ -17,10 +17,10 @@ use tracing::{debug, info, info_span, warn};
 use crate::api::{ConditionType, LastExit, Phase};
 use crate::store::{Event, EventKind, Store, StoreError, VmRecord};
 
-use super::conditions::{self, Summary};
 use super::decide::{decide, DesiredView, Settled, Step};
 use super::queue::{Backoff, WorkQueue};
 use super::runtime::{Actual, Exit, Runtime, RuntimeError};
+use crate::api::conditions::{self, now_rfc3339, Summary};
 
 /// Annotation that suspends reconciliation of one VM while set to `"true"`.
 pub const SUSPEND_ANNOTATION: &str = "ignite.dev/suspend";
@@ -101,11 +101,6 @@ struct Context {
 #[derive(Clone)]
 pub struct Reconciler {
     ctx: Arc<Context>,
-}
-
-/// RFC 3339 "now", as written into status and events.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 impl Reconciler {

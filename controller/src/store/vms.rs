@@ -3,9 +3,9 @@
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
+use crate::api::conditions::now_rfc3339;
+use crate::api::conditions::{self, Summary};
 use crate::api::{ConditionType, Vm, VmStatus};
-use crate::reconcile::conditions::{self, Summary};
-use crate::reconcile::now_rfc3339;
 
 use super::records::{PutOutcome, VmChange, VmChanges, VmRecord};
 use super::{decode, decode_u64, encode, Store, StoreError, KEY_REVISION, META, VMS};

@@ -61,6 +61,11 @@ pub fn current(status: &VmStatus) -> Option<(ConditionType, String)> {
     status.conditions.iter().find(|c| c.status == ConditionStatus::True).map(|c| (c.type_, c.reason.clone()))
 }
 
+/// RFC 3339 "now", as written into status conditions and events.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
