@@ -10,6 +10,7 @@ use std::time::Duration;
 use controller::supervisor::{Supervisor, SupervisorConfig};
 use support::supervised::{self, console, proc_state};
 use support::tiny_guest::{self, EXIT_CODE, EXIT_MARKER, IDLE_MARKER};
+use vmm_core::control::VmState;
 use vmm_core::ExitReason;
 
 /// A hang guard only: every wait below normally ends in well under a second.
@@ -52,12 +53,12 @@ fn spawn_control_and_stop_report_the_exit_and_cleanup_leaves_nothing() {
     );
 
     let status = sup.status("web").unwrap();
-    assert_eq!(status.state, "running");
+    assert_eq!(status.state, VmState::Running);
     assert!(status.counters["exits"].as_u64().unwrap() > 0, "{status:?}");
     sup.pause("web").unwrap();
-    assert_eq!(sup.status("web").unwrap().state, "paused");
+    assert_eq!(sup.status("web").unwrap().state, VmState::Paused);
     sup.resume("web").unwrap();
-    assert_eq!(sup.status("web").unwrap().state, "running");
+    assert_eq!(sup.status("web").unwrap().state, VmState::Running);
     assert!(sup.cleanup("web").is_err(), "cleanup refuses a live vm");
 
     // The idle guest ignores Ctrl-Alt-Del: the stop is forced after the grace period.
@@ -87,7 +88,7 @@ fn a_kill_during_a_long_graceful_stop_ends_the_vm_at_once() {
     let stopper = sup.clone();
     let graceful = std::thread::spawn(move || stopper.stop("slow", Duration::from_secs(600)));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sup.status("slow").unwrap().state, "running", "the control socket answers during the stop");
+    assert_eq!(sup.status("slow").unwrap().state, VmState::Running, "the control socket answers during the stop");
     // ...but the control socket still answers, and a kill ends the VM now.
     sup.stop("slow", Duration::ZERO).unwrap();
     let exit = supervised::next_exit(&mut exits, HANG_GUARD);
@@ -184,7 +185,7 @@ fn a_restarted_daemon_adopts_running_vms_and_learns_how_the_others_ended() {
     sleep.wait().unwrap();
 
     assert!(second.is_running("keeper"));
-    assert_eq!(second.status("keeper").unwrap().state, "running");
+    assert_eq!(second.status("keeper").unwrap().state, VmState::Running);
     second.stop("keeper", Duration::from_millis(100)).unwrap();
     let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert_eq!((exit.name.as_str(), exit.reason), ("keeper", ExitReason::Stopped));
@@ -232,7 +233,7 @@ fn a_daemon_killed_with_sigkill_leaves_its_vm_running_for_the_next_one() {
     let sup = supervisor(dir.path());
     let mut exits = sup.exits().unwrap();
     assert_eq!(sup.adopt().unwrap().adopted, ["survivor"]);
-    assert_eq!(sup.status("survivor").unwrap().state, "running");
+    assert_eq!(sup.status("survivor").unwrap().state, VmState::Running);
     sup.kill("survivor").unwrap();
     let exit = supervised::next_exit(&mut exits, HANG_GUARD);
     assert_eq!((exit.name.as_str(), exit.reason, exit.code), ("survivor", ExitReason::Stopped, Some(130)));

@@ -1,8 +1,10 @@
 //! The per-VM control channel: a unix socket speaking JSON lines, served by a thread that forwards
 //! each request to the loop owning the [`VmHandle`], plus the exit record a VMM process leaves behind.
 //!
-//! Requests: `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"stop","graceMs":N}`,
-//! `{"op":"kill"}`. Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`, one line each.
+//! Requests ([`Request`]): `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
+//! `{"op":"stop","graceMs":N}`, `{"op":"kill"}`. Replies: `{"ok":true,...}` with the fields of a
+//! [`Reply`], or `{"ok":false,"error":"..."}`, one line each. [`request`] is the client (the
+//! supervisor's), so both ends of the protocol live here.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -38,12 +40,56 @@ pub enum Request {
     Kill,
 }
 
+/// What a VM is doing, as a reply reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum VmState {
+    /// The vCPUs run.
+    Running,
+    /// Every vCPU is parked.
+    Paused,
+    /// A stop or kill was accepted; the process is ending.
+    Stopping,
+}
+
+impl VmState {
+    /// The state's name on the wire (`running`, `paused`, `stopping`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+        }
+    }
+}
+
+/// The fields of a successful reply; `status` sets all of them, the other requests `state` only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Reply {
+    /// The VM's state after the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    /// Milliseconds since the VM started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+    /// The VM's exit and device counters ([`crate::VmCounters`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Value>,
+}
+
+impl Reply {
+    fn state(state: VmState) -> Reply {
+        Reply { state: Some(state), ..Reply::default() }
+    }
+}
+
 /// A request received on the socket, with the channel its reply goes to.
 pub struct Command {
     /// What was asked.
     pub request: Request,
-    /// Where the reply goes: `Ok(fields)` becomes `{"ok":true,...fields}`, `Err(msg)` an error reply.
-    pub reply: Sender<Result<Value, String>>,
+    /// Where the reply goes: `Ok(reply)` becomes `{"ok":true,...}`, `Err(msg)` an error reply.
+    pub reply: Sender<Result<Reply, String>>,
 }
 
 /// What the owner of the VM must do after answering a request.
@@ -58,32 +104,77 @@ pub enum Action {
 }
 
 /// Answers `request` for `vm` (whose pause state is tracked in `paused`) and says what to do next.
-pub fn apply(vm: &VmHandle, paused: &mut bool, request: &Request) -> (Result<Value, String>, Action) {
+pub fn apply(vm: &VmHandle, paused: &mut bool, request: &Request) -> (Result<Reply, String>, Action) {
     match request {
         Request::Status => {
             let counters = vm.counters();
-            let state = if *paused { "paused" } else { "running" };
-            let uptime_ms = u64::try_from(counters.uptime.as_millis()).unwrap_or(u64::MAX);
-            (Ok(json!({"state": state, "uptimeMs": uptime_ms, "counters": counters})), Action::Continue)
+            let state = if *paused { VmState::Paused } else { VmState::Running };
+            let reply = Reply {
+                state: Some(state),
+                uptime_ms: Some(u64::try_from(counters.uptime.as_millis()).unwrap_or(u64::MAX)),
+                counters: serde_json::to_value(counters).ok(),
+            };
+            (Ok(reply), Action::Continue)
         }
         Request::Pause => match vm.pause() {
             Ok(()) => {
                 *paused = true;
-                (Ok(json!({"state": "paused"})), Action::Continue)
+                (Ok(Reply::state(VmState::Paused)), Action::Continue)
             }
             Err(err) => (Err(err.to_string()), Action::Continue),
         },
         Request::Resume => match vm.resume() {
             Ok(()) => {
                 *paused = false;
-                (Ok(json!({"state": "running"})), Action::Continue)
+                (Ok(Reply::state(VmState::Running)), Action::Continue)
             }
             Err(err) => (Err(err.to_string()), Action::Continue),
         },
         Request::Stop { grace_ms } => {
-            (Ok(json!({"state": "stopping"})), Action::Stop(Duration::from_millis(*grace_ms)))
+            (Ok(Reply::state(VmState::Stopping)), Action::Stop(Duration::from_millis(*grace_ms)))
         }
-        Request::Kill => (Ok(json!({"state": "stopping"})), Action::Kill),
+        Request::Kill => (Ok(Reply::state(VmState::Stopping)), Action::Kill),
+    }
+}
+
+/// Why a control request got no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached or the connection broke: the VMM is gone or stuck.
+    #[error("control socket unreachable: {0}")]
+    Unreachable(#[source] std::io::Error),
+    /// The VMM answered with an error (or an answer that is not a reply).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends `request` on the control socket at `socket` and returns the reply, waiting at most `timeout`
+/// for it.
+pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
+    let stream = UnixStream::connect(socket).map_err(ClientError::Unreachable)?;
+    stream.set_read_timeout(Some(timeout)).map_err(ClientError::Unreachable)?;
+    let mut line = serde_json::to_string(request).map_err(|e| ClientError::Refused(e.to_string()))?;
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(ClientError::Unreachable)?;
+    let mut answer = String::new();
+    let read = BufReader::new(stream).read_line(&mut answer).map_err(ClientError::Unreachable)?;
+    if read == 0 {
+        return Err(ClientError::Unreachable(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    /// The wire form: the reply's fields next to `ok` and `error`.
+    #[derive(Deserialize)]
+    struct Wire {
+        ok: bool,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(flatten)]
+        reply: Reply,
+    }
+    let wire: Wire = serde_json::from_str(&answer)
+        .map_err(|err| ClientError::Refused(format!("unreadable reply {answer:?}: {err}")))?;
+    match wire.ok {
+        true => Ok(wire.reply),
+        false => Err(ClientError::Refused(wire.error.unwrap_or_else(|| "unknown error".into()))),
     }
 }
 
@@ -220,8 +311,8 @@ fn serve(stream: UnixStream, tx: &Sender<Command>) -> std::io::Result<()> {
 }
 
 /// The wire form of a reply.
-pub fn reply_json(result: Result<Value, String>) -> Value {
-    match result {
+pub fn reply_json(result: Result<Reply, String>) -> Value {
+    match result.map(|reply| serde_json::to_value(reply).unwrap_or_default()) {
         Ok(Value::Object(mut fields)) => {
             fields.insert("ok".into(), Value::Bool(true));
             Value::Object(fields)
@@ -272,9 +363,9 @@ mod tests {
             let mut seen = Vec::new();
             for cmd in rx.iter().take(3) {
                 let reply = match &cmd.request {
-                    Request::Status => Ok(json!({"state": "running"})),
+                    Request::Status => Ok(Reply::state(VmState::Running)),
                     Request::Pause => Err("cannot pause".to_string()),
-                    _ => Ok(Value::Null),
+                    _ => Ok(Reply::default()),
                 };
                 seen.push(cmd.request.clone());
                 cmd.reply.send(reply).unwrap();
@@ -291,6 +382,35 @@ mod tests {
         assert_eq!(owner.join().unwrap(), [Request::Status, Request::Pause, Request::Stop { grace_ms: 250 }]);
         drop(server);
         assert!(!path.exists(), "socket removed on drop");
+    }
+
+    #[test]
+    fn the_client_gets_typed_replies_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let (_server, rx) = ControlServer::bind(&path).unwrap();
+        let owner = std::thread::spawn(move || {
+            for cmd in rx.iter().take(2) {
+                let reply = match &cmd.request {
+                    Request::Status => Ok(Reply {
+                        state: Some(VmState::Paused),
+                        uptime_ms: Some(42),
+                        counters: Some(json!({"exits": 7})),
+                    }),
+                    _ => Err("cannot resume".to_string()),
+                };
+                cmd.reply.send(reply).unwrap();
+            }
+        });
+        let timeout = Duration::from_secs(5);
+        let status = request(&path, &Request::Status, timeout).unwrap();
+        assert_eq!((status.state, status.uptime_ms), (Some(VmState::Paused), Some(42)));
+        assert_eq!(status.counters.unwrap()["exits"], 7);
+        let refused = request(&path, &Request::Resume, timeout).unwrap_err();
+        assert!(matches!(&refused, ClientError::Refused(e) if e == "cannot resume"), "{refused:?}");
+        owner.join().unwrap();
+        let gone = request(&dir.path().join("nothing.sock"), &Request::Kill, timeout).unwrap_err();
+        assert!(matches!(gone, ClientError::Unreachable(_)), "{gone:?}");
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! run directory re-adopts them with [`Supervisor::adopt`], checking the recorded start time and the
 //! command line so a recycled pid is never adopted.
 
-mod client;
 mod jail;
 mod proc;
 mod watch;
@@ -22,8 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use vmm_core::control::{self, ClientError, Reply, Request, VmState};
 use vmm_core::{ConsoleConfig, ExitReason, VmConfig};
 
 use crate::layout::VmDir;
@@ -98,8 +98,8 @@ pub struct Orphans {
 /// The answer to a status request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VmStatus {
-    /// `running` or `paused`.
-    pub state: String,
+    /// Running or paused.
+    pub state: VmState,
     /// Milliseconds since the VM started.
     pub uptime_ms: u64,
     /// The engine's counters, as the VMM reported them.
@@ -412,11 +412,11 @@ impl Supervisor {
         }
     }
 
-    fn control(&self, name: &str, op: &'static str, request: Value, timeout: Duration) -> Result<Option<Value>> {
-        match client::request(&self.vm_dir(name).control_socket(), &request, timeout) {
+    fn control(&self, name: &str, op: &'static str, request: Request, timeout: Duration) -> Result<Option<Reply>> {
+        match control::request(&self.vm_dir(name).control_socket(), &request, timeout) {
             Ok(reply) => Ok(Some(reply)),
-            Err(client::ClientError::Refused(error)) => Err(SupervisorError::Control { name: name.into(), op, error }),
-            Err(client::ClientError::Unreachable(err)) => {
+            Err(ClientError::Refused(error)) => Err(SupervisorError::Control { name: name.into(), op, error }),
+            Err(ClientError::Unreachable(err)) => {
                 tracing::warn!(vm = name, op, %err, "control socket unreachable; using signals");
                 Ok(None)
             }
@@ -428,7 +428,7 @@ impl Supervisor {
     pub fn stop(&self, name: &str, grace: Duration) -> Result<()> {
         let pidfd = self.live_pidfd(name)?;
         let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-        if self.control(name, "stop", json!({"op": "stop", "graceMs": grace_ms}), CONTROL_TIMEOUT)?.is_none() {
+        if self.control(name, "stop", Request::Stop { grace_ms }, CONTROL_TIMEOUT)?.is_none() {
             self.signal(name, &pidfd, Signal::TERM)?;
         }
         if !watch::wait_ended(&pidfd, grace + CONTROL_TIMEOUT) {
@@ -442,7 +442,7 @@ impl Supervisor {
     /// Stops VM `name` at once (SIGKILL when the control socket is dead) and waits for the process to end.
     pub fn kill(&self, name: &str) -> Result<()> {
         let pidfd = self.live_pidfd(name)?;
-        if self.control(name, "kill", json!({"op": "kill"}), CONTROL_TIMEOUT)?.is_none() {
+        if self.control(name, "kill", Request::Kill, CONTROL_TIMEOUT)?.is_none() {
             self.signal(name, &pidfd, Signal::KILL)?;
         }
         if !watch::wait_ended(&pidfd, CONTROL_TIMEOUT) {
@@ -455,7 +455,7 @@ impl Supervisor {
     /// Pauses VM `name`'s vCPUs (SIGSTOP to the process when the control socket is dead).
     pub fn pause(&self, name: &str) -> Result<()> {
         let pidfd = self.live_pidfd(name)?;
-        if self.control(name, "pause", json!({"op": "pause"}), CONTROL_TIMEOUT)?.is_none() {
+        if self.control(name, "pause", Request::Pause, CONTROL_TIMEOUT)?.is_none() {
             self.signal(name, &pidfd, Signal::STOP)?;
         }
         Ok(())
@@ -464,7 +464,7 @@ impl Supervisor {
     /// Resumes VM `name` (SIGCONT when the control socket is dead).
     pub fn resume(&self, name: &str) -> Result<()> {
         let pidfd = self.live_pidfd(name)?;
-        if self.control(name, "resume", json!({"op": "resume"}), CONTROL_TIMEOUT)?.is_none() {
+        if self.control(name, "resume", Request::Resume, CONTROL_TIMEOUT)?.is_none() {
             self.signal(name, &pidfd, Signal::CONT)?;
         }
         Ok(())
@@ -473,13 +473,13 @@ impl Supervisor {
     /// The state, uptime and counters of VM `name`, from its VMM.
     pub fn status(&self, name: &str) -> Result<VmStatus> {
         self.live_pidfd(name)?;
-        let reply = self.control(name, "status", json!({"op": "status"}), CONTROL_TIMEOUT)?.ok_or_else(|| {
+        let reply = self.control(name, "status", Request::Status, CONTROL_TIMEOUT)?.ok_or_else(|| {
             SupervisorError::Control { name: name.into(), op: "status", error: "control socket unreachable".into() }
         })?;
         Ok(VmStatus {
-            state: reply["state"].as_str().unwrap_or_default().to_string(),
-            uptime_ms: reply["uptimeMs"].as_u64().unwrap_or_default(),
-            counters: reply["counters"].clone(),
+            state: reply.state.unwrap_or(VmState::Running),
+            uptime_ms: reply.uptime_ms.unwrap_or_default(),
+            counters: reply.counters.unwrap_or_default(),
         })
     }
 
