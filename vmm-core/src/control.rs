@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::{ExitReason, VmHandle};
 
@@ -50,17 +50,6 @@ pub enum VmState {
     Paused,
     /// A stop or kill was accepted; the process is ending.
     Stopping,
-}
-
-impl VmState {
-    /// The state's name on the wire (`running`, `paused`, `stopping`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-            VmState::Stopping => "stopping",
-        }
-    }
 }
 
 /// The fields of a successful reply; `status` sets all of them, the other requests `state` only.
@@ -160,15 +149,6 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Re
     let read = BufReader::new(stream).read_line(&mut answer).map_err(ClientError::Unreachable)?;
     if read == 0 {
         return Err(ClientError::Unreachable(std::io::ErrorKind::UnexpectedEof.into()));
-    }
-    /// The wire form: the reply's fields next to `ok` and `error`.
-    #[derive(Deserialize)]
-    struct Wire {
-        ok: bool,
-        #[serde(default)]
-        error: Option<String>,
-        #[serde(flatten)]
-        reply: Reply,
     }
     let wire: Wire = serde_json::from_str(&answer)
         .map_err(|err| ClientError::Refused(format!("unreadable reply {answer:?}: {err}")))?;
@@ -310,16 +290,23 @@ fn serve(stream: UnixStream, tx: &Sender<Command>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A reply line as sent and read: the [`Reply`]'s fields next to `ok` and, on failure, `error`.
+#[derive(Serialize, Deserialize)]
+struct Wire {
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(flatten)]
+    reply: Reply,
+}
+
 /// The wire form of a reply.
 pub fn reply_json(result: Result<Reply, String>) -> Value {
-    match result.map(|reply| serde_json::to_value(reply).unwrap_or_default()) {
-        Ok(Value::Object(mut fields)) => {
-            fields.insert("ok".into(), Value::Bool(true));
-            Value::Object(fields)
-        }
-        Ok(_) => json!({"ok": true}),
-        Err(error) => json!({"ok": false, "error": error}),
-    }
+    let wire = match result {
+        Ok(reply) => Wire { ok: true, error: None, reply },
+        Err(error) => Wire { ok: false, error: Some(error), reply: Reply::default() },
+    };
+    serde_json::to_value(wire).unwrap_or_default()
 }
 
 /// What a VMM process records about its end in its exit file.
@@ -346,6 +333,7 @@ impl ExitRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn ask(stream: &mut BufReader<UnixStream>, line: &str) -> Value {
         stream.get_mut().write_all(format!("{line}\n").as_bytes()).unwrap();
