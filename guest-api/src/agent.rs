@@ -10,7 +10,15 @@
 //!    or 128 + the signal number), preceded by an `Error` frame (a UTF-8 message) when the command
 //!    could not be started (status 127 not found, 126 otherwise).
 //!
-//! Pipes, not a pseudo-terminal: guest kernels have no devpts.
+//! Without `tty` the command gets pipes: stdout and stderr arrive apart. With `tty` it gets a
+//! pseudo-terminal (the guest's devpts) as its controlling terminal and its stdin, stdout and
+//! stderr: everything arrives as `Stdout`, and the client may send `Resize` frames ([`WindowSize`],
+//! also given at start in [`ExecRequest::window`]).
+//!
+//! Compatibility: fields are only ever added, with defaults, and left out of the line when unset, so
+//! a request without a terminal is exactly what the first agents accept. An agent that predates
+//! `tty` refuses such a request (an unknown field: `Error` and exit 126) rather than silently
+//! giving pipes; a client never sends `Resize` to a session without `tty`.
 
 use std::io::{self, Read, Write};
 
@@ -40,6 +48,40 @@ pub struct ExecRequest {
     /// the main process's).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub user: String,
+    /// A pseudo-terminal instead of pipes (since the second protocol revision).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tty: bool,
+    /// The terminal's initial size (only with `tty`; none: the kernel's default, 0x0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowSize>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A terminal's size in character cells, as in `struct winsize`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+impl WindowSize {
+    /// The payload of a `Resize` frame: rows then columns, big-endian `u16`s.
+    pub fn encode(self) -> [u8; 4] {
+        let (r, c) = (self.rows.to_be_bytes(), self.cols.to_be_bytes());
+        [r[0], r[1], c[0], c[1]]
+    }
+
+    /// Decodes a `Resize` payload; `None` unless it is exactly 4 bytes.
+    pub fn decode(payload: &[u8]) -> Option<WindowSize> {
+        let [r0, r1, c0, c1] = <[u8; 4]>::try_from(payload).ok()?;
+        Some(WindowSize { rows: u16::from_be_bytes([r0, r1]), cols: u16::from_be_bytes([c0, c1]) })
+    }
 }
 
 /// What a frame carries.
@@ -58,6 +100,8 @@ pub enum Tag {
     Exit = 4,
     /// Agent to client: why the command could not be started (UTF-8), followed by `Exit`.
     Error = 5,
+    /// Client to agent, only with `tty`: the terminal's new size ([`WindowSize::encode`]).
+    Resize = 6,
 }
 
 impl Tag {
@@ -69,6 +113,7 @@ impl Tag {
             3 => Tag::Stderr,
             4 => Tag::Exit,
             5 => Tag::Error,
+            6 => Tag::Resize,
             _ => return None,
         })
     }
@@ -202,5 +247,35 @@ mod tests {
         assert!(matches!(read_frame(&mut &[2u8, 0][..]), Err(ProtocolError::Truncated)));
         assert!(matches!(read_request(&mut &b"{\"argv\":[]}\n"[..]), Err(ProtocolError::BadRequest(_))));
         assert!(matches!(read_request(&mut &b"{\"argv\":[\"ls\"]"[..]), Err(ProtocolError::Truncated)));
+        let bad_window = b"{\"argv\":[\"sh\"],\"tty\":true,\"window\":{\"rows\":70000,\"cols\":80}}\n";
+        assert!(matches!(read_request(&mut &bad_window[..]), Err(ProtocolError::BadRequest(_))));
+    }
+
+    #[test]
+    fn requests_without_a_terminal_keep_the_first_revisions_line() {
+        let request = ExecRequest { argv: vec!["ls".into()], ..Default::default() };
+        let mut line = Vec::new();
+        write_request(&mut line, &request).unwrap();
+        assert_eq!(line, b"{\"argv\":[\"ls\"],\"env\":[],\"cwd\":\"\"}\n");
+        // A line from a first-revision client still reads.
+        let old = read_request(&mut &b"{\"argv\":[\"ls\"],\"env\":[[\"A\",\"1\"]],\"cwd\":\"/\"}\n"[..]).unwrap();
+        assert!(!old.tty && old.window.is_none());
+        assert_eq!(old.env, vec![("A".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn a_terminal_request_and_resize_frames_round_trip() {
+        let window = WindowSize { rows: 33, cols: 132 };
+        let request = ExecRequest { argv: vec!["sh".into()], tty: true, window: Some(window), ..Default::default() };
+        let mut buf = Vec::new();
+        write_request(&mut buf, &request).unwrap();
+        write_frame(&mut buf, Tag::Resize, &WindowSize { rows: 1, cols: 65535 }.encode()).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_request(&mut r).unwrap(), request);
+        let (tag, payload) = read_frame(&mut r).unwrap().unwrap();
+        assert_eq!(tag, Tag::Resize);
+        assert_eq!(WindowSize::decode(&payload), Some(WindowSize { rows: 1, cols: 65535 }));
+        assert_eq!(WindowSize::decode(&[0, 1, 2]), None);
+        assert_eq!(WindowSize::decode(&[0, 1, 2, 3, 4]), None);
     }
 }
