@@ -1,13 +1,17 @@
 //! The guest agent's server side, in the guest: runs one command per connection with the protocol of
 //! [`guest_api::agent`] (the controller is the client). The session logic ([`serve`]) is generic over
 //! `Read`/`Write`, so it runs over a socketpair in tests and over AF_VSOCK in the guest ([`crate::sys`]).
+//! A command gets pipes, or with `tty` a pseudo-terminal from the guest's devpts.
 
+use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use guest_api::agent::{
-    decode_exit, read_frame, read_request, write_frame, write_request, ExecRequest, ProtocolError, Tag,
+    decode_exit, read_frame, read_request, write_frame, write_request, ExecRequest, ProtocolError, Tag, WindowSize,
 };
 
 use crate::spec::DEFAULT_PATH;
@@ -40,10 +44,27 @@ impl Accounts {
     }
 }
 
-/// Builds the command for `request` on top of `defaults`, with piped standard streams, running as
-/// the request's user (else the main process's), resolved in `accounts`. `HOME` is that user's home
-/// unless the environment sets it. An unknown user is an `InvalidInput` error naming it.
-pub fn command(request: &ExecRequest, defaults: &ExecDefaults, accounts: &Accounts) -> io::Result<Command> {
+/// How long a terminal session's output may still come after its command ended: a background process
+/// that keeps the terminal open must not hold the session (and the client) forever.
+pub const TTY_DRAIN: Duration = Duration::from_secs(1);
+
+/// The `TERM` a terminal session gets unless the environment sets one (docker's choice).
+pub const DEFAULT_TERM: &str = "xterm";
+
+/// A command ready to start, and with a terminal the master side of its pseudo-terminal.
+pub struct Prepared {
+    /// The command (its standard streams set).
+    pub cmd: Command,
+    /// With `tty`: the pseudo-terminal's master; the command's stdin, stdout and stderr are the slave.
+    pub pty: Option<File>,
+}
+
+/// Builds the command for `request` on top of `defaults`, running as the request's user (else the
+/// main process's), resolved in `accounts`. `HOME` is that user's home unless the environment sets
+/// it. Its standard streams are pipes, or with `tty` a new pseudo-terminal (sized as the request
+/// says, its controlling terminal, `TERM` defaulting to [`DEFAULT_TERM`]). An unknown user is an
+/// `InvalidInput` error naming it.
+pub fn command(request: &ExecRequest, defaults: &ExecDefaults, accounts: &Accounts) -> io::Result<Prepared> {
     use std::os::unix::process::CommandExt;
     let user = [request.user.as_str(), defaults.user.as_str()].into_iter().find(|u| !u.is_empty());
     let user = crate::spec::resolve_user(user.unwrap_or("root"), &accounts.passwd, &accounts.group)
@@ -57,6 +78,9 @@ pub fn command(request: &ExecRequest, defaults: &ExecDefaults, accounts: &Accoun
     if !has("HOME") {
         cmd.env("HOME", &user.home);
     }
+    if request.tty && !has("TERM") {
+        cmd.env("TERM", DEFAULT_TERM);
+    }
     cmd.envs(defaults.env.iter().map(|(k, v)| (k, v)));
     cmd.envs(request.env.iter().map(|(k, v)| (k, v)));
     let cwd = if request.cwd.is_empty() { defaults.cwd.as_str() } else { request.cwd.as_str() };
@@ -65,20 +89,64 @@ pub fn command(request: &ExecRequest, defaults: &ExecDefaults, accounts: &Accoun
     if (user.uid, user.gid) != crate::sys::effective_ids() {
         cmd.uid(user.uid).gid(user.gid);
     }
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    Ok(cmd)
+    if !request.tty {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        return Ok(Prepared { cmd, pty: None });
+    }
+    let (master, slave) = crate::sys::open_pty().map_err(|e| io::Error::new(e.kind(), format!("no terminal: {e}")))?;
+    if let Some(size) = request.window {
+        crate::sys::set_window_size(&master, size.rows, size.cols)?;
+    }
+    cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
+    crate::sys::controlling_tty_on_exec(&mut cmd);
+    Ok(Prepared { cmd, pty: Some(master) })
 }
 
-/// A started command: its pipes and how to wait for its exit code.
+/// A started command: its streams, how to resize its terminal, and how to wait for its exit code.
 pub struct Spawned {
-    /// The command's standard input.
-    pub stdin: ChildStdin,
-    /// The command's standard output.
-    pub stdout: ChildStdout,
-    /// The command's standard error.
-    pub stderr: ChildStderr,
+    /// The command's standard input (with a terminal: the master side).
+    pub stdin: Box<dyn Write + Send>,
+    /// The command's standard output (with a terminal: the master side, stdout and stderr merged).
+    pub stdout: Box<dyn Read + Send>,
+    /// The command's standard error (none with a terminal).
+    pub stderr: Option<Box<dyn Read + Send>>,
+    /// Resizes the command's terminal (none without one).
+    pub resize: Option<Box<dyn FnMut(WindowSize) + Send>>,
     /// Blocks until the command ended and returns its exit code (128 + signal for a signal).
     pub wait: Box<dyn FnOnce() -> i32 + Send>,
+}
+
+impl Spawned {
+    /// The streams of `child`, started from a [`Prepared`] whose `pty` is given here: the master side
+    /// of its terminal, else its pipes. The `Prepared` command must be dropped by now, or its copies
+    /// of the terminal's slave keep the output open after the command ended.
+    pub fn new(child: &mut Child, pty: Option<File>, wait: Box<dyn FnOnce() -> i32 + Send>) -> io::Result<Spawned> {
+        if let Some(master) = pty {
+            let resizer = master.try_clone()?;
+            let resize = move |size: WindowSize| {
+                // A terminal that is already gone has no size to set.
+                let _ = crate::sys::set_window_size(&resizer, size.rows, size.cols);
+            };
+            return Ok(Spawned {
+                stdin: Box::new(master.try_clone()?),
+                stdout: Box::new(master),
+                stderr: None,
+                resize: Some(Box::new(resize)),
+                wait,
+            });
+        }
+        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(io::Error::other("command started without its pipes"));
+        };
+        Ok(Spawned {
+            stdin: Box::new(stdin),
+            stdout: Box::new(stdout),
+            stderr: Some(Box::new(stderr)),
+            resize: None,
+            wait,
+        })
+    }
 }
 
 /// The exit code for a command that could not be started: 127 not found, 126 otherwise.
@@ -93,7 +161,9 @@ pub fn spawn_failure_code(e: &io::Error) -> i32 {
 /// Serves one session: reads the request from `reader`, starts it with `spawn`, forwards stdin frames
 /// to the command and its output as frames to `writer`, and ends with the `Exit` frame. The stdin
 /// forwarder keeps reading `reader` until the client closes stdin or the connection; it is not
-/// waited for (the client closes the connection after the `Exit` frame).
+/// waited for (the client closes the connection after the `Exit` frame). With pipes the `Exit` frame
+/// follows the end of both outputs; with a terminal it follows the command's end and at most
+/// [`TTY_DRAIN`] of output after it (a background process may keep the terminal open).
 pub fn serve<R, W, S>(mut reader: R, writer: W, spawn: S) -> Result<i32, ProtocolError>
 where
     R: Read + Send + 'static,
@@ -101,9 +171,14 @@ where
     S: FnOnce(&ExecRequest) -> io::Result<Spawned>,
 {
     let writer = Arc::new(Mutex::new(writer));
+    // Set (under the writer's lock) once the `Exit` frame is sent: nothing may follow it.
+    let ended = Arc::new(AtomicBool::new(false));
     let send = |tag: Tag, payload: &[u8]| -> io::Result<()> {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
         write_frame(&mut *w, tag, payload)?;
+        if tag == Tag::Exit {
+            ended.store(true, Ordering::SeqCst);
+        }
         w.flush()
     };
     let request = match read_request(&mut reader) {
@@ -123,19 +198,27 @@ where
             return Ok(code);
         }
     };
-    let Spawned { stdin, stdout, stderr, wait } = spawned;
-    std::thread::Builder::new().name("agent-stdin".into()).spawn(move || forward_stdin(reader, stdin))?;
+    let Spawned { stdin, stdout, stderr, resize, wait } = spawned;
+    std::thread::Builder::new().name("agent-stdin".into()).spawn(move || forward_stdin(reader, stdin, resize))?;
+    let (done_tx, done) = mpsc::channel::<()>();
     let pump = |tag: Tag, mut from: Box<dyn Read + Send>| {
         let writer = writer.clone();
+        let ended = ended.clone();
+        let done_tx = done_tx.clone();
         std::thread::Builder::new().name("agent-output".into()).spawn(move || {
+            let _done = done_tx;
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 match from.read(&mut buf) {
+                    // A terminal's master reads EIO once every slave is closed: its end of output.
                     Ok(0) => return,
                     Ok(n) => {
                         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                        if write_frame(&mut *w, tag, &buf[..n]).and_then(|()| w.flush()).is_err() {
-                            // The client is gone: keep draining so the command is not blocked on a pipe.
+                        let sent = !ended.load(Ordering::SeqCst)
+                            && write_frame(&mut *w, tag, &buf[..n]).and_then(|()| w.flush()).is_ok();
+                        if !sent {
+                            // The client is gone or the session ended: keep draining so nothing blocks
+                            // on a full pipe or terminal.
                             drop(w);
                             let _ = io::copy(&mut from, &mut io::sink());
                             return;
@@ -147,29 +230,54 @@ where
             }
         })
     };
-    let out = pump(Tag::Stdout, Box::new(stdout))?;
-    let err = pump(Tag::Stderr, Box::new(stderr))?;
-    let _ = out.join();
-    let _ = err.join();
-    let code = wait();
+    let tty = stderr.is_none();
+    let out = pump(Tag::Stdout, stdout)?;
+    let err = stderr.map(|stderr| pump(Tag::Stderr, stderr)).transpose()?;
+    drop(done_tx);
+    let code = if tty {
+        let code = wait();
+        // Output written just before the end is still in the terminal: read it, within a bound.
+        let _ = done.recv_timeout(TTY_DRAIN);
+        code
+    } else {
+        let _ = out.join();
+        if let Some(err) = err {
+            let _ = err.join();
+        }
+        wait()
+    };
     send(Tag::Exit, &code.to_be_bytes())?;
     Ok(code)
 }
 
-/// Copies stdin frames to the command until `CloseStdin`, the end of the connection or a broken pipe.
-fn forward_stdin<R: Read>(reader: R, mut stdin: ChildStdin) {
+/// Copies stdin frames to the command and applies `Resize` frames to its terminal until `CloseStdin`
+/// (without a terminal; a terminal stays open, as docker's), the end of the connection or a broken
+/// pipe.
+fn forward_stdin<R: Read>(
+    reader: R,
+    mut stdin: Box<dyn Write + Send>,
+    mut resize: Option<Box<dyn FnMut(WindowSize) + Send>>,
+) {
     let mut reader = BufReader::new(reader);
+    let mut stdin_open = true;
     while let Ok(Some((tag, payload))) = read_frame(&mut reader) {
-        let broken = match tag {
-            Tag::Stdin => stdin.write_all(&payload).is_err(),
-            Tag::CloseStdin => true,
-            _ => false,
-        };
-        if broken {
-            break;
+        match tag {
+            Tag::Stdin if stdin_open => {
+                if stdin.write_all(&payload).is_err() {
+                    break;
+                }
+            }
+            Tag::CloseStdin if resize.is_some() => stdin_open = false,
+            Tag::CloseStdin => break,
+            Tag::Resize => {
+                if let (Some(resize), Some(size)) = (resize.as_mut(), WindowSize::decode(&payload)) {
+                    resize(size);
+                }
+            }
+            _ => {}
         }
     }
-    // Dropping `stdin` here closes the command's standard input.
+    // Dropping `stdin` here closes the command's standard input (a terminal's master stays open).
 }
 
 /// Everything a client got from one session.
@@ -219,7 +327,7 @@ pub fn run_to_end<S: Read + Write>(
                 output.exit = decode_exit(&payload);
                 break;
             }
-            Tag::Stdin | Tag::CloseStdin => {}
+            Tag::Stdin | Tag::CloseStdin | Tag::Resize => {}
         }
     }
     Ok(output)
@@ -260,15 +368,16 @@ mod tests {
 
     /// Starts `req` with plain `Child::wait` (no PID 1 reaper in tests).
     fn spawn_waited(req: &ExecRequest, defaults: &ExecDefaults, accounts: &Accounts) -> io::Result<Spawned> {
-        let mut child = command(req, defaults, accounts)?.spawn()?;
-        let (stdin, stdout, stderr) =
-            (child.stdin.take().unwrap(), child.stdout.take().unwrap(), child.stderr.take().unwrap());
-        let wait = Box::new(move || {
+        let Prepared { mut cmd, pty } = command(req, defaults, accounts)?;
+        let mut child = cmd.spawn()?;
+        drop(cmd);
+        let mut spawned = Spawned::new(&mut child, pty, Box::new(|| unreachable!("replaced below")))?;
+        spawned.wait = Box::new(move || {
             use std::os::unix::process::ExitStatusExt;
             let status = child.wait().unwrap();
             status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
         });
-        Ok(Spawned { stdin, stdout, stderr, wait })
+        Ok(spawned)
     }
 
     fn req(argv: &[&str]) -> ExecRequest {
@@ -384,6 +493,78 @@ mod tests {
         feeder.join().unwrap();
         assert_eq!(stdout, input);
         assert_eq!(exit, Some(0));
+    }
+
+    /// A terminal request for `script` with `window`; `None` (and a printed reason) when this host
+    /// cannot open pseudo-terminals.
+    fn tty_req(script: &str, window: Option<WindowSize>) -> Option<ExecRequest> {
+        if let Err(e) = crate::sys::open_pty() {
+            eprintln!("skipping: this host cannot open a pseudo-terminal ({e})");
+            return None;
+        }
+        Some(ExecRequest { tty: true, window, ..req(&["sh", "-c", script]) })
+    }
+
+    #[test]
+    fn with_tty_the_command_gets_a_sized_controlling_terminal_and_merged_output() {
+        let window = Some(WindowSize { rows: 33, cols: 77 });
+        let script = "tty; stty size; echo to-stderr >&2; echo TERM=$TERM; [ -t 0 ] && echo stdin-is-a-tty; \
+                      ps -o tty= -p $$ 2>/dev/null | grep -q pts && echo controlling; exit 4";
+        let Some(request) = tty_req(script, window) else { return };
+        let (mut client, handle) = agent(ExecDefaults::default());
+        let out = run_to_end(&mut client, &request, b"").unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.split("\r\n").collect();
+        assert!(lines[0].starts_with("/dev/pts/"), "{text:?}");
+        assert_eq!(lines[1..5], ["33 77", "to-stderr", "TERM=xterm", "stdin-is-a-tty"], "{text:?}");
+        assert!(out.stderr.is_empty(), "stderr comes through the terminal: {out:?}");
+        assert_eq!(out.exit, Some(4));
+        assert_eq!(handle.join().unwrap().unwrap(), 4);
+        let with_ps = std::process::Command::new("ps").arg("-o").arg("tty=").arg("-p").arg("1").output();
+        if with_ps.is_ok_and(|o| o.status.success()) {
+            assert_eq!(lines.get(5), Some(&"controlling"), "the terminal is the session's: {text:?}");
+        }
+    }
+
+    #[test]
+    fn without_tty_the_command_has_no_terminal() {
+        let (mut client, _handle) = agent(ExecDefaults::default());
+        let out = run_to_end(&mut client, &req(&["sh", "-c", "tty; echo TERM=$TERM"]), b"").unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "not a tty\nTERM=\n", "{out:?}");
+    }
+
+    #[test]
+    fn resize_frames_reach_the_terminal_and_typed_input_is_echoed() {
+        let Some(request) = tty_req("read line; echo got-$line; stty size", None) else { return };
+        let (mut client, _handle) = agent(ExecDefaults::default());
+        write_request(&mut client, &request).unwrap();
+        write_frame(&mut client, Tag::Resize, &WindowSize { rows: 40, cols: 100 }.encode()).unwrap();
+        write_frame(&mut client, Tag::Resize, &[1, 2, 3]).unwrap(); // malformed: ignored
+        write_frame(&mut client, Tag::Stdin, b"hello\n").unwrap();
+        let (mut stdout, mut exit) = (Vec::new(), None);
+        while let Some((tag, payload)) = read_frame(&mut client).unwrap() {
+            match tag {
+                Tag::Stdout => stdout.extend_from_slice(&payload),
+                Tag::Exit => exit = decode_exit(&payload),
+                _ => {}
+            }
+            if exit.is_some() {
+                break;
+            }
+        }
+        assert_eq!(String::from_utf8_lossy(&stdout), "hello\r\ngot-hello\r\n40 100\r\n");
+        assert_eq!(exit, Some(0));
+    }
+
+    #[test]
+    fn a_background_process_holding_the_terminal_does_not_hold_the_session() {
+        let Some(request) = tty_req("trap '' HUP; sleep 5 & echo started", None) else { return };
+        let (mut client, _handle) = agent(ExecDefaults::default());
+        let started = std::time::Instant::now();
+        let out = run_to_end(&mut client, &request, b"").unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "started\r\n");
+        assert_eq!(out.exit, Some(0));
+        assert!(started.elapsed() < Duration::from_secs(4), "the session ended after {:?}", started.elapsed());
     }
 
     #[test]

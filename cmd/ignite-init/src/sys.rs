@@ -1,11 +1,12 @@
 //! The system calls ignite-init needs, each wrapped once: mounts, hostname, signals, reaping, power-off
-//! (PID 1's), and the exec agent's AF_VSOCK sockets and ids. Every `unsafe` of the guest init that is not
+//! (PID 1's), loopback, rlimits, pseudo-terminals, and the exec agent's AF_VSOCK sockets and ids. Every `unsafe` of the guest init that is not
 //! about spawning children lives here.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 /// Converts a `-1` return into the current `errno`.
@@ -248,4 +249,197 @@ pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> io::Result<Optio
     // SAFETY: F_SETFL on an owned fd has no memory effects.
     check(unsafe { libc::fcntl(fd, libc::F_SETFL, 0) })?;
     Ok(Some(file))
+}
+
+/// Opens a new pseudo-terminal pair (`/dev/ptmx`, granted and unlocked): its master and its slave,
+/// both close-on-exec and neither becoming this process's controlling terminal.
+pub fn open_pty() -> io::Result<(File, File)> {
+    // SAFETY: posix_openpt has no memory effects; the result is checked below.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly opened master nobody else owns.
+    let master = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // SAFETY: grantpt only acts on the open master `fd`.
+    check(unsafe { libc::grantpt(master.as_raw_fd()) })?;
+    // SAFETY: unlockpt only acts on the open master `fd`.
+    check(unsafe { libc::unlockpt(master.as_raw_fd()) })?;
+    let mut name = [0u8; 64];
+    // SAFETY: `name` is writable for the length given; ptsname_r NUL-terminates within it.
+    let ret = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr().cast(), name.len()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let path = std::str::from_utf8(&name[..end]).map_err(io::Error::other)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open the pseudo-terminal {path}: {e}")))?;
+    Ok((master, slave))
+}
+
+/// Sets the window size of the terminal `tty` (either side of a pseudo-terminal); the foreground
+/// process group gets SIGWINCH.
+pub fn set_window_size(tty: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one `winsize`, which `size` is and which outlives the call.
+    check(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &size) })
+}
+
+/// The window size of the terminal `tty`: (rows, columns).
+pub fn window_size(tty: &impl AsRawFd) -> io::Result<(u16, u16)> {
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into `size`, which is valid and writable.
+    check(unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCGWINSZ, &mut size) })?;
+    Ok((size.ws_row, size.ws_col))
+}
+
+/// Between fork and exec: a new session whose controlling terminal is standard input (the
+/// pseudo-terminal's slave), as a login shell has.
+fn take_controlling_tty() -> io::Result<()> {
+    // SAFETY: setsid has no memory effects; it fails only for a group leader, which a fresh child is not.
+    unsafe { libc::setsid() };
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal another session's terminal).
+    check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })
+}
+
+/// Makes `cmd`'s child a session leader with its standard input, a terminal, as its controlling
+/// terminal (so job control, Ctrl-C and SIGWINCH reach it).
+pub fn controlling_tty_on_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `take_controlling_tty` only makes async-signal-safe system calls (setsid, ioctl)
+    // and allocates nothing, as required between fork and exec.
+    unsafe { cmd.pre_exec(take_controlling_tty) };
+}
+
+/// Brings the network interface `name` (e.g. `lo`) up: SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP.
+/// Returns whether it was down before.
+pub fn interface_up(name: &str) -> io::Result<bool> {
+    let socket = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS reads the name in and writes the flags into `req`, a valid ifreq.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    let up = libc::IFF_UP as libc::c_short;
+    if flags & up != 0 {
+        return Ok(false);
+    }
+    req.ifr_ifru.ifru_flags = flags | up;
+    // SAFETY: SIOCSIFFLAGS reads the name and flags from `req`, a valid ifreq.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) })?;
+    Ok(true)
+}
+
+/// Whether the network interface `name` is up (SIOCGIFFLAGS).
+pub fn interface_is_up(name: &str) -> io::Result<bool> {
+    let socket = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS reads the name in and writes the flags into `req`, a valid ifreq.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
+    Ok(unsafe { req.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0)
+}
+
+/// An AF_INET datagram socket, the handle interface ioctls go through.
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory effects; the result is checked below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created socket nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An `ifreq` naming interface `name` (at most IFNAMSIZ - 1 bytes, no NUL).
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("invalid interface name {name:?}")));
+    }
+    // SAFETY: ifreq is plain data (a name and a union of integers); all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// Sets resource limit `resource` of this process (inherited by its children) to `soft` and `hard`
+/// (`libc::RLIM_INFINITY`: unlimited).
+pub fn set_rlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {
+    let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: setrlimit reads one rlimit, which `limit` is and which outlives the call.
+    check(unsafe { libc::setrlimit(resource, &limit) })
+}
+
+/// The resource limit `resource` of this process: (soft, hard).
+pub fn rlimit(resource: libc::__rlimit_resource_t) -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `limit`, which is valid and writable.
+    check(unsafe { libc::getrlimit(resource, &mut limit) })?;
+    Ok((limit.rlim_cur, limit.rlim_max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn a_pseudo_terminal_pair_carries_bytes_and_a_window_size() {
+        let (mut master, mut slave) = match open_pty() {
+            Ok(pair) => pair,
+            Err(e) => {
+                eprintln!("skipping: this host cannot open a pseudo-terminal ({e})");
+                return;
+            }
+        };
+        set_window_size(&master, 33, 77).unwrap();
+        assert_eq!(window_size(&slave).unwrap(), (33, 77));
+        slave.write_all(b"hi\n").unwrap();
+        let mut buf = [0u8; 16];
+        let n = master.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hi\r\n", "the line discipline maps NL to CR NL");
+    }
+
+    #[test]
+    fn interface_names_are_bounded() {
+        assert!(ifreq("lo").is_ok());
+        assert_eq!(ifreq("").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(ifreq("sixteen-chars-xx").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(ifreq("a\0b").unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn loopback_comes_up_in_a_fresh_network_namespace() {
+        // A new network namespace for this thread only (namespaces belong to tasks): its `lo` is down.
+        let result = std::thread::spawn(|| {
+            // SAFETY: unshare only changes this thread's namespaces; it has no memory effects.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let before = interface_is_up("lo").unwrap();
+            let changed = interface_up("lo").unwrap();
+            let again = interface_up("lo").unwrap();
+            Ok((before, changed, interface_is_up("lo").unwrap(), again))
+        })
+        .join()
+        .unwrap();
+        match result {
+            Err(e) => eprintln!("skipping: a new network namespace needs CAP_SYS_ADMIN (unshare: {e})"),
+            Ok(got) => assert_eq!(got, (false, true, true, false), "down, brought up, up, already up"),
+        }
+    }
+
+    #[test]
+    fn rlimits_read_back() {
+        let (soft, hard) = rlimit(libc::RLIMIT_CORE).unwrap();
+        set_rlimit(libc::RLIMIT_CORE, soft, hard).unwrap();
+        assert_eq!(rlimit(libc::RLIMIT_CORE).unwrap(), (soft, hard));
+    }
 }

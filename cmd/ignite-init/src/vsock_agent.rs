@@ -5,11 +5,10 @@
 //! children itself: it starts them through [`CHILDREN`], the table the reaper records exits in.
 
 use std::fs::File;
-use std::io;
 use std::os::unix::process::CommandExt;
 
 use guest_api::agent::AGENT_PORT;
-use ignite_init::agent::{self, Accounts, ExecDefaults, Spawned};
+use ignite_init::agent::{self, Accounts, ExecDefaults, Prepared, Spawned};
 use ignite_init::sys::{self, vsock_accept as accept, vsock_listen as listen};
 
 use crate::log;
@@ -50,16 +49,14 @@ fn session(conn: File, defaults: &ExecDefaults) {
         Err(e) => return log(&format!("guest agent: {e}")),
     };
     let result = agent::serve(reader, conn, |request| {
-        let mut cmd = agent::command(request, defaults, &Accounts::read())?;
+        let Prepared { mut cmd, pty } = agent::command(request, defaults, &Accounts::read())?;
         // SAFETY: `in_child` only makes async-signal-safe calls (sigprocmask, setsid) between fork and exec.
         unsafe { cmd.pre_exec(sys::in_child) };
         let (mut child, pid) = CHILDREN.spawn(&mut cmd)?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(io::Error::other("command started without its pipes"));
-        };
+        // Close our copies of a terminal's slave: the output ends when the command's copies close.
+        drop(cmd);
         // `child` is dropped without waiting: PID 1's reaper reaps it and records its exit.
-        Ok(Spawned { stdin, stdout, stderr, wait: Box::new(move || i32::from(CHILDREN.wait(pid).code())) })
+        Spawned::new(&mut child, pty, Box::new(move || i32::from(CHILDREN.wait(pid).code())))
     });
     if let Err(e) = result {
         log(&format!("guest agent: session failed: {e}"));
