@@ -262,11 +262,8 @@ fn forward_stdin<R: Read>(
     let mut stdin_open = true;
     while let Ok(Some((tag, payload))) = read_frame(&mut reader) {
         match tag {
-            Tag::Stdin if stdin_open => {
-                if stdin.write_all(&payload).is_err() {
-                    break;
-                }
-            }
+            // A broken pipe: the command closed its input.
+            Tag::Stdin if stdin_open && stdin.write_all(&payload).is_err() => break,
             Tag::CloseStdin if resize.is_some() => stdin_open = false,
             Tag::CloseStdin => break,
             Tag::Resize => {

@@ -1,4 +1,5 @@
-//! `ignite-init`: PID 1 inside every ignite guest. Mounts the pseudo filesystems, reads the VM's config
+//! `ignite-init`: PID 1 inside every ignite guest. Mounts the pseudo filesystems (what a normal boot
+//! gives: devpts, /dev/shm, /dev/mqueue, cgroup2), brings loopback up, sets resource limits, reads the VM's config
 //! drive, sets hostname and name resolution, writes ssh keys and copied files, runs the image's
 //! entrypoint (merged with the VM's overrides) as a child and, for Kubernetes nodes, `kubeadm join`
 //! and the kubelet alongside it (`ignite_init::node`), reaps children, forwards signals, then reports the main process's exit on the console (`ignite-init: exit
@@ -51,6 +52,9 @@ fn run() -> Result<sys::Exit, (String, u8)> {
     let fail = |msg: String| (msg, 127);
     sys::mask_handled(true).map_err(|e| fail(format!("cannot block signals: {e}")))?;
     setup::mount_pseudo_filesystems().map_err(fail)?;
+    setup::loopback_up();
+    // Before any child starts: they all inherit the limits.
+    setup::set_rlimits();
     if let Err(e) = sys::disable_ctrl_alt_del() {
         log(&format!("cannot route Ctrl-Alt-Del to init: {e}"));
     }
