@@ -182,16 +182,22 @@ fn exec_and_attach_status_codes(
             "the API's own VM is started from the CLI: {}",
             err.message()
         );
-        let err = exec(start("fromdir", &["true"], true)).await;
+        let mut huge = start("fromdir", &["sh"], true);
+        if let Some(exec_input::Input::Start(s)) = huge.input.as_mut() {
+            s.window = Some(proto::WindowSize { rows: 70_000, cols: 80 });
+        }
+        let err = exec(huge).await;
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
-        assert!(err.message().contains("tty"), "{}", err.message());
+        assert!(err.message().contains("window size 70000x80"), "{}", err.message());
         let err = exec(start("fromdir", &[], false)).await;
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
         let err = exec(proto::ExecInput { input: Some(exec_input::Input::Stdin(b"x".to_vec())) }).await;
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{}", err.message());
-        let err = exec(start("fromdir", &["true"], false)).await;
-        assert_eq!(err.code(), tonic::Code::Unavailable, "{}", err.message());
-        assert!(err.message().contains(controller::grpc::exec::AGENT_UNAVAILABLE), "{}", err.message());
+        for tty in [false, true] {
+            let err = exec(start("fromdir", &["true"], tty)).await;
+            assert_eq!(err.code(), tonic::Code::Unavailable, "tty {tty}: {}", err.message());
+            assert!(err.message().contains(controller::grpc::exec::AGENT_UNAVAILABLE), "{}", err.message());
+        }
 
         let err = vms.attach(tokio_stream::iter(vec![name("nope")])).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "{}", err.message());
@@ -205,7 +211,7 @@ fn exec_and_attach_status_codes(
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains("the guest agent did not answer"), "{}", text(&out.stderr));
     let out = ignite(socket, &["exec", "-it", "fromdir", "sh"]);
-    assert!(text(&out.stderr).contains("no pseudo-terminals"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("the input device is not a TTY"), "docker's words: {}", text(&out.stderr));
     let out = ignite(socket, &["attach", "nope"]);
     assert!(!out.status.success() && text(&out.stderr).contains("no VM named \"nope\""), "{}", text(&out.stderr));
 }

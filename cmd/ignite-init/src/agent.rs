@@ -93,7 +93,9 @@ pub fn command(request: &ExecRequest, defaults: &ExecDefaults, accounts: &Accoun
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         return Ok(Prepared { cmd, pty: None });
     }
-    let (master, slave) = crate::sys::open_pty().map_err(|e| io::Error::new(e.kind(), format!("no terminal: {e}")))?;
+    // Not `NotFound` (127, "command not found") when the guest has no /dev/ptmx: 126 and a reason.
+    let no_pty = |e| io::Error::other(format!("no pseudo-terminal (a guest kernel with UNIX98 ptys and devpts?): {e}"));
+    let (master, slave) = crate::sys::open_pty().map_err(no_pty)?;
     if let Some(size) = request.window {
         crate::sys::set_window_size(&master, size.rows, size.cols)?;
     }

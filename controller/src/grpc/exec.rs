@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use guest_api::agent::{self, ExecRequest, Tag, AGENT_PORT, MAX_FRAME};
+use guest_api::agent::{self, ExecRequest, Tag, WindowSize, AGENT_PORT, MAX_FRAME};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -14,7 +14,7 @@ use super::proto::{self, attach_input, exec_input, exec_output};
 use super::server::{stream_from, ApiState, Stream_};
 use crate::api::Phase;
 use crate::layout::VmDir;
-use crate::reconcile::error_chain;
+use guest_api::error_chain;
 
 /// How long the guest gets to accept a connection to its agent. A guest kernel refuses a port nobody
 /// listens on at once; this bounds guests that never answer (no vsock driver, hung kernel).
@@ -98,6 +98,29 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Resu
     Ok(Some((header[0], payload)))
 }
 
+/// A window size from the API: each side at most 65535 (`struct winsize` holds `u16`s).
+fn window_size(size: &proto::WindowSize) -> Result<WindowSize, Status> {
+    match (u16::try_from(size.rows), u16::try_from(size.cols)) {
+        (Ok(rows), Ok(cols)) => Ok(WindowSize { rows, cols }),
+        _ => Err(Status::invalid_argument(format!(
+            "window size {}x{} (rows x columns) is out of range: each side is at most 65535",
+            size.rows, size.cols
+        ))),
+    }
+}
+
+/// The agent's `Error` message for the client; an agent that predates terminals refuses `tty` as an
+/// unknown field, which is said plainly.
+fn agent_error(message: String, tty: bool) -> String {
+    if tty && message.contains("unknown field `tty`") {
+        return format!(
+            "the guest's ignite-init predates terminals (recreate the VM to get the current one), or use exec \
+             without -t ({message})"
+        );
+    }
+    message
+}
+
 /// Serves `Vms.Exec` (see the proto).
 pub(super) async fn exec(
     state: &ApiState,
@@ -110,36 +133,54 @@ pub(super) async fn exec(
     if start.argv.first().is_none_or(String::is_empty) {
         return Err(Status::invalid_argument("no command to run: argv is empty"));
     }
-    if start.tty {
-        return Err(Status::invalid_argument(
-            "tty is not supported: guest kernels have no pseudo-terminals (devpts); commands get pipes \
-             (use -i without -t, or `ignite attach` for the console)",
-        ));
-    }
+    let window = start.window.as_ref().map(window_size).transpose()?;
+    let tty = start.tty;
     let dir = running_vm_dir(state, &start.name)?;
     let stream = connect_vsock(&dir.vsock_socket(), AGENT_PORT, AGENT_ANSWER_TIMEOUT).await?;
     let (read_half, mut write_half) = stream.into_split();
     let mut env: Vec<(String, String)> = start.env.into_iter().collect();
     env.sort();
-    let request = ExecRequest { argv: start.argv, env, cwd: start.working_dir, user: start.user };
+    let request = ExecRequest {
+        argv: start.argv,
+        env,
+        cwd: start.working_dir,
+        user: start.user,
+        tty,
+        window: if tty { window } else { None },
+    };
     let mut line = serde_json::to_vec(&request).map_err(|e| Status::internal(e.to_string()))?;
     line.push(b'\n');
     write_half.write_all(&line).await.map_err(|e| Status::unavailable(format!("{AGENT_UNAVAILABLE} ({e})")))?;
-    tracing::info!(vm = start.name, argv = ?request.argv, user = request.user, "exec");
+    tracing::info!(vm = start.name, argv = ?request.argv, user = request.user, tty, "exec");
 
     let input = tokio::spawn(async move {
+        let mut closed = false;
         while let Ok(Some(message)) = inbound.message().await {
             let bytes = match message.input {
-                Some(exec_input::Input::Stdin(data)) if !data.is_empty() => frame(Tag::Stdin, &data),
-                Some(exec_input::Input::CloseStdin(true)) => break,
+                Some(exec_input::Input::Stdin(data)) if !data.is_empty() && !closed => frame(Tag::Stdin, &data),
+                Some(exec_input::Input::CloseStdin(true)) if !closed => {
+                    closed = true;
+                    frame(Tag::CloseStdin, &[])
+                }
+                // Resizes go to terminals only; one out of range is dropped (the next may fit).
+                Some(exec_input::Input::Resize(size)) if tty => match window_size(&size) {
+                    Ok(size) => frame(Tag::Resize, &size.encode()),
+                    Err(_) => continue,
+                },
                 _ => continue,
             };
             if write_half.write_all(&bytes).await.is_err() {
                 return;
             }
+            // A terminal keeps taking resizes after the end of input.
+            if closed && !tty {
+                break;
+            }
         }
-        // The client closed stdin or went away: the command sees the end of its input.
-        let _ = write_half.write_all(&frame(Tag::CloseStdin, &[])).await;
+        // The client went away: the command sees the end of its input.
+        if !closed {
+            let _ = write_half.write_all(&frame(Tag::CloseStdin, &[])).await;
+        }
         // Keep the write half open until the session ends (dropping it would shut the socket down).
         std::future::pending::<()>().await;
     });
@@ -156,7 +197,7 @@ pub(super) async fn exec(
                 Ok(Some((tag, payload))) if tag == Tag::Stdout as u8 => exec_output::Output::Stdout(payload),
                 Ok(Some((tag, payload))) if tag == Tag::Stderr as u8 => exec_output::Output::Stderr(payload),
                 Ok(Some((tag, payload))) if tag == Tag::Error as u8 => {
-                    exec_output::Output::Error(String::from_utf8_lossy(&payload).into_owned())
+                    exec_output::Output::Error(agent_error(String::from_utf8_lossy(&payload).into_owned(), tty))
                 }
                 Ok(Some((tag, payload))) if tag == Tag::Exit as u8 => match agent::decode_exit(&payload) {
                     Some(code) => break Ok(code),
@@ -226,4 +267,27 @@ pub(super) async fn attach(
         input.abort();
     });
     Ok(stream_from(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_sizes_are_bounded_by_winsize() {
+        let size = |rows, cols| window_size(&proto::WindowSize { rows, cols });
+        assert_eq!(size(33, 132).unwrap(), WindowSize { rows: 33, cols: 132 });
+        assert_eq!(size(65535, 0).unwrap(), WindowSize { rows: 65535, cols: 0 });
+        let err = size(24, 65536).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("24x65536"), "{}", err.message());
+    }
+
+    #[test]
+    fn an_agent_that_predates_terminals_is_named() {
+        let old = "invalid exec request: unknown field `tty`, expected one of `argv`, `env`, `cwd`, `user`".to_string();
+        assert!(agent_error(old.clone(), true).contains("predates terminals"));
+        assert_eq!(agent_error(old.clone(), false), old);
+        assert_eq!(agent_error("cannot execute \"x\"".into(), true), "cannot execute \"x\"");
+    }
 }
