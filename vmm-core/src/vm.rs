@@ -24,7 +24,7 @@ use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::GuestMemory;
 use crate::event_loop::{self, VirtioSubscriber};
 use crate::exit::{ExitReason, ExitSignal};
-use crate::host::{VirtMode, EMULATED_GUEST_ARGS};
+use crate::host::{emulated_clock_args, VirtMode, EMULATED_GUEST_ARGS};
 use crate::vcpu::{self, Counters, Kicker, RunControl, VcpuContext};
 
 /// Where the KVM TSS goes (three pages just below the BIOS area, out of the guest's RAM and MMIO).
@@ -146,7 +146,21 @@ impl Vm {
         let exit = Arc::new(ExitSignal::new()?);
         let devices = Devices::create(config, &vm_fd, &mem, &exit)?;
 
-        let cmdline = kernel_cmdline(config, mode, &devices.cmdline_args);
+        // The vCPUs exist before the command line: on an emulated host it carries their TSC frequency.
+        let mut vcpu_fds = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let fd =
+                vm_fd.create_vcpu(u64::from(index)).map_err(|source| VmError::Setup { what: "create vcpu", source })?;
+            vcpu_fds.push(fd);
+        }
+        let tsc_khz = match (mode, vcpu_fds.first()) {
+            (VirtMode::Emulated, Some(fd)) => fd
+                .get_tsc_khz()
+                .map_err(|err| tracing::warn!(%err, "no TSC frequency from KVM: the guest keeps its 100 Hz tick"))
+                .ok(),
+            _ => None,
+        };
+        let cmdline = kernel_cmdline(config, mode, tsc_khz, &devices.cmdline_args);
         let spec = BootSpec {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
@@ -155,13 +169,8 @@ impl Vm {
         };
         let entry = boot::load(&mem, &spec)?;
         tracing::debug!(?entry, %cmdline, "kernel loaded");
-
-        let mut vcpu_fds = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
-            let fd =
-                vm_fd.create_vcpu(u64::from(index)).map_err(|source| VmError::Setup { what: "create vcpu", source })?;
-            crate::arch::x86_64::configure_vcpu(&kvm, &fd, index, config.vcpus, &mem, &entry, mode)?;
-            vcpu_fds.push(fd);
+        for (index, fd) in (0..config.vcpus).zip(&vcpu_fds) {
+            crate::arch::x86_64::configure_vcpu(&kvm, fd, index, config.vcpus, &mem, &entry, mode)?;
         }
 
         // Everything the VM uses is open: from here on the process needs no path and no privilege.
@@ -258,11 +267,13 @@ fn create_memory(vm_fd: &VmFd, memory_mib: u32) -> Result<GuestMemory, VmError> 
     Ok(mem)
 }
 
-/// The full command line: the user's, then the emulated-host arguments, then the device announcements.
-fn kernel_cmdline(config: &VmConfig, mode: VirtMode, device_args: &[String]) -> String {
+/// The full command line: the user's, then the emulated-host arguments (with the clock arguments when
+/// KVM told the TSC frequency), then the device announcements.
+fn kernel_cmdline(config: &VmConfig, mode: VirtMode, tsc_khz: Option<u32>, device_args: &[String]) -> String {
     let mut parts = vec![config.cmdline.trim().to_string()];
     if mode == VirtMode::Emulated {
         parts.push(EMULATED_GUEST_ARGS.to_string());
+        parts.extend(tsc_khz.map(emulated_clock_args));
     }
     parts.extend(device_args.iter().cloned());
     parts.retain(|p| !p.is_empty());
