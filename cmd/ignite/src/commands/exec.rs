@@ -15,12 +15,15 @@ use super::client::{self, Ctx};
 #[derive(Args)]
 #[command(after_help = "\
 The command runs in the VM as the main process's user (-u for another), started by the guest \
-agent of ignite-init (vsock port 1024), with the main process's environment and working directory, \
-and with pipes, not a terminal (guest kernels have no pseudo-terminals): use `ignite attach` for \
-the console. The exit code of the command becomes ignite's own (128+N when signal N ended it; 127 \
-not found, 126 not executable or an unknown user).
+agent of ignite-init (vsock port 1024), with the main process's environment and working directory. \
+It gets pipes, or with -t a pseudo-terminal in the guest (its controlling terminal, sized like \
+yours and resized with it, TERM=xterm unless set; stdout and stderr then come merged). With -it \
+your terminal is put in raw mode, so keys like Ctrl-C go to the command: an interactive shell. \
+`ignite attach` is the VM's console instead. The exit code of the command becomes ignite's own \
+(128+N when signal N ended it; 127 not found, 126 not executable or an unknown user).
 
 Examples:
+  ignite exec -it web -- sh
   ignite exec web -- cat /etc/hostname
   ignite exec web -- sh -c 'ps; df -h /'
   echo hello | ignite exec -i web -- tr a-z A-Z
@@ -31,8 +34,8 @@ pub struct ExecArgs {
     /// standard input is empty).
     #[arg(short, long)]
     interactive: bool,
-    /// A terminal for the command: not available (guest kernels have no pseudo-terminals); the
-    /// daemon explains. Use -i alone, or `ignite attach` for the console.
+    /// A pseudo-terminal for the command, like `docker exec -t` (with -i, standard input must be a
+    /// terminal: it is put in raw mode until the command ends).
     #[arg(short, long)]
     tty: bool,
     /// A variable set on top of the VM's environment. Repeatable.
@@ -74,11 +77,29 @@ fn stdin_chunks() -> mpsc::Receiver<Vec<u8>> {
     rx
 }
 
+/// What docker says for `-it` when standard input is not a terminal.
+pub const NOT_A_TTY: &str = "the input device is not a TTY";
+
+/// The local terminal's size (stdin's or stdout's must be a terminal; crossterm asks /dev/tty first,
+/// else stdout, with TIOCGWINSZ); `None` without one.
+fn local_window_size() -> Option<proto::WindowSize> {
+    if !std::io::stdin().is_terminal() && !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let size = ratatui::crossterm::terminal::window_size().ok()?;
+    Some(proto::WindowSize { rows: size.rows.into(), cols: size.columns.into() })
+}
+
 /// Runs a command in a VM; the command's exit code is the result.
 pub fn exec(args: ExecArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let stdin_tty = std::io::stdin().is_terminal();
+    if args.tty && args.interactive && !stdin_tty {
+        anyhow::bail!("{NOT_A_TTY}: -it needs a terminal on standard input (drop -t to pipe input to the command)");
+    }
     client::runtime()?.block_on(async {
         let mut c = client::vms(ctx).await?;
         let (tx, rx) = mpsc::channel(8);
+        let window = if args.tty { local_window_size() } else { None };
         let start = proto::ExecStart {
             name: args.name.clone(),
             argv: args.command.clone(),
@@ -86,9 +107,23 @@ pub fn exec(args: ExecArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             working_dir: args.workdir.clone().unwrap_or_default(),
             tty: args.tty,
             user: args.user.clone().unwrap_or_default(),
+            window,
         };
         let input = |i| proto::ExecInput { input: Some(i) };
         tx.send(input(exec_input::Input::Start(start))).await?;
+        if args.tty && window.is_some() {
+            // SIGWINCH: the terminal changed size; the command's terminal follows.
+            let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while winch.recv().await.is_some() {
+                    let Some(size) = local_window_size() else { continue };
+                    if tx.send(input(exec_input::Input::Resize(size))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let interactive = args.interactive;
         tokio::spawn(async move {
             if interactive {
@@ -104,6 +139,8 @@ pub fn exec(args: ExecArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             tx.closed().await;
         });
         let mut output = c.exec(ReceiverStream::new(rx)).await.map_err(client::status)?.into_inner();
+        // Keys go to the command's terminal as typed (Ctrl-C included) until the command ends.
+        let raw = if args.tty && args.interactive { Some(RawMode::enable()?) } else { None };
         let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
         while let Some(message) = output.message().await.map_err(client::status)? {
             match message.output {
@@ -114,8 +151,15 @@ pub fn exec(args: ExecArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 Some(exec_output::Output::Stderr(data)) => {
                     stderr.write_all(&data)?;
                 }
-                Some(exec_output::Output::Error(message)) => eprintln!("error: {message}"),
-                Some(exec_output::Output::ExitCode(code)) => return Ok(ExitCode::from(code as u8)),
+                Some(exec_output::Output::Error(message)) => {
+                    // In raw mode a newline does not return the cursor.
+                    let end = if raw.is_some() { "\r\n" } else { "\n" };
+                    eprint!("error: {message}{end}");
+                }
+                Some(exec_output::Output::ExitCode(code)) => {
+                    drop(raw);
+                    return Ok(ExitCode::from(code as u8));
+                }
                 None => {}
             }
         }
