@@ -13,12 +13,11 @@ use crate::api::conditions::now_rfc3339;
 use crate::host::{HostConfig, HostRuntime};
 use crate::layout::RootLayout;
 use crate::net::{HostNet, LinuxHostNet};
-use crate::reconcile::{
-    apply_revision, error_chain, parse_revision, ApplyError, Reconciler, ReconcilerConfig, Runtime,
-};
+use crate::reconcile::{apply_revision, parse_revision, ApplyError, Reconciler, ReconcilerConfig, Runtime};
 use crate::source::{self, SourceSpec, SyncOutcome};
 use crate::store::{Event, EventKind, SourceState, Store, StoreError};
 use crate::supervisor::{Supervisor, SupervisorConfig};
+use guest_api::error_chain;
 
 /// Everything `ignite daemon` needs.
 #[derive(Clone, Debug)]

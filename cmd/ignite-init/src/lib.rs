@@ -16,13 +16,4 @@ pub mod node;
 pub mod spec;
 pub mod sys;
 
-/// An error and its sources, joined with `: ` (for console lines).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
-}
+pub use guest_api::error_chain;

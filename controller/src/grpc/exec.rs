@@ -14,7 +14,7 @@ use super::proto::{self, attach_input, exec_input, exec_output};
 use super::server::{stream_from, ApiState, Stream_};
 use crate::api::Phase;
 use crate::layout::VmDir;
-use crate::reconcile::error_chain;
+use guest_api::error_chain;
 
 /// How long the guest gets to accept a connection to its agent. A guest kernel refuses a port nobody
 /// listens on at once; this bounds guests that never answer (no vsock driver, hung kernel).

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use super::proto::{self, images_server, kernels_server};
 use super::server::{stream_from, ApiState, Stream_};
-use crate::reconcile::error_chain;
+use guest_api::error_chain;
 
 /// An image-store failure, with the gRPC code it maps to.
 #[derive(Debug, thiserror::Error)]

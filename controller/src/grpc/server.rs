@@ -13,8 +13,9 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::proto::{self, events_server, host_server, images_server, kernels_server, sources_server, vms_server};
 use crate::layout::RootLayout;
-use crate::reconcile::{apply_objects, error_chain, parse_revision, ApplyError, Runtime, WorkQueue};
+use crate::reconcile::{apply_objects, parse_revision, ApplyError, Runtime, WorkQueue};
 use crate::store::{Store, StoreError, VmChange};
+use guest_api::error_chain;
 
 /// Everything the API serves from. Cheap to clone.
 #[derive(Clone)]

@@ -48,7 +48,7 @@ pub fn resolve_image(
     }
     let options = PullOptions { insecure: insecure || is_loopback_registry(reference), timeouts, ..Default::default() };
     image_store::pull_blocking(paths, reference, &options).map_err(|e| {
-        let message = format!("pulling image {reference}: {}", crate::reconcile::error_chain(&e));
+        let message = format!("pulling image {reference}: {}", guest_api::error_chain(&e));
         match e {
             PullError::Reference(_) | PullError::ManifestUnknown { .. } => {
                 RuntimeError::permanent("ImageNotFound", message)
@@ -63,7 +63,7 @@ pub fn resolve_image(
 pub fn base_rootfs(paths: &StorePaths, image: &ImageRecord, init: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     image_store::build_base_rootfs(paths, image, init).map_err(|e| {
         let message =
-            format!("building the root filesystem of {}: {}", image.manifest_digest, crate::reconcile::error_chain(&e));
+            format!("building the root filesystem of {}: {}", image.manifest_digest, guest_api::error_chain(&e));
         RuntimeError::transient("RootfsFailed", message)
     })
 }
@@ -110,7 +110,7 @@ pub fn resolve_kernel(
 fn copy_host_kernel(host_paths: &HostPaths, path: &Path, to: &Path) -> Result<PathBuf, RuntimeError> {
     use std::os::unix::fs::OpenOptionsExt;
     let refused = |e: &dyn std::error::Error| {
-        RuntimeError::permanent("KernelNotFound", format!("spec.kernel.path: {}", crate::reconcile::error_chain(e)))
+        RuntimeError::permanent("KernelNotFound", format!("spec.kernel.path: {}", guest_api::error_chain(e)))
     };
     let (file, _, _) = host_paths.open(path, MAX_KERNEL_FILE_BYTES).map_err(|e| refused(&e))?;
     let copy = || -> std::io::Result<()> {

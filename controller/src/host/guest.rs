@@ -59,7 +59,7 @@ pub fn guest_config(vm: &Vm, host_paths: &HostPaths) -> Result<GuestConfig, Stri
             (Some(source), _) => {
                 let file = host_paths
                     .read(source, MAX_COPY_FILE_BYTES)
-                    .map_err(|e| format!("spec.copyFiles[{i}].source: {}", crate::reconcile::error_chain(&e)))?;
+                    .map_err(|e| format!("spec.copyFiles[{i}].source: {}", guest_api::error_chain(&e)))?;
                 (guest_api::config::encode_content(&file.content), mode.unwrap_or(file.mode))
             }
             (None, Some(content)) => {

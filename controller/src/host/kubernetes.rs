@@ -14,7 +14,8 @@ use tracing::{info, warn};
 use crate::api::Vm;
 use crate::kube::access::KubeAccess;
 use crate::kube::{bootstrap, nodes};
-use crate::reconcile::{error_chain, RuntimeError};
+use crate::reconcile::RuntimeError;
+use guest_api::error_chain;
 
 /// The longest one bootstrap step waits for the API server.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -24,9 +24,10 @@ use tracing::{info, warn};
 use crate::api::Vm;
 use crate::layout::RootLayout;
 use crate::net::{self, HostNet, NetConfig};
-use crate::reconcile::{error_chain, Actual, Prepared, Runtime, RuntimeError, Started};
+use crate::reconcile::{Actual, Prepared, Runtime, RuntimeError, Started};
 use crate::store::Store;
 use crate::supervisor::{Supervisor, VmExit};
+use guest_api::error_chain;
 
 pub use artifacts::DefaultKernel;
 pub use prepared::PreparedVm;

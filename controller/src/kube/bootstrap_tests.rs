@@ -173,7 +173,7 @@ async fn rbac_denied_names_the_verb_and_the_resource_and_is_permanent() {
     mock::respond(send, 403, denied);
     let err = client.await.unwrap().unwrap_err();
     assert!(err.is_permanent());
-    let text = crate::reconcile::error_chain(&err);
+    let text = guest_api::error_chain(&err);
     assert!(text.starts_with("VM \"web\": bootstrap token: "), "{text}");
     assert!(text.contains("refused to let the daemon create secrets in namespace kube-system"), "{text}");
     assert!(!text.contains(&token), "the token never appears in errors: {text}");
@@ -187,7 +187,7 @@ async fn an_api_server_that_is_gone_is_a_transient_error() {
     assert_eq!(seen.path, SECRETS_PATH);
     let err = client.await.unwrap().unwrap_err();
     assert!(!err.is_permanent(), "{err:?}");
-    let text = crate::reconcile::error_chain(&err);
+    let text = guest_api::error_chain(&err);
     assert!(
         text.contains("cannot list secrets in namespace kube-system: the Kubernetes API server is unreachable"),
         "{text}"
@@ -310,7 +310,7 @@ async fn reading_a_referenced_secret_without_rbac_is_a_precise_error() {
     let denied = mock::status(403, "Forbidden", "secrets \"bootstrap-token-abcdef\" is forbidden");
     let err = referenced(403, denied).await;
     assert!(err.is_permanent());
-    let text = crate::reconcile::error_chain(&err);
+    let text = guest_api::error_chain(&err);
     assert!(text.contains("refused to let the daemon get secrets in namespace kube-system"), "{text}");
 }
 

@@ -42,8 +42,9 @@ use super::select::{self, LabelSelector};
 use super::status::MicroVmStatus;
 use crate::api::conditions::Summary;
 use crate::api::{self, ConditionType, ObjectMeta, Phase, Vm, VmSpec};
-use crate::reconcile::{apply_revision, error_chain, ApplyError, Backoff, WorkQueue};
+use crate::reconcile::{apply_revision, ApplyError, Backoff, WorkQueue};
 use crate::store::Store;
+use guest_api::error_chain;
 
 const STATUS_RESOURCE: &str = "microvms.ignite.dev/status";
 

@@ -164,7 +164,7 @@ pub async fn watch_nodes(access: KubeAccess, store: Store) {
                 None => return,
                 Some(Ok(event)) => tracker.apply(event),
                 Some(Err(e)) => {
-                    warn!(error = %crate::reconcile::error_chain(&e), "watching Kubernetes Nodes");
+                    warn!(error = %guest_api::error_chain(&e), "watching Kubernetes Nodes");
                     Ok(())
                 }
             },
@@ -174,7 +174,7 @@ pub async fn watch_nodes(access: KubeAccess, store: Store) {
             },
         };
         if let Err(e) = recorded {
-            warn!(error = %crate::reconcile::error_chain(&e), "cannot record a VM's nodeRef");
+            warn!(error = %guest_api::error_chain(&e), "cannot record a VM's nodeRef");
         }
     }
 }

@@ -13,5 +13,5 @@ pub mod runtime;
 pub use apply::{apply_objects, apply_revision, parse_revision, ApplyError, ApplyReport};
 pub use decide::{decide, DesiredView, Settled, Step};
 pub use queue::{Backoff, WorkQueue};
-pub use reconciler::{error_chain, Outcome, ReconcileError, Reconciler, ReconcilerConfig};
+pub use reconciler::{Outcome, ReconcileError, Reconciler, ReconcilerConfig};
 pub use runtime::{Actual, Exit, Prepared, Runtime, RuntimeError, Started};

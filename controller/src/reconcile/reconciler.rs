@@ -6,6 +6,7 @@
 //! the daemon between two steps is repaired by the next pass; resources of objects that are gone
 //! from the store are found through [`Runtime::list`] and removed.
 
+use guest_api::error_chain;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -484,16 +485,4 @@ fn desired_view(record: &VmRecord) -> DesiredView {
 
 fn runtime_err(name: &str, step: &'static str, source: RuntimeError) -> ReconcileError {
     ReconcileError::Runtime { name: name.to_string(), step, source }
-}
-
-/// An error and its sources on one line, `a: b: c`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -48,7 +48,7 @@ pub fn spawn_poller(
                 }
                 Ok(Err(e)) => {
                     failures += 1;
-                    let text = crate::reconcile::error_chain(&e);
+                    let text = guest_api::error_chain(&e);
                     if last_error.as_deref() == Some(text.as_str()) {
                         None
                     } else {
