@@ -5,8 +5,9 @@
 //! commit with invalid YAML changes nothing and `ignite ps` says why; a commit changing the memory
 //! and adding a port recreates the VM, the daemon is killed (SIGKILL) in the middle of that, and
 //! the next daemon finishes it: the port answers from the host side of the namespace. Deleting the
-//! file removes the VM, its tap and its forward. On the first boot, `ignite exec` and `ignite attach`
-//! work with the guest.
+//! file removes the VM, its tap and its forward. On the first boot, `ignite exec` (with pipes, and
+//! with a terminal: `exec -it web -- sh` on tmux) and `ignite attach` work with the guest, and the
+//! guest has what a normal boot gives (mounts, loopback, limits, /etc/hosts).
 //!
 //! Two Linux boots: about a minute and a half each on hosts whose KVM emulates guests.
 
@@ -158,6 +159,8 @@ fn exec_and_attach(r: &Path) {
     let (_, err, code) = ignite_exec(r, &["web", "--", "true"], b"");
     assert_eq!(code, Some(0), "{err}");
     eprintln!("ignite exec: output, stdin, exit codes and errors work; `exec web -- true` took {:?}", timed.elapsed());
+    a_normal_boots_environment(r);
+    exec_with_a_terminal(r);
 
     // Attach, then a command in the guest reads a line from the console and writes to it.
     let mut attach = ignite_cmd(r)
@@ -203,6 +206,92 @@ fn exec_and_attach(r: &Path) {
     let _ = reader.join();
     eprintln!("ignite attach: console input read by the guest, console output seen");
     attach_on_a_terminal(r);
+}
+
+/// ignite-init gave the guest what images expect from a normal boot: /dev/shm, /dev/pts, /dev/mqueue
+/// and cgroup2 (when the kernel has them), /dev links, loopback up, Docker's open-files limit and
+/// the hostname in /etc/hosts.
+fn a_normal_boots_environment(r: &Path) {
+    let script = "cat /proc/mounts; echo FS; cat /proc/filesystems; echo LO; ip link show lo; \
+                  echo NOFILE $(ulimit -n) CORE $(ulimit -c); ls -l /dev/fd /dev/stdin; cat /etc/hosts";
+    let (out, err, code) = ignite_exec(r, &["web", "--", "sh", "-c", script], b"");
+    assert_eq!(code, Some(0), "{out}\nstderr: {err}");
+    let mounted = |target: &str, fstype: &str| {
+        out.lines().any(|l| l.split(' ').nth(1) == Some(target) && l.split(' ').nth(2) == Some(fstype))
+    };
+    let (_, filesystems) = out.split_once("\nFS\n").unwrap_or_default();
+    let kernel_has = |fstype: &str| filesystems.lines().any(|l| l.split_whitespace().last() == Some(fstype));
+    assert!(mounted("/dev/pts", "devpts") && mounted("/dev/shm", "tmpfs"), "{out}");
+    for (target, fstype) in [("/dev/mqueue", "mqueue"), ("/sys/fs/cgroup", "cgroup2")] {
+        if kernel_has(fstype) {
+            assert!(mounted(target, fstype), "{target} ({fstype}) is mounted: {out}");
+        } else {
+            eprintln!("note: this guest kernel has no {fstype}; {target} is not mounted");
+        }
+    }
+    let (_, lo) = out.split_once("\nLO\n").unwrap_or_default();
+    assert!(lo.lines().next().is_some_and(|l| l.contains(",UP")), "loopback is up: {lo}");
+    assert!(out.contains("NOFILE 1048576 CORE 0"), "{out}");
+    assert!(out.contains("/dev/fd -> /proc/self/fd") && out.contains("/dev/stdin -> /proc/self/fd/0"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("127.0.0.1") && l.split_whitespace().any(|w| w == "web")), "{out}");
+    eprintln!(
+        "ignite-init: /dev/shm, /dev/pts, /dev links, loopback, rlimits and /etc/hosts as a normal boot has them"
+    );
+}
+
+/// `ignite exec -t` gives the command a pseudo-terminal sized like the local one; `-it` on a real
+/// terminal (tmux) is an interactive shell: typed lines and Ctrl-C reach it, resizes follow, and the
+/// shell's exit status becomes ignite's, with the local terminal restored.
+fn exec_with_a_terminal(r: &Path) {
+    let script = "busybox tty; echo TERM=$TERM; echo to-stderr >&2; busybox stty size";
+    let (out, err, code) = ignite_exec(r, &["-t", "web", "--", "sh", "-c", script], b"");
+    assert_eq!(code, Some(0), "{out}\nstderr: {err}");
+    let lines: Vec<&str> = out.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "a pseudo-terminal: {out:?} (stderr: {err})");
+    // Standard input is not a terminal here, so no size was sent: the kernel's 0x0.
+    assert_eq!(lines[1..4], ["TERM=xterm", "to-stderr", "0 0"], "stderr merged into the terminal: {out:?}");
+    let (_, err, code) = ignite_exec(r, &["-it", "web", "--", "sh"], b"");
+    assert!(code != Some(0) && err.contains("the input device is not a TTY"), "{err}");
+    eprintln!("ignite exec -t: a pseudo-terminal in the guest, output merged");
+
+    if tmux_missing() {
+        eprintln!("skipping exec -it on a terminal: tmux is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let command = format!(
+        "IGNITE_AUTOSTART=0 {} --root {} --socket {} exec -it web -- sh; echo EXEC-EXIT-$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon'; echo STTY-SHOWN; sleep 60",
+        ignite_bin().display(),
+        r.display(),
+        r.join("ignite.sock").display()
+    );
+    let tmux = Tmux::start("ignite-e2e-exec", &command);
+    let line_is = |screen: &str, want: &str| screen.lines().any(|l| l.trim() == want);
+    tmux.wait("the guest shell's prompt", Duration::from_secs(60), |s| s.contains(" # "));
+    tmux.keys("busybox stty size; busybox tty");
+    tmux.keys("Enter");
+    tmux.wait("the shell to see the terminal's size (tmux: 50x200)", Duration::from_secs(60), |s| line_is(s, "50 200"));
+    let resized =
+        Command::new("tmux").args(["resize-window", "-t", "ignite-e2e-exec", "-x", "120", "-y", "40"]).status();
+    assert!(resized.unwrap().success(), "tmux resize-window");
+    // The resize travels as SIGWINCH to ignite, a Resize frame, TIOCSWINSZ in the guest.
+    std::thread::sleep(Duration::from_secs(2));
+    tmux.keys("clear; busybox stty size");
+    tmux.keys("Enter");
+    tmux.wait("the new size after a resize", Duration::from_secs(60), |s| line_is(s, "40 120"));
+    tmux.keys("clear; sleep 300");
+    tmux.keys("Enter");
+    std::thread::sleep(Duration::from_secs(2));
+    tmux.keys("C-c");
+    tmux.keys("echo after-$((6*7))");
+    tmux.keys("Enter");
+    tmux.wait("Ctrl-C to end sleep and the shell to go on", Duration::from_secs(60), |s| line_is(s, "after-42"));
+    tmux.keys("exit 3");
+    tmux.keys("Enter");
+    let screen =
+        tmux.wait("the shell's exit and the terminal's mode", Duration::from_secs(60), |s| s.contains("STTY-SHOWN"));
+    assert!(screen.contains("EXEC-EXIT-3"), "the shell's exit status is ignite's: {screen}");
+    assert!(line_is(&screen, "icanon"), "the terminal is back in canonical mode: {screen}");
+    eprintln!("ignite exec -it: an interactive shell on a sized, resizable terminal; Ctrl-C and the exit status work");
 }
 
 /// `ignite attach` on a real terminal (tmux): raw mode, so Enter reaches the guest as typed;
