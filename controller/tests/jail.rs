@@ -246,3 +246,68 @@ fn kill9(pid: i32) {
     let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(status.success(), "kill -9 {pid}");
 }
+
+/// The children of `pid` (from /proc; empty once it is gone).
+fn children(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.flatten().collect()).unwrap_or(Vec::new());
+    tasks
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// Starts `ignite vmm run` by hand (jailed: the test runs as root) on the idle guest, and returns it
+/// with the jailed VMM's pid once the guest prints its marker.
+fn manual_vmm(dir: &Path, name: &str) -> (std::process::Child, u32) {
+    let mut config = tiny_guest::idle_guest();
+    let console = dir.join(format!("{name}.console"));
+    config.console = vmm_core::ConsoleConfig::File(console.clone());
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_vec(&config).unwrap()).unwrap();
+    let launcher = std::process::Command::new(tiny_guest::ignite_bin())
+        .args(["vmm", "run", "--stop-timeout", "1", "--config"])
+        .arg(&file)
+        .spawn()
+        .unwrap();
+    let mut vmm = None;
+    supervised::wait_for(HANG_GUARD, "the hand-started guest's marker", || {
+        vmm = children(launcher.id()).first().copied();
+        std::fs::read_to_string(&console).unwrap_or_default().contains(IDLE_MARKER)
+    });
+    (launcher, vmm.expect("the launcher's jailed child"))
+}
+
+#[test]
+fn a_killed_launcher_leaves_no_vmm_config_file_or_cgroup_behind() {
+    require_jail!("a_killed_launcher_leaves_no_vmm_config_file_or_cgroup_behind");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut launcher, vmm) = manual_vmm(dir.path(), "first");
+    let name = format!("manual-{}", launcher.id());
+    let config_file = Path::new("/run/ignite").join(format!("jail-{}.json", launcher.id()));
+    assert!(!config_file.exists(), "the jailed vmm removes its config file once read");
+    let cgroups = vmm_core::jail::cgroup::Cgroups::detect("manual");
+    if let Some(cgroups) = &cgroups {
+        assert!(cgroups.dirs(&name).iter().all(|d| d.is_dir()), "the vmm runs in its cgroup {name}");
+    }
+    // SIGKILL: the launcher cannot clean up; its VMM notices the lifeline and stops by itself.
+    kill9(i32::try_from(launcher.id()).unwrap());
+    launcher.wait().unwrap();
+    supervised::wait_for(HANG_GUARD, "the orphaned vmm to stop", || proc_state(vmm as i32).is_none_or(|s| s == 'Z'));
+    // The next hand-started VMM sweeps the dead launcher's cgroup.
+    let (mut second, _) = manual_vmm(dir.path(), "second");
+    if let Some(cgroups) = &cgroups {
+        assert!(cgroups.dirs(&name).iter().all(|d| !d.exists()), "the dead launcher's cgroup {name} is swept");
+        assert!(cgroups.names().contains(&format!("manual-{}", second.id())), "{:?}", cgroups.names());
+    } else {
+        eprintln!("note: no usable cgroups on this host, the sweep is not checked");
+    }
+    // SIGTERM: a graceful stop, after which the launcher removes its own cgroup.
+    let status = std::process::Command::new("kill").arg(second.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let code = second.wait().unwrap();
+    assert_eq!(code.code(), Some(i32::from(vmm_core::process::EXIT_STOPPED)), "{code:?}");
+    if let Some(cgroups) = &cgroups {
+        assert!(!cgroups.names().contains(&format!("manual-{}", second.id())), "{:?}", cgroups.names());
+    }
+}

@@ -92,12 +92,12 @@ pub enum Action {
     Kill,
 }
 
-/// Answers `request` for `vm` (whose pause state is tracked in `paused`) and says what to do next.
-pub fn apply(vm: &VmHandle, paused: &mut bool, request: &Request) -> (Result<Reply, String>, Action) {
+/// Answers `request` for `vm` and says what to do next.
+pub fn apply(vm: &VmHandle, request: &Request) -> (Result<Reply, String>, Action) {
     match request {
         Request::Status => {
             let counters = vm.counters();
-            let state = if *paused { VmState::Paused } else { VmState::Running };
+            let state = if vm.is_paused() { VmState::Paused } else { VmState::Running };
             let reply = Reply {
                 state: Some(state),
                 uptime_ms: Some(u64::try_from(counters.uptime.as_millis()).unwrap_or(u64::MAX)),
@@ -106,17 +106,11 @@ pub fn apply(vm: &VmHandle, paused: &mut bool, request: &Request) -> (Result<Rep
             (Ok(reply), Action::Continue)
         }
         Request::Pause => match vm.pause() {
-            Ok(()) => {
-                *paused = true;
-                (Ok(Reply::state(VmState::Paused)), Action::Continue)
-            }
+            Ok(()) => (Ok(Reply::state(VmState::Paused)), Action::Continue),
             Err(err) => (Err(err.to_string()), Action::Continue),
         },
         Request::Resume => match vm.resume() {
-            Ok(()) => {
-                *paused = false;
-                (Ok(Reply::state(VmState::Running)), Action::Continue)
-            }
+            Ok(()) => (Ok(Reply::state(VmState::Running)), Action::Continue),
             Err(err) => (Err(err.to_string()), Action::Continue),
         },
         Request::Stop { grace_ms } => {

@@ -17,6 +17,7 @@ pub mod exit;
 pub mod host;
 pub mod jail;
 pub mod log_file;
+pub mod process;
 mod vcpu;
 pub mod vm;
 

@@ -90,6 +90,11 @@ impl RunControl {
         self.cond.notify_all();
     }
 
+    /// Whether the VM is paused (or being paused).
+    pub(crate) fn is_paused(&self) -> bool {
+        lock(&self.state).paused
+    }
+
     /// Waits until `count` vCPUs are parked (or the VM exits). Returns whether they all parked.
     pub(crate) fn wait_parked(&self, count: usize, exit: &ExitSignal) -> bool {
         let mut state = lock(&self.state);

@@ -381,6 +381,12 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Whether the VM is paused: [`Self::pause`] succeeded and neither [`Self::resume`] nor
+    /// [`Self::request_shutdown`] followed.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
     fn kicker(&self) -> Option<Kicker> {
         Some(Kicker::new(self.vcpu_threads.iter().map(|t| t.as_pthread_t()).collect()))
     }

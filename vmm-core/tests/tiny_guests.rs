@@ -185,11 +185,14 @@ _start:
 ";
     let config = common::tiny_config(dir.path(), common::assemble(dir.path(), "spin", source));
     let handle = Vm::start(&config).unwrap();
+    assert!(!handle.is_paused());
     handle.pause().unwrap();
+    assert!(handle.is_paused());
     let paused_exits = handle.counters().exits;
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(handle.counters().exits, paused_exits, "no vcpu runs while paused");
     handle.resume().unwrap();
+    assert!(!handle.is_paused());
     assert_eq!(handle.wait_timeout(Duration::from_millis(50)), None);
     // No guest OS to honour Ctrl-Alt-Del: the graceful stop times out and the VM is stopped by force.
     let exit = handle.stop(Duration::from_millis(200));

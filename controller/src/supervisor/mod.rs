@@ -308,6 +308,8 @@ impl Supervisor {
             namespaces: config.jail.is_some(),
             // Its own process group: a Ctrl-C to the daemon's terminal never reaches the VM.
             process_group: true,
+            // No lifeline: a VMM outlives a daemon restart, which adopts it.
+            fd3: None,
         };
         let (pid, pidfd) = vmm_core::jail::spawn(&spec).map_err(|source| SupervisorError::Spawn {
             name: name.into(),

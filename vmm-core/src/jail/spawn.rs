@@ -1,5 +1,6 @@
 //! Starting a VMM process in its own namespaces: `clone3` with a pidfd, then `execve` with a clean
-//! environment and only stdin (`/dev/null`), stdout and stderr open.
+//! environment and only stdin (`/dev/null`), stdout and stderr open (and, when asked, one more
+//! descriptor as fd 3: the parent's lifeline, see [`crate::process`]).
 
 use std::ffi::{CString, OsString};
 use std::io::Read;
@@ -23,6 +24,8 @@ pub struct SpawnSpec<'a> {
     pub namespaces: bool,
     /// Its own process group, so a Ctrl-C to the caller's terminal never reaches it.
     pub process_group: bool,
+    /// A descriptor the child gets as fd 3 (all others but 0-2 are closed).
+    pub fd3: Option<BorrowedFd<'a>>,
 }
 
 fn cstr(bytes: &[u8]) -> std::io::Result<CString> {
@@ -78,9 +81,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<(i32, OwnedFd)> {
     let pipe_writer = unsafe { OwnedFd::from_raw_fd(fds[1]) };
     // Every descriptor the child moves is first copied above the standard ones, so no dup2 onto 0-2
     // can clobber one still to be moved (a daemon may run with some of 0-2 closed).
+    // (Above 3, too, so the dup2 onto fd 3 cannot clobber one either.)
     let high = |fd: BorrowedFd<'_>| -> std::io::Result<OwnedFd> {
         // SAFETY: F_DUPFD_CLOEXEC on a valid descriptor returns a new one or -1.
-        let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+        let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 4) };
         if new == -1 {
             return Err(std::io::Error::last_os_error());
         }
@@ -94,6 +98,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<(i32, OwnedFd)> {
     let stdin = high(null.as_fd())?;
     let stdout = high(spec.stdout.unwrap_or(own_out))?;
     let stderr = high(spec.stderr.unwrap_or(own_err))?;
+    let fd3 = spec.fd3.map(high).transpose()?;
     let writer = high(pipe_writer.as_fd())?;
     // Only the child may hold the write end, or the read below never sees the end of the pipe.
     drop(pipe_writer);
@@ -101,6 +106,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<(i32, OwnedFd)> {
         stdin: stdin.as_raw_fd(),
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
+        fd3: fd3.as_ref().map(AsRawFd::as_raw_fd),
         error_pipe: writer.as_raw_fd(),
         process_group: spec.process_group,
     };
@@ -124,7 +130,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> std::io::Result<(i32, OwnedFd)> {
     if pid == 0 {
         exec_child(&child, &argv, &envp);
     }
-    drop((writer, stdin, stdout, stderr));
+    drop((writer, stdin, stdout, stderr, fd3));
     // SAFETY: clone3 wrote a new pidfd that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let pid = i32::try_from(pid).unwrap_or(i32::MAX);
@@ -146,6 +152,7 @@ struct ChildFds {
     stdin: libc::c_int,
     stdout: libc::c_int,
     stderr: libc::c_int,
+    fd3: Option<libc::c_int>,
     error_pipe: libc::c_int,
     process_group: bool,
 }
@@ -176,14 +183,19 @@ fn exec_child(fds: &ChildFds, argv: &[*const libc::c_char], envp: &[*const libc:
             fail();
         }
     }
+    // SAFETY: as above; the source is above 3 (see `spawn`).
+    if fds.fd3.is_some_and(|from| unsafe { libc::dup2(from, 3) } == -1) {
+        fail();
+    }
+    let first_closed = if fds.fd3.is_some() { 4 } else { 3 };
     // SAFETY: puts the child in a new process group of its own.
     if fds.process_group && unsafe { libc::setpgid(0, 0) } == -1 {
         fail();
     }
     // Every other descriptor is closed except the error pipe (close-on-exec: exec closes it).
-    if fds.error_pipe > 3 {
+    if fds.error_pipe > first_closed {
         // SAFETY: closes a range of this child's descriptors.
-        unsafe { libc::syscall(libc::SYS_close_range, 3u32, (fds.error_pipe - 1) as u32, 0u32) };
+        unsafe { libc::syscall(libc::SYS_close_range, first_closed as u32, (fds.error_pipe - 1) as u32, 0u32) };
     }
     // SAFETY: as above.
     unsafe { libc::syscall(libc::SYS_close_range, (fds.error_pipe + 1) as u32, u32::MAX, 0u32) };

@@ -12,14 +12,11 @@ pub mod table;
 pub mod vmm;
 pub mod vms;
 
-/// Exit status when ignite itself failed (bad arguments, files, KVM): as Docker uses 125.
-pub const EXIT_VMM_ERROR: u8 = 125;
-/// Exit status when the guest crashed (triple fault, an instruction that cannot be run).
-pub const EXIT_GUEST_CRASH: u8 = 126;
-/// Exit status when the VM was stopped by the host, not ended by its command: Ctrl-C (then the
-/// grace period ran out, for `ignite vmm run`), or another client's `ignite stop`, `kill` or `rm`
-/// while `ignite run` followed the VM.
-pub const EXIT_STOPPED: u8 = 130;
+/// Exit statuses shared by every command that waits for a VM (`run`, `start -a`, `vmm run`): the
+/// VMM process's own ([`vmm_core::process`]), also used when the CLI follows a VM through the daemon.
+/// 125: ignite or the VMM failed (as Docker uses 125); 126: the guest crashed; 130: the VM was
+/// stopped by the host, not ended by its command (Ctrl-C, or another client's `stop`, `kill`, `rm`).
+pub use vmm_core::process::{EXIT_GUEST_CRASH, EXIT_STOPPED, EXIT_VMM_ERROR};
 
 /// `outer: inner: innermost`, the way a user reads a cause.
 pub fn error_chain(err: &anyhow::Error) -> String {

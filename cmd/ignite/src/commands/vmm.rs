@@ -1,6 +1,7 @@
 //! `ignite vmm`: the embedded engine without the daemon.
 
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use vmm_core::control::{self, Action, ControlListener, ExitRecord};
 use vmm_core::jail::{self, cgroup::Cgroups};
-use vmm_core::{ConsoleConfig, DiskConfig, ExitReason, NetConfig, VirtModeConfig, Vm, VmConfig, VsockConfig};
+use vmm_core::process::{self, RunOptions};
+use vmm_core::{ConsoleConfig, DiskConfig, ExitReason, NetConfig, VirtModeConfig, VmConfig, VsockConfig};
 
-use super::{EXIT_GUEST_CRASH, EXIT_STOPPED, EXIT_VMM_ERROR};
+use super::EXIT_VMM_ERROR;
 
 /// Engine subcommands.
 #[derive(Subcommand)]
@@ -97,6 +98,12 @@ pub struct RunArgs {
     /// `consoleMaxBytes`, else 16 MiB), instead of standard error.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
+    /// (Internal, for the jailed relaunch.) Remove the `--config` file once it is read.
+    #[arg(long, hide = true, requires = "config")]
+    consume_config: bool,
+    /// (Internal, for the jailed relaunch.) A pipe from the launcher: its end of file stops the VM.
+    #[arg(long, hide = true, value_name = "FD")]
+    lifeline_fd: Option<i32>,
 }
 
 /// The uid a root user's hand-started VMM runs as when none is given.
@@ -156,6 +163,9 @@ pub fn run(cmd: VmmCommand, process_start: Instant) -> anyhow::Result<ExitCode> 
 fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if args.consume_config {
+            std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
         return serde_json::from_str(&text).with_context(|| format!("invalid vm config {}", path.display()));
     }
     Ok(VmConfig {
@@ -176,59 +186,6 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     })
 }
 
-fn exit_code(reason: &ExitReason) -> u8 {
-    match reason {
-        ExitReason::PowerOff { code } => *code,
-        ExitReason::Reset => 0,
-        ExitReason::Stopped => EXIT_STOPPED,
-        ExitReason::Crash { .. } => EXIT_GUEST_CRASH,
-        ExitReason::Error { .. } => EXIT_VMM_ERROR,
-    }
-}
-
-/// Where the exit record goes: written atomically by path, or into a file opened before the jail
-/// (read only after this process is gone, so it needs no rename).
-enum ExitSink {
-    None,
-    Path(PathBuf),
-    Opened(std::fs::File),
-}
-
-impl ExitSink {
-    fn new(path: Option<&Path>, jailed: bool) -> anyhow::Result<ExitSink> {
-        use std::os::unix::fs::OpenOptionsExt;
-        Ok(match path {
-            None => ExitSink::None,
-            Some(path) if jailed => ExitSink::Opened(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(path)
-                    .with_context(|| format!("cannot open the exit file {}", path.display()))?,
-            ),
-            Some(path) => ExitSink::Path(path.to_owned()),
-        })
-    }
-
-    fn write(&mut self, exit: ExitReason, code: u8) {
-        use std::io::Write;
-        let record = ExitRecord { exit, exit_code: i32::from(code) };
-        let result = match self {
-            ExitSink::None => Ok(()),
-            ExitSink::Path(path) => record.write_atomic(path),
-            ExitSink::Opened(file) => serde_json::to_vec(&record)
-                .map_err(std::io::Error::other)
-                .and_then(|bytes| file.write_all(&bytes))
-                .and_then(|()| file.sync_all()),
-        };
-        if let Err(err) = result {
-            eprintln!("error: cannot write the exit file: {err}");
-        }
-    }
-}
-
 /// Whether this process is the first of its own PID namespace (how [`jail::spawn`] starts it).
 fn in_own_pid_namespace() -> bool {
     std::process::id() == 1
@@ -243,8 +200,11 @@ fn add_manual_jail(args: &RunArgs, config: &mut VmConfig) -> anyhow::Result<Opti
         }
         return Ok(None);
     }
-    let name = format!("manual-{}", std::process::id());
+    let name = format!("{MANUAL_PREFIX}{}", std::process::id());
     let cgroups = Cgroups::detect("manual");
+    if let Some(cgroups) = &cgroups {
+        sweep_manual_cgroups(cgroups);
+    }
     let dirs = match &cgroups {
         Some(cgroups) => cgroups.create(&name, jail::limits_for(config, jail::DEFAULT_VMM_ALLOWANCE))?,
         None => Vec::new(),
@@ -253,6 +213,22 @@ fn add_manual_jail(args: &RunArgs, config: &mut VmConfig) -> anyhow::Result<Opti
     std::fs::create_dir_all(&root_dir).with_context(|| format!("cannot create {}", root_dir.display()))?;
     config.jail = Some(jail::JailConfig::for_vm(config, args.jail_uid, args.jail_uid, root_dir, dirs));
     Ok(cgroups.map(|c| (c, name)))
+}
+
+/// Hand-started VMMs' cgroups are `manual-<launcher pid>`.
+const MANUAL_PREFIX: &str = "manual-";
+
+/// Removes the cgroups of hand-started VMMs whose launcher is gone (killed before it could remove
+/// them). A cgroup that still holds a process cannot be removed, so a live VMM keeps its own.
+fn sweep_manual_cgroups(cgroups: &Cgroups) {
+    for name in cgroups.names() {
+        let Some(pid) = name.strip_prefix(MANUAL_PREFIX).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            if let Err(err) = cgroups.remove(&name) {
+                tracing::debug!(%err, "a stale vmm cgroup is still in use");
+            }
+        }
+    }
 }
 
 /// Where hand-started VMMs mount their jail's root (inside their own mount namespace).
@@ -276,6 +252,10 @@ fn run_in_namespaces(args: &RunArgs, config: &VmConfig) -> anyhow::Result<ExitCo
     std::io::Write::write_all(&mut file, &serde_json::to_vec(config)?)?;
     let _remove = RemoveOnDrop(config_file.clone());
     let mut argv: Vec<OsString> = vec!["vmm".into(), "run".into(), "--config".into(), config_file.into()];
+    // The child removes the config file once read, and stops its VM when this process is gone (even
+    // killed): it holds the read end of a pipe whose write end only this process has.
+    argv.extend(["--consume-config".into(), "--lifeline-fd".into(), "3".into()]);
+    let (lifeline_read, _lifeline_write) = process::lifeline_pipe().context("cannot create the vmm's lifeline pipe")?;
     for (flag, value) in [
         ("--control-socket", args.control_socket.as_deref()),
         ("--exit-file", args.exit_file.as_deref()),
@@ -299,8 +279,10 @@ fn run_in_namespaces(args: &RunArgs, config: &VmConfig) -> anyhow::Result<ExitCo
         stderr: None,
         namespaces: true,
         process_group: false,
+        fd3: Some(lifeline_read.as_fd()),
     })
     .context("cannot start the jailed vmm")?;
+    drop(lifeline_read);
     // Ctrl-C reaches the child through the terminal's process group; SIGTERM is passed on.
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
@@ -336,8 +318,9 @@ fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitC
     let mut config = match vm_config(&args) {
         Ok(config) => config,
         Err(err) => {
-            let detail = format!("{err:#}");
-            ExitSink::new(args.exit_file.as_deref(), false)?.write(ExitReason::Error { detail }, EXIT_VMM_ERROR);
+            if let Some(path) = &args.exit_file {
+                process::write_exit_file(path, &process::error_record(err.as_ref()));
+            }
             return Err(err);
         }
     };
@@ -357,120 +340,30 @@ fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitC
             return code;
         }
     }
-    let jailed = config.jail.is_some();
     if let Some(path) = &args.log_file {
         let max = config.console_max_bytes.unwrap_or(DEFAULT_LOG_MAX_BYTES);
         let log = vmm_core::log_file::BoundedLog::open(path, max)
             .with_context(|| format!("cannot open the log file {}", path.display()))?;
         crate::log_sink::set(log);
     }
-    let mut exit_sink = ExitSink::new(args.exit_file.as_deref(), jailed)?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, interrupted.clone()).context("cannot install the signal handler")?;
-    }
-    // Bound while the path is reachable; served once the process is jailed.
-    let listener = match args.control_socket.as_deref().map(|path| (path, ControlListener::bind(path))) {
-        None => None,
-        Some((_, Ok(listener))) => Some(listener),
-        Some((path, Err(err))) => {
-            let err = anyhow::Error::new(err).context(format!("cannot serve the control socket {}", path.display()));
-            exit_sink.write(ExitReason::Error { detail: format!("{err:#}") }, EXIT_VMM_ERROR);
-            return Err(err);
-        }
+    let options = RunOptions {
+        control_socket: args.control_socket.clone(),
+        exit_file: args.exit_file.clone(),
+        stop_timeout: Duration::from_secs(args.stop_timeout),
+        // SAFETY: the launcher passes this descriptor (the lifeline pipe) to this process alone.
+        lifeline: args.lifeline_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+        process_start,
     };
-    let vm_started = process_start.elapsed();
-    let handle = match Vm::start(&config) {
-        Ok(handle) => handle,
-        Err(err) => {
-            let err =
-                anyhow::Error::new(err).context(format!("cannot start a vm with kernel {}", config.kernel.display()));
-            let detail = format!("{err:#}");
-            exit_sink.write(ExitReason::Error { detail }, EXIT_VMM_ERROR);
-            return Err(err);
-        }
-    };
-    let control = match listener.map(ControlListener::serve) {
-        None => None,
-        Some(Ok(server)) => Some(server),
-        Some(Err(err)) => {
-            let err = anyhow::Error::new(err).context("cannot serve the control socket");
-            let exit = handle.kill();
-            exit_sink.write(ExitReason::Error { detail: format!("{err:#}") }, EXIT_VMM_ERROR);
-            tracing::debug!(reason = %exit.reason, "vm stopped");
-            return Err(err);
-        }
-    };
-    if let Err(err) = jail::seccomp::apply(jail::seccomp::ThreadKind::Main) {
-        let err = anyhow::Error::new(err);
-        let exit = handle.kill();
-        exit_sink.write(ExitReason::Error { detail: format!("{err:#}") }, EXIT_VMM_ERROR);
-        tracing::debug!(reason = %exit.reason, "vm stopped");
-        return Err(err);
-    }
-    let mut paused = false;
-    // When a graceful stop was asked for: the moment to stop by force. The control socket keeps
-    // answering meanwhile, so a later `kill` (or a shorter stop) takes effect and nobody waits.
-    let mut deadline: Option<Instant> = None;
-    // Wait in short steps so Ctrl-C, control requests and the deadline are noticed promptly.
-    while handle.exit_reason().is_none() {
-        let mut action = Action::Continue;
-        if interrupted.swap(false, Ordering::Relaxed) {
-            if deadline.is_none() {
-                eprintln!(
-                    "ignite: stopping the guest (waiting up to {}s; interrupt again to stop it at once)",
-                    args.stop_timeout
-                );
-                action = Action::Stop(Duration::from_secs(args.stop_timeout));
-            } else {
-                eprintln!("ignite: stopping the guest at once");
-                action = Action::Kill;
-            }
-        } else if let Some((_, requests)) = &control {
-            if let Ok(cmd) = requests.recv_timeout(Duration::from_millis(100)) {
-                let (reply, next) = control::apply(&handle, &mut paused, &cmd.request);
-                // The requester may have gone away; the VM does not care.
-                let _ = cmd.reply.send(reply);
-                action = next;
-            }
-        } else {
-            handle.wait_timeout(Duration::from_millis(100));
-        }
-        match action {
-            Action::Continue => {}
-            Action::Stop(grace) => {
-                if deadline.is_none() {
-                    handle.request_shutdown();
-                }
-                let asked = Instant::now() + grace;
-                deadline = Some(deadline.map_or(asked, |d| d.min(asked)));
-            }
-            Action::Kill => handle.force_stop(),
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) && handle.exit_reason().is_none() {
-            tracing::info!("guest did not shut down in time; stopping it");
-            handle.force_stop();
-        }
-    }
-    let exit = handle.wait();
-    let code = exit_code(&exit.reason);
-    exit_sink.write(exit.reason.clone(), code);
-    drop(control);
+    let finished = process::run(&config, options)?;
     if args.timings {
-        let report = serde_json::json!({
-            "exit": exit.reason,
-            "processToVmStartMs": vm_started.as_secs_f64() * 1e3,
-            "processToFirstKvmRunMs": exit.counters.time_to_first_run.map(|t| (vm_started + t).as_secs_f64() * 1e3),
-            "counters": exit.counters,
-        });
-        eprintln!("{report}");
+        eprintln!("{}", finished.timings());
     }
-    match &exit.reason {
+    match &finished.record.exit {
         ExitReason::Crash { detail } => eprintln!("error: the guest crashed: {detail}"),
         ExitReason::Error { detail } => eprintln!("error: the vmm failed: {detail}"),
         _ => {}
     }
-    Ok(ExitCode::from(code))
+    Ok(ExitCode::from(u8::try_from(finished.record.exit_code).unwrap_or(EXIT_VMM_ERROR)))
 }
 
 #[cfg(test)]
