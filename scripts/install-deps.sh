@@ -12,6 +12,8 @@ packages=(
   busybox-static cpio e2fsprogs
   # image store: a real registry, reference tools, reflink-capable filesystems for tests
   docker-registry umoci skopeo xfsprogs btrfs-progs apache2-utils
+  # the compatibility suite's real images (scripts/compat-images.sh: Debian minbase roots packed by umoci)
+  debootstrap
   # the peer VMM for benchmarks
   qemu-system-x86
   # host networking (bridge, taps, port forwards) and its tests in a test network namespace
