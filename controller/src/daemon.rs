@@ -309,10 +309,7 @@ impl Daemon {
         let runtime = self.runtime.clone();
         self.tasks.push(tokio::spawn(async move {
             while let Some(exit) = exits.recv().await {
-                let summary = crate::host::exits::exit_of(&exit);
-                if !runtime.record_exit(&exit) {
-                    continue;
-                }
+                let Some(summary) = runtime.record_exit(&exit) else { continue };
                 let kind = if summary.succeeded() { EventKind::Normal } else { EventKind::Warning };
                 record(&store, &exit.name, kind, "Exited", &summary.detail);
                 queue.add(&exit.name);

@@ -7,7 +7,7 @@
 //!   state/                   the sled store: VMs, leases, events, sources
 //!   sources/                 git checkouts and source caches
 //!   runtime/<vm>/            what the host prepared for a VM and how it last ended
-//!     prepared.json  exit.json
+//!     prepared.json  last-exit.json  config.img  (a copied kernel)
 //!   vms/<vm>/                the VM's run directory, shared with its VMM process
 //!     config.json  pid  exit.json  jail.json  jail/
 //!     console.log[.1]  vmm.log[.1]
@@ -57,6 +57,11 @@ impl RootLayout {
         self.root.join("runtime")
     }
 
+    /// The host's record of VM `name` (`runtime/<vm>/`).
+    pub fn runtime(&self, name: &str) -> RuntimeDir {
+        RuntimeDir::new(&self.runtime_dir(), name)
+    }
+
     /// The VMs' run directories (`vms/`), the supervisor's `run_dir`.
     pub fn vms_dir(&self) -> PathBuf {
         self.root.join("vms")
@@ -70,6 +75,46 @@ impl RootLayout {
     /// The log of a daemon the CLI started.
     pub fn daemon_log(&self) -> PathBuf {
         self.root.join("daemon.log")
+    }
+}
+
+/// One VM's record on the host (`runtime/<vm>/`): what was prepared for it and how it last ended. It
+/// outlives the VM's processes (a stopped VM keeps it) and goes with the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeDir {
+    dir: PathBuf,
+}
+
+impl RuntimeDir {
+    /// The record of VM `name` under `runtime_dir`.
+    pub fn new(runtime_dir: &Path, name: &str) -> RuntimeDir {
+        RuntimeDir { dir: runtime_dir.join(name) }
+    }
+
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What the host prepared (disk, tap, lease, the spec's fingerprint).
+    pub fn prepared(&self) -> PathBuf {
+        self.dir.join("prepared.json")
+    }
+
+    /// How the VM's main process last ended, as the restart policy judges it (`reconcile::Exit`).
+    /// Not the VMM's own exit record ([`VmDir::exit_record`]), from which it is translated.
+    pub fn last_exit(&self) -> PathBuf {
+        self.dir.join("last-exit.json")
+    }
+
+    /// Where releases before `last-exit.json` kept it; read once after an upgrade, then removed.
+    pub fn legacy_last_exit(&self) -> PathBuf {
+        self.dir.join("exit.json")
+    }
+
+    /// The config drive the guest reads (`ignite.config=/dev/vdb`).
+    pub fn config_drive(&self) -> PathBuf {
+        self.dir.join("config.img")
     }
 }
 
@@ -172,6 +217,15 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), files.len(), "no two files share a name");
+        let runtime = layout.runtime("web");
+        assert_eq!(runtime.path(), Path::new("/var/lib/ignite/runtime/web"));
+        let records = [runtime.prepared(), runtime.last_exit(), runtime.config_drive()];
+        assert!(records.iter().all(|f| f.parent() == Some(runtime.path())));
+        assert_ne!(
+            runtime.last_exit().file_name(),
+            vm.exit_record().file_name(),
+            "the two exit files have different names"
+        );
         for dir in [layout.state_db(), layout.sources_dir(), layout.runtime_dir(), layout.daemon_log()] {
             assert_eq!(dir.parent(), Some(layout.root()));
         }

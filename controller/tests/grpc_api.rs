@@ -325,7 +325,10 @@ fn the_api_and_the_cli_drive_the_fleet() {
         support::daemon::pid_of(r, "run1").is_none()
             && daemon.store().get_vm("run1").unwrap().is_some_and(|v| v.status.phase == controller::api::Phase::Stopped)
     });
-    assert!(r.join("runtime/run1/prepared.json").exists(), "a stopped VM keeps its disk and address");
+    assert!(
+        controller::layout::RootLayout::new(r).runtime("run1").prepared().exists(),
+        "a stopped VM keeps its disk and address"
+    );
     assert!(ignite(&socket, &["start", "run1"]).status.success());
     wait_for("run1 up again", Duration::from_secs(60), || vm_up(r, "run1"));
     let out = ignite(&socket, &["stop", "fromdir"]);

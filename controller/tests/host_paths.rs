@@ -25,7 +25,7 @@ fn copy_files(entries: &[(&str, &Path)]) -> String {
 }
 
 fn drive(root: &Path, vm: &str) -> guest_api::config::GuestConfig {
-    let file = std::fs::File::open(root.join("runtime").join(vm).join("config.img")).unwrap();
+    let file = std::fs::File::open(controller::layout::RootLayout::new(root).runtime(vm).config_drive()).unwrap();
     guest_api::config::read_config_drive(file).unwrap()
 }
 

@@ -173,7 +173,10 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     });
     let asked = cluster.lock().unwrap().requests.clone();
     assert!(!asked.iter().any(|r| r.contains("bootstrap-token-abcdef")), "the Secret is never read: {asked:?}");
-    assert!(!r.join("runtime/greedy/prepared.json").exists(), "nothing is prepared for greedy");
+    assert!(
+        !controller::layout::RootLayout::new(r).runtime("greedy").prepared().exists(),
+        "nothing is prepared for greedy"
+    );
     std::fs::remove_file(fleet.path().join("greedy.yaml")).unwrap();
     let secret = cluster.lock().unwrap().secrets.first().cloned().expect("a bootstrap-token Secret was created");
     assert_eq!(secret["type"], "bootstrap.kubernetes.io/token");
@@ -251,7 +254,7 @@ fn create_token_without_kubernetes_access_is_a_precise_permanent_error() {
     });
     let status = store.get_vm("node").unwrap().unwrap().status;
     assert!(status.last_error.as_deref().is_some_and(|e| e.contains(expected)), "{status:?}");
-    assert!(!r.join("runtime/node/prepared.json").exists(), "nothing is prepared for it");
+    assert!(!controller::layout::RootLayout::new(r).runtime("node").prepared().exists(), "nothing is prepared for it");
     // The rest of the fleet is unaffected.
     wait_for("plain up", Duration::from_secs(60), || vm_up(r, "plain"));
     runtime.block_on(daemon.shutdown());

@@ -1,10 +1,14 @@
-//! How a VM's last process ended, kept as `ROOT/runtime/<vm>/exit.json` so it survives a daemon
-//! restart until the reconciler has acted on it (restart policy).
-
-use std::path::Path;
+//! How a VM's last process ended, kept as `ROOT/runtime/<vm>/last-exit.json`
+//! ([`RuntimeDir::last_exit`]) so it survives a daemon restart until the reconciler has acted on it
+//! (restart policy).
+//!
+//! An exit is translated here, once: the supervisor reports the VMM's own record ([`VmExit`]: the
+//! engine's `ExitReason`, the process status, the console's tail); [`exit_of`] turns it into the
+//! [`Exit`] the reconciler judges restarts by and the status shows (as `api::LastExit`).
 
 use vmm_core::ExitReason;
 
+use crate::layout::RuntimeDir;
 use crate::reconcile::Exit;
 use crate::supervisor::VmExit;
 
@@ -29,31 +33,34 @@ pub fn exit_of(exit: &VmExit) -> Exit {
     }
 }
 
-fn file(dir: &Path) -> std::path::PathBuf {
-    dir.join("exit.json")
-}
-
-/// Records `exit` in the VM's runtime directory `dir` (if the directory exists).
-pub fn save(dir: &Path, exit: &Exit) -> std::io::Result<()> {
-    if !dir.is_dir() {
+/// Records `exit` in the VM's runtime directory (if the directory exists).
+pub fn save(dir: &RuntimeDir, exit: &Exit) -> std::io::Result<()> {
+    if !dir.path().is_dir() {
         return Ok(());
     }
-    let tmp = dir.join("exit.json.tmp");
+    let file = dir.last_exit();
+    let tmp = file.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(exit).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&tmp, file(dir))
+    std::fs::rename(&tmp, file)
 }
 
-/// The recorded exit, if any.
-pub fn load(dir: &Path) -> Option<Exit> {
-    std::fs::read(file(dir)).ok().and_then(|b| serde_json::from_slice(&b).ok())
+/// The recorded exit, if any (also from the file name releases before `last-exit.json` used).
+pub fn load(dir: &RuntimeDir) -> Option<Exit> {
+    [dir.last_exit(), dir.legacy_last_exit()]
+        .iter()
+        .find_map(|file| std::fs::read(file).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// Forgets the recorded exit (a new start, or a deliberate stop).
-pub fn clear(dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(file(dir)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+pub fn clear(dir: &RuntimeDir) -> std::io::Result<()> {
+    for file in [dir.last_exit(), dir.legacy_last_exit()] {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -77,13 +84,20 @@ mod tests {
 
     #[test]
     fn saved_exits_load_and_clear() {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = RuntimeDir::new(tmp.path(), "web");
+        std::fs::create_dir(dir.path()).unwrap();
         let exit = Exit { code: Some(1), crashed: false, detail: "exit status 1".into() };
-        save(dir.path(), &exit).unwrap();
-        assert_eq!(load(dir.path()), Some(exit));
-        clear(dir.path()).unwrap();
-        clear(dir.path()).unwrap();
-        assert_eq!(load(dir.path()), None);
-        save(&dir.path().join("missing"), &Exit::default()).unwrap();
+        save(&dir, &exit).unwrap();
+        assert_eq!(load(&dir), Some(exit.clone()));
+        clear(&dir).unwrap();
+        clear(&dir).unwrap();
+        assert_eq!(load(&dir), None);
+        save(&RuntimeDir::new(tmp.path(), "missing"), &Exit::default()).unwrap();
+        // A record an older release wrote under the old name is still read, and cleared.
+        std::fs::write(dir.legacy_last_exit(), serde_json::to_vec(&exit).unwrap()).unwrap();
+        assert_eq!(load(&dir), Some(exit));
+        clear(&dir).unwrap();
+        assert_eq!(load(&dir), None);
     }
 }

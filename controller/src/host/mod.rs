@@ -2,8 +2,9 @@
 //! a lease and its port forwards, a config drive carries the guest settings, and the supervisor
 //! runs one `ignite vmm` process per VM.
 //!
-//! Layout under the root: `runtime/<vm>/` (prepared.json, config drive, mode 0700) and the
-//! supervisor's `vms/<vm>/` (process files, console log). Every step is idempotent; `destroy`
+//! Layout under the root ([`crate::layout`]): `runtime/<vm>/` ([`crate::layout::RuntimeDir`]: what
+//! was prepared, the last exit, the config drive; mode 0700) and the supervisor's `vms/<vm>/`
+//! ([`crate::layout::VmDir`]: process files, console log). Every step is idempotent; `destroy`
 //! removes whatever exists, in reverse order of creation, so a crash at any point is repaired by
 //! running it again.
 
@@ -116,17 +117,17 @@ impl HostRuntime {
 
     /// Records how a VM process ended (from the supervisor's exit stream or its adopt report),
     /// unless the VM was stopped on purpose or a newer process already runs. Returns whether the
-    /// exit counts (the restart policy will see it).
-    pub fn record_exit(&self, exit: &VmExit) -> bool {
+    /// exit counts (the restart policy will see it): how it ended, translated once.
+    pub fn record_exit(&self, exit: &VmExit) -> Option<crate::reconcile::Exit> {
         let deliberate = self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(&exit.name);
         if deliberate || self.supervisor.is_running(&exit.name) {
-            return false;
+            return None;
         }
-        let dir = prepared::dir(&self.runtime_dir(), &exit.name);
-        if let Err(e) = exits::save(&dir, &exits::exit_of(exit)) {
+        let summary = exits::exit_of(exit);
+        if let Err(e) = exits::save(&prepared::dir(&self.runtime_dir(), &exit.name), &summary) {
             warn!(vm = exit.name, error = %e, "cannot record the VM's exit");
         }
-        true
+        Some(summary)
     }
 
     fn mark_stopping(&self, name: &str) {
@@ -174,7 +175,7 @@ impl Runtime for HostRuntime {
         let last_exit = if running { None } else { exits::load(&dir) };
         let mut leftovers = Vec::new();
         if prepared.is_none() {
-            if dir.exists() {
+            if dir.path().exists() {
                 leftovers.push("runtime directory".to_string());
             }
             if self.snapshotter.list().map(|d| d.iter().any(|d| d.vm_id == name)).unwrap_or(false) {
@@ -208,9 +209,9 @@ impl Runtime for HostRuntime {
         let owner = self.store.get_vm(name).ok().flatten().map(|r| r.owner).unwrap_or_default();
         let join = kubernetes::join_config(self.kube.as_ref(), vm, &owner)?;
         let dir = prepared::dir(&self.runtime_dir(), name);
-        guest::create_private_dir(&dir)
-            .map_err(|e| transient("DiskFailed", format!("creating {}", dir.display()))(&e))?;
-        let kernel = artifacts::resolve_kernel(&self.paths, spec, &self.config, &dir)?;
+        guest::create_private_dir(dir.path())
+            .map_err(|e| transient("DiskFailed", format!("creating {}", dir.path().display()))(&e))?;
+        let kernel = artifacts::resolve_kernel(&self.paths, spec, &self.config, dir.path())?;
         // Read now, before a disk is made: a file the host does not allow fails the VM at once.
         let guest_config = guest::guest_config(vm, &self.config.policy.paths)
             .map_err(|e| RuntimeError::permanent("CopyFileFailed", format!("VM {name:?}: {e}")))?;
@@ -270,7 +271,7 @@ impl Runtime for HostRuntime {
             cmdline.push(' ');
             cmdline.push_str(extra);
         }
-        let config_drive = dir.join("config.img");
+        let config_drive = dir.config_drive();
         let mut guest_config = guest_config;
         let kubernetes_node = join.is_some();
         guest_config.join = join;

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::layout::RuntimeDir;
+
 /// What exists on the host for one prepared VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -35,12 +37,12 @@ pub struct PreparedVm {
 }
 
 /// The directory holding one VM's prepared state.
-pub fn dir(runtime_dir: &Path, vm: &str) -> PathBuf {
-    runtime_dir.join(vm)
+pub fn dir(runtime_dir: &Path, vm: &str) -> RuntimeDir {
+    RuntimeDir::new(runtime_dir, vm)
 }
 
 fn file(runtime_dir: &Path, vm: &str) -> PathBuf {
-    dir(runtime_dir, vm).join("prepared.json")
+    dir(runtime_dir, vm).prepared()
 }
 
 /// Reads the record; `None` if the VM is not (completely) prepared.
@@ -64,7 +66,7 @@ pub fn save(runtime_dir: &Path, vm: &str, prepared: &PreparedVm) -> io::Result<(
 
 /// Removes the VM's runtime directory (record and config drive). Missing is fine.
 pub fn remove(runtime_dir: &Path, vm: &str) -> io::Result<()> {
-    match fs::remove_dir_all(dir(runtime_dir, vm)) {
+    match fs::remove_dir_all(dir(runtime_dir, vm).path()) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
@@ -97,7 +99,7 @@ mod tests {
     fn save_load_list_remove() {
         let tmp = tempfile::tempdir().unwrap();
         assert_eq!(load(tmp.path(), "web").unwrap(), None);
-        fs::create_dir_all(dir(tmp.path(), "web")).unwrap();
+        fs::create_dir_all(dir(tmp.path(), "web").path()).unwrap();
         let p = PreparedVm {
             fingerprint: "f".into(),
             image_digest: "sha256:00".into(),

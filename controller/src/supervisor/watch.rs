@@ -72,7 +72,7 @@ pub(crate) fn watch(name: String, dir: &VmDir, pidfd: Arc<OwnedFd>, shutdown: Un
     remove_sockets(dir);
     let exit = exit_report(name, dir, status);
     tracing::info!(vm = %exit.name, reason = %exit.reason, code = ?exit.code, "vm process ended");
-    // Nobody listening (the supervisor is gone) is fine: exit.json still tells the next one.
+    // Nobody listening (the supervisor is gone) is fine: the VMM's exit record still tells the next one.
     let _ = tx.send(exit);
 }
 
