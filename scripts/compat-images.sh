@@ -262,6 +262,8 @@ build() {
   mv -T "$tmp/oci" "$dir" 2>/dev/null || log "$case: $dir appeared meanwhile; keeping it"
   rm -rf "$tmp"
   trap - EXIT
+  # Older builds of this case (other keys) go: the cache holds one image per case.
+  find "$CACHE" -mindepth 1 -maxdepth 1 -name "$case-*" ! -path "$dir" -exec rm -rf {} +
   flock -u 9
   log "$case: $(du -sh "$dir" | cut -f1) in $(($(date +%s) - started)) s"
   echo "$case $dir"
