@@ -38,6 +38,34 @@ pub struct DaemonConfig {
     pub socket: Option<PathBuf>,
     /// The API over TCP with mutual TLS too (`--listen`), next to `socket` (ignored without it).
     pub tcp: Option<TcpApi>,
+    /// Kubernetes (`--kube`): the node bootstrap's tokens and Nodes, and the MicroVMs of the cluster.
+    pub kube: Option<DaemonKube>,
+}
+
+/// How the daemon works with a Kubernetes cluster (`ignite daemon --kube`).
+#[derive(Clone)]
+pub struct DaemonKube {
+    /// This host's name, its MicroVM selection and the kubeconfig to connect with.
+    pub settings: crate::kube::KubeSettings,
+    /// Lifetime of created bootstrap tokens (`None`: the default).
+    pub token_ttl: Option<std::time::Duration>,
+    /// Which VMs may have a bootstrap token.
+    pub scope: crate::kube::scope::BootstrapScope,
+    /// Run the MicroVMs scheduled to this host (the MicroVM controller); without it the cluster only
+    /// serves `spec.bootstrap.kubernetes`.
+    pub microvms: bool,
+    /// A client already connected (a test's scripted API server); `None`: connect with
+    /// `settings.kubeconfig`.
+    pub client: Option<::kube::Client>,
+}
+
+impl std::fmt::Debug for DaemonKube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonKube")
+            .field("host", &self.settings.host_name)
+            .field("microvms", &self.microvms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How the daemon runs VMM processes.
@@ -103,6 +131,9 @@ pub enum DaemonError {
     /// The API could not be served over TCP.
     #[error("serving the API over TCP with TLS")]
     ApiTcp(#[source] crate::grpc::tls::TlsError),
+    /// Kubernetes could not be reached (`--kube`).
+    #[error("connecting to Kubernetes (--kube)")]
+    Kube(#[source] crate::kube::KubeError),
 }
 
 /// A running daemon: the reconciler with its workers, and the background tasks.
@@ -123,16 +154,6 @@ pub struct Daemon {
 impl Daemon {
     /// Recovers and starts everything. Must run inside a tokio runtime.
     pub async fn start(config: DaemonConfig) -> Result<Daemon, DaemonError> {
-        Daemon::start_with_kube(config, None).await
-    }
-
-    /// [`Daemon::start`] with Kubernetes access for `spec.bootstrap.kubernetes` (`ignite daemon
-    /// --kube`/`--kubeconfig`): the runtime creates bootstrap tokens and deletes Nodes, and a
-    /// background task keeps the VMs' `nodeRef` from a watch of the cluster's Nodes.
-    pub async fn start_with_kube(
-        config: DaemonConfig,
-        kube: Option<crate::kube::access::KubeAccess>,
-    ) -> Result<Daemon, DaemonError> {
         crate::private::secure_root(&config.root)
             .map_err(|source| DaemonError::Root { root: config.root.clone(), source })?;
         let store =
@@ -168,8 +189,25 @@ impl Daemon {
         info!(adopted = adopted.adopted.len(), exited = adopted.exited.len(), "re-adopted VM processes");
         let exits = supervisor.exits().expect("a new supervisor has its exit stream");
         let net: Arc<dyn HostNet> = Arc::new(LinuxHostNet::new());
-        let mut host_runtime = HostRuntime::new(config.host.clone(), store.clone(), snapshotter, net, supervisor);
-        if let Some(access) = &kube {
+        // One client serves the node bootstrap (`spec.bootstrap.kubernetes`) and the MicroVMs.
+        let kube = match &config.kube {
+            Some(k) => {
+                let client = match &k.client {
+                    Some(client) => client.clone(),
+                    None => crate::kube::client::connect(k.settings.kubeconfig.as_deref())
+                        .await
+                        .map_err(DaemonError::Kube)?,
+                };
+                let mut access = crate::kube::access::KubeAccess::new(client.clone(), k.settings.host_name.clone());
+                access.token_ttl = k.token_ttl.unwrap_or(access.token_ttl);
+                access.scope = k.scope.clone();
+                Some((access, client))
+            }
+            None => None,
+        };
+        let mut host_runtime =
+            HostRuntime::new(layout.clone(), config.host.clone(), store.clone(), snapshotter, net, supervisor);
+        if let Some((access, _)) = &kube {
             host_runtime = host_runtime.with_kube(access.clone());
         }
         let runtime = Arc::new(host_runtime);
@@ -218,9 +256,15 @@ impl Daemon {
         daemon.watch_exits(exits);
         daemon.health_task =
             Some(tokio::spawn(keep_health(daemon.health.clone(), daemon.store.clone(), daemon.workers.clone())));
-        if let Some(access) = kube {
+        if let (Some((access, client)), Some(k)) = (kube, &config.kube) {
             info!(host = access.host, "watching Kubernetes Nodes for the VMs' nodeRef");
             daemon.tasks.push(tokio::spawn(crate::kube::nodes::watch_nodes(access, daemon.store.clone())));
+            if k.microvms {
+                let queue = daemon.reconciler.queue().clone();
+                let ctx = crate::kube::Context::new(client, daemon.store.clone(), queue, k.settings.clone());
+                info!(host = k.settings.host_name, "running the MicroVMs scheduled to this host");
+                daemon.tasks.push(tokio::spawn(crate::kube::controller::run(Arc::new(ctx))));
+            }
         }
         let configured: Vec<&str> = config.sources.iter().map(|s| s.name.as_str()).collect();
         match daemon.store.retain_source_states(&configured) {
@@ -292,14 +336,6 @@ impl Daemon {
             Some((_, tx)) => tx.send(()).await.is_ok(),
             None => false,
         }
-    }
-
-    /// Runs the MicroVM controller (`ignite daemon --kube`) next to the sources: the MicroVMs
-    /// scheduled to this host go through the same store and reconciler as git, and their status is
-    /// written back. `ctx` is built over [`Daemon::store`] and the reconciler's queue. Stops with
-    /// the daemon.
-    pub fn watch_microvms(&mut self, ctx: crate::kube::Context) {
-        self.tasks.push(tokio::spawn(crate::kube::controller::run(Arc::new(ctx))));
     }
 
     /// Records every VM process exit and queues the VM, so its restart policy is applied.

@@ -12,9 +12,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use controller::daemon::Daemon;
+use controller::daemon::{Daemon, DaemonKube};
 use controller::grpc::proto::{self, vms_client::VmsClient};
-use controller::kube::access::KubeAccess;
 use controller::source::{DirSpec, SourceKind, SourceSpec};
 use http::{Request, Response};
 use kube::client::Body;
@@ -144,18 +143,25 @@ fn a_vm_joins_with_a_created_token_that_never_leaks_and_its_node_goes_with_it() 
     let r = root.path();
     let _guard = support::daemon::KillVmsOnDrop(r);
     let sources = local_dir(fleet.path());
-    let config = daemon_config(r, sources, None);
+    let mut config = daemon_config(r, sources, None);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cluster = Arc::new(Mutex::new(Cluster::default()));
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let access = runtime.block_on(async {
+    let client = runtime.block_on(async {
         tokio::spawn(api_server(handle, cluster.clone()));
-        let mut access = KubeAccess::new(kube::Client::new(service, "default"), "test-host");
-        // This host's own sources (here a directory) may have tokens created; nothing else.
-        access.scope.allow_create_token(controller::kube::scope::HOST_SOURCES).unwrap();
-        access
+        kube::Client::new(service, "default")
     });
-    let daemon = runtime.block_on(Daemon::start_with_kube(config, Some(access))).unwrap();
+    // This host's own sources (here a directory) may have tokens created; nothing else.
+    let mut scope = controller::kube::scope::BootstrapScope::default();
+    scope.allow_create_token(controller::kube::scope::HOST_SOURCES).unwrap();
+    config.kube = Some(DaemonKube {
+        settings: controller::kube::KubeSettings::new("test-host"),
+        token_ttl: None,
+        scope,
+        microvms: false,
+        client: Some(client),
+    });
+    let daemon = runtime.block_on(Daemon::start(config)).unwrap();
     let store = daemon.store().clone();
 
     wait_for("web up", Duration::from_secs(60), || vm_up(r, "web"));

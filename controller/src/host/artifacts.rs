@@ -146,7 +146,6 @@ mod tests {
 
     fn host(default_kernel: DefaultKernel, paths: HostPaths) -> HostConfig {
         HostConfig {
-            root: PathBuf::new(),
             init_bin: None,
             default_kernel,
             net: None,

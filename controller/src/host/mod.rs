@@ -36,8 +36,6 @@ pub use prepared::PreparedVm;
 /// Configuration of the real runtime.
 #[derive(Clone, Debug)]
 pub struct HostConfig {
-    /// The ignite root (`--root`).
-    pub root: PathBuf,
     /// The static `ignite-init` placed into every root disk (`None`: images bring their own init).
     pub init_bin: Option<PathBuf>,
     /// Kernel for VMs that name none.
@@ -57,6 +55,7 @@ pub struct HostConfig {
 /// See the module docs.
 pub struct HostRuntime {
     config: HostConfig,
+    layout: RootLayout,
     paths: StorePaths,
     store: Store,
     snapshotter: Box<dyn Snapshotter>,
@@ -73,17 +72,19 @@ fn transient(reason: &'static str, what: String) -> impl FnOnce(&dyn std::error:
 }
 
 impl HostRuntime {
-    /// A runtime over the given parts.
+    /// A runtime over the given parts, keeping its files under `layout`.
     pub fn new(
+        layout: RootLayout,
         config: HostConfig,
         store: Store,
         snapshotter: Box<dyn Snapshotter>,
         net: Arc<dyn HostNet>,
         supervisor: Supervisor,
     ) -> Self {
-        let paths = StorePaths::new(&config.root);
+        let paths = layout.store();
         HostRuntime {
             config,
+            layout,
             paths,
             store,
             snapshotter,
@@ -107,7 +108,7 @@ impl HostRuntime {
     }
 
     fn runtime_dir(&self) -> PathBuf {
-        RootLayout::new(&self.config.root).runtime_dir()
+        self.layout.runtime_dir()
     }
 
     fn load(&self, name: &str) -> Result<Option<PreparedVm>, RuntimeError> {

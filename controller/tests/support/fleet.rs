@@ -49,7 +49,6 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
         root: root.into(),
         sources,
         host: HostConfig {
-            root: root.into(),
             init_bin: None,
             default_kernel: DefaultKernel::Path(tiny_guest::idle_guest().kernel),
             net,
@@ -63,5 +62,6 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
         vmm: Default::default(),
         socket: Some(root.join("ignite.sock")),
         tcp: None,
+        kube: None,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::builder::BoolishValueParser;
 use clap::Args;
-use controller::daemon::{Daemon, DaemonConfig, TcpApi, VmmPolicy};
+use controller::daemon::{Daemon, DaemonConfig, DaemonKube, TcpApi, VmmPolicy};
 use controller::grpc::tls::ServerTls;
 use controller::host::{DefaultKernel, HostConfig};
 use controller::net::{NetConfig, Subnet};
@@ -206,7 +206,6 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         tracing::warn!("no ignite-init found next to this binary: images must bring their own /sbin/ignite-init");
     }
     let host = HostConfig {
-        root: root.to_path_buf(),
         init_bin,
         default_kernel: default_kernel(args.kernel),
         net: (!args.no_network).then_some(NetConfig {
@@ -218,6 +217,27 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         virt_mode: vmm_core::VirtModeConfig::Auto,
         policy: host_policy(args.allow_host_paths, args.allow_privileged_ports, args.listen)?,
         pull_timeouts: image_store::pull::PullTimeouts { total: args.image_pull_timeout, ..Default::default() },
+    };
+    let mut scope = controller::kube::scope::BootstrapScope::default();
+    for entry in &args.kube_token_secrets {
+        scope.allow_token_secret(entry).context("--kube-token-secret")?;
+    }
+    for ns in &args.kube_bootstrap_namespaces {
+        scope.allow_create_token(ns).context("--kube-bootstrap-namespaces")?;
+    }
+    let kube = match args.kube {
+        false => None,
+        true => {
+            let mut settings = controller::kube::KubeSettings::new(
+                args.kube_host_name.unwrap_or_else(controller::kube::controller::default_host_name),
+            );
+            settings.namespace = args.namespace;
+            settings.kubeconfig = args.kubeconfig;
+            settings.selector =
+                controller::kube::LabelSelector::parse(args.kube_selector.as_deref().unwrap_or_default())
+                    .context("--kube-selector")?;
+            Some(DaemonKube { settings, token_ttl: args.kube_token_ttl, scope, microvms: true, client: None })
+        }
     };
     let config = DaemonConfig {
         root: root.to_path_buf(),
@@ -237,28 +257,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
             }
             _ => None,
         },
-    };
-    let token_ttl = args.kube_token_ttl;
-    let mut scope = controller::kube::scope::BootstrapScope::default();
-    for entry in &args.kube_token_secrets {
-        scope.allow_token_secret(entry).context("--kube-token-secret")?;
-    }
-    for ns in &args.kube_bootstrap_namespaces {
-        scope.allow_create_token(ns).context("--kube-bootstrap-namespaces")?;
-    }
-    let kube = match args.kube {
-        false => None,
-        true => {
-            let mut settings = controller::kube::KubeSettings::new(
-                args.kube_host_name.unwrap_or_else(controller::kube::controller::default_host_name),
-            );
-            settings.namespace = args.namespace;
-            settings.kubeconfig = args.kubeconfig;
-            settings.selector =
-                controller::kube::LabelSelector::parse(args.kube_selector.as_deref().unwrap_or_default())
-                    .context("--kube-selector")?;
-            Some(settings)
-        }
+        kube,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
@@ -266,34 +265,9 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let client = match &kube {
-            Some(settings) => Some(
-                controller::kube::client::connect(settings.kubeconfig.as_deref())
-                    .await
-                    .context("connecting to Kubernetes (--kube)")?,
-            ),
-            None => None,
-        };
-        // The same client serves the node bootstrap (`spec.bootstrap.kubernetes`) and the MicroVMs.
-        let access = match (&kube, &client) {
-            (Some(settings), Some(client)) => {
-                let mut access = controller::kube::access::KubeAccess::new(client.clone(), settings.host_name.clone());
-                access.token_ttl = token_ttl.unwrap_or(access.token_ttl);
-                access.scope = scope;
-                Some(access)
-            }
-            _ => None,
-        };
-        let mut daemon = Daemon::start_with_kube(config, access).await.context("starting the daemon")?;
-        if let (Some(settings), Some(client)) = (kube, client) {
-            let host = settings.host_name.clone();
-            let ctx = controller::kube::Context::new(
-                client,
-                daemon.store().clone(),
-                daemon.reconciler().queue().clone(),
-                settings,
-            );
-            daemon.watch_microvms(ctx);
+        let kube_host = config.kube.as_ref().map(|k| k.settings.host_name.clone());
+        let daemon = Daemon::start(config).await.context("starting the daemon")?;
+        if let Some(host) = kube_host {
             eprintln!("ignite daemon: running the MicroVMs scheduled to host {host:?}");
         }
         eprintln!("ignite daemon: running on {} (Ctrl-C stops the daemon; VMs keep running)", root.display());
