@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use oci_client::secrets::RegistryAuth;
+/// Credentials for one registry (anonymous or user and password).
+pub use oci_client::secrets::RegistryAuth;
 
 /// A credentials file that cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -36,6 +36,9 @@ pub struct PullOptions {
     pub insecure: bool,
     /// A docker `config.json` with credentials; `None` uses `$DOCKER_CONFIG` or `~/.docker`.
     pub auth_config: Option<PathBuf>,
+    /// Credentials resolved by the caller (the CLI reads its user's config.json and sends them to
+    /// the daemon): used instead of any config file.
+    pub credentials: Option<crate::auth::RegistryAuth>,
     /// Called as bytes and layers arrive.
     pub progress: Option<ProgressFn>,
     /// How long a registry may take to accept a connection and between two reads.
@@ -330,7 +333,10 @@ async fn pull_parsed(
     parsed: &ImageReference,
     options: &PullOptions,
 ) -> Result<ImageRecord, PullError> {
-    let auth = registry_auth(options.auth_config.as_deref(), &parsed.registry)?;
+    let auth = match &options.credentials {
+        Some(credentials) => credentials.clone(),
+        None => registry_auth(options.auth_config.as_deref(), &parsed.registry)?,
+    };
     let config = ClientConfig {
         protocol: if options.insecure { ClientProtocol::Http } else { ClientProtocol::Https },
         connect_timeout: Some(options.timeouts.connect),

@@ -134,7 +134,6 @@ fn main() -> ExitCode {
         .with_writer(log_sink::make)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let paths = image_store::StorePaths::new(&cli.root);
     let remote = match (cli.host.clone(), cli.tls_ca.clone(), cli.tls_cert.clone(), cli.tls_key.clone()) {
         (Some(url), Some(ca), Some(cert), Some(key)) => {
             Some(commands::client::Remote { url, tls: controller::grpc::tls::ClientTls { ca, cert, key } })
@@ -144,8 +143,8 @@ fn main() -> ExitCode {
     let ctx = commands::client::Ctx { root: cli.root.clone(), socket: cli.socket.clone(), remote };
     let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Image(cmd) => done(commands::image::run(cmd, &paths, &ctx)),
-        Command::Kernel(cmd) => done(commands::kernel::run(cmd, &paths, &ctx)),
+        Command::Image(cmd) => done(commands::image::run(cmd, &ctx)),
+        Command::Kernel(cmd) => done(commands::kernel::run(cmd, &ctx)),
         Command::Daemon(args) => done(commands::daemon::run(*args, &cli.root, &cli.socket)),
         Command::Run(args) => commands::run::run(args, &ctx),
         Command::Create(args) => done(commands::run::create(args, &ctx)),

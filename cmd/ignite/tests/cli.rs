@@ -1,13 +1,55 @@
 //! The `ignite` binary's image and kernel commands, end to end: a real registry on loopback (Debian's
 //! docker-registry), an image built with umoci from busybox-static and pushed with skopeo, and a real
-//! store under a temporary `--root`.
+//! store under a temporary `--root`. The commands go through the API of a daemon the CLI starts
+//! itself (without network or VMs), which the test stops at its end.
 
 use image_store::testing::registry;
 use std::path::Path;
 use std::process::{Command, Output};
 
 fn ignite(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ignite")).arg("--root").arg(root).args(args).output().expect("run ignite")
+    Command::new(env!("CARGO_BIN_EXE_ignite"))
+        .arg("--root")
+        .arg(root)
+        .arg("--socket")
+        .arg(root.with_extension("sock"))
+        .args(args)
+        // The daemon the CLI starts: no host network; the CLI's and its credentials stay the test's.
+        .env("IGNITE_NO_NETWORK", "1")
+        .env("DOCKER_CONFIG", root.with_extension("docker"))
+        .output()
+        .expect("run ignite")
+}
+
+/// Stops the daemon the CLI started on `root` when dropped (SIGTERM, then waits for it).
+struct StopDaemon<'a>(&'a Path);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        let root = self.0.to_string_lossy().into_owned();
+        let pids: Vec<String> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                let ours = args.contains(&root.as_bytes()) && args.contains(&&b"daemon"[..]);
+                ours.then(|| e.file_name().to_string_lossy().into_owned())
+            })
+            .collect();
+        for pid in &pids {
+            let _ = Command::new("kill").arg(pid).status();
+        }
+        for pid in &pids {
+            for _ in 0..100 {
+                if !Path::new("/proc").join(pid).exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 fn ok(out: Output) -> String {
@@ -34,6 +76,7 @@ fn have(tool: &str) -> bool {
 fn kernel_import_ls_rm() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("store");
+    let _daemon = StopDaemon(&root);
     // A real ELF with a 64-bit entry: the test binary of this very test is one.
     let elf = std::env::current_exe().unwrap();
     let out = ok(ignite(&root, &["kernel", "import", elf.to_str().unwrap(), "--name", "k1"]));
@@ -79,6 +122,7 @@ fn image_pull_import_ls_rm_against_a_real_registry() {
     sh(&format!("skopeo copy --quiet --dest-tls-verify=false oci:{l}:demo docker://{reference}"));
 
     let root = dir.path().join("store");
+    let _daemon = StopDaemon(&root);
     let digest = ok(ignite(&root, &["image", "pull", "--insecure", &reference]));
     assert!(digest.trim().starts_with("sha256:"), "{digest}");
     // Pulling again is a no-op that gives the same digest.
@@ -100,4 +144,36 @@ fn image_pull_import_ls_rm_against_a_real_registry() {
     assert_eq!(ok(ignite(&root, &["image", "ls"])).trim(), "REFERENCE   DIGEST   LAYERS   SIZE");
     let blobs = std::fs::read_dir(root.join("blobs/sha256")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(blobs, 0, "removing every image frees every blob");
+}
+
+#[test]
+fn a_pull_through_the_daemon_carries_the_users_registry_credentials() {
+    let Ok(out) = Command::new("htpasswd").args(["-Bbn", "alice", "secret"]).output() else {
+        eprintln!("skipping: htpasswd (apache2-utils) is not installed (scripts/install-deps.sh installs it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let registry = match registry::Registry::start(Some(&htpasswd)) {
+        Ok(registry) => registry,
+        Err(reason) => {
+            eprintln!("skipping: {reason}");
+            return;
+        }
+    };
+    let host = registry.host();
+    let image = image_store::testing::fixtures::whiteout_image();
+    image_store::testing::fixtures::push_image(&host, "private", "v1", &image, Some(("alice", "secret")));
+    let root = dir.path().join("store");
+    let _daemon = StopDaemon(&root);
+    let reference = format!("{host}/private:v1");
+    let message = err(ignite(&root, &["image", "pull", &reference]));
+    assert!(message.contains("denied access to") && message.contains("private"), "{message}");
+    let config = dir.path().join("auth.json");
+    std::fs::write(&config, format!(r#"{{"auths":{{"{host}":{{"auth":"YWxpY2U6c2VjcmV0"}}}}}}"#)).unwrap();
+    let digest = ok(ignite(&root, &["image", "pull", "--auth-config", config.to_str().unwrap(), &reference]));
+    assert!(digest.trim().starts_with("sha256:"), "{digest}");
+    let log = std::fs::read_to_string(root.join("daemon.log")).unwrap_or_default();
+    assert!(!log.contains("secret"), "the password never reaches the daemon's log");
 }

@@ -173,9 +173,12 @@ impl images_server::Images for ApiState {
             || crate::host::artifacts::is_loopback_registry(&request.reference);
         tokio::spawn(async move {
             let reporter = tx.clone();
+            let credentials =
+                request.credentials.map(|c| image_store::auth::RegistryAuth::Basic(c.username, c.password));
             let options = image_store::pull::PullOptions {
                 insecure,
                 auth_config: None,
+                credentials,
                 // Progress is sampled: a full channel drops an update, never blocks the pull.
                 progress: Some(std::sync::Arc::new(move |p| {
                     let _ = reporter.try_send(Ok(progress(&p)));

@@ -7,10 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
-use controller::grpc::{images, proto};
-use image_store::progress::PullProgress;
-use image_store::pull::{pull_blocking, PullOptions};
-use image_store::StorePaths;
+use controller::grpc::proto;
+use controller::grpc::proto::images_client::ImagesClient;
 
 use super::client;
 use super::kernel::short_digest;
@@ -52,57 +50,38 @@ pub enum ImageCommand {
     },
 }
 
-/// Runs an image subcommand: through the daemon when one answers (it owns the store then), else
-/// directly on the store at `paths`.
-pub fn run(cmd: ImageCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow::Result<()> {
+/// Runs an image subcommand through the daemon (started when none answers), which owns the store.
+pub fn run(cmd: ImageCommand, ctx: &client::Ctx) -> anyhow::Result<()> {
     let rt = client::runtime()?;
-    let api = rt.block_on(client::image_store(ctx))?.map(|(images, _)| images);
+    let mut api = rt.block_on(async { anyhow::Ok(ImagesClient::new(client::channel(ctx).await?)) })?;
     match cmd {
         ImageCommand::Pull { reference, insecure, auth_config } => {
+            // This user's credentials, sent along (the daemon may run as another user, or elsewhere).
+            let credentials = credentials(&reference, auth_config.as_deref())?;
             let bar = ProgressBar::new(&reference);
-            let image = match api {
-                Some(mut c) if auth_config.is_none() => rt.block_on(async {
-                    let request = proto::PullImageRequest { reference: reference.clone(), insecure };
-                    let mut stream = c.pull(request).await.map_err(client::status)?.into_inner();
-                    while let Some(p) = stream.message().await.map_err(client::status)? {
-                        if let Some(image) = p.image {
-                            return Ok(image);
-                        }
-                        bar.update(p.bytes_done, p.bytes_total, p.layers_done as usize, p.layers_total as usize);
+            let image = rt.block_on(async {
+                let request = proto::PullImageRequest { reference: reference.clone(), insecure, credentials };
+                let mut stream = api.pull(request).await.map_err(client::status)?.into_inner();
+                while let Some(p) = stream.message().await.map_err(client::status)? {
+                    if let Some(image) = p.image {
+                        return Ok(image);
                     }
-                    anyhow::bail!("the daemon ended the pull of {reference} without a result")
-                })?,
-                _ => {
-                    let report = bar.clone();
-                    let progress = move |p: PullProgress| {
-                        report.update(p.bytes_done, p.bytes_total, p.layers_done, p.layers_total)
-                    };
-                    let options =
-                        PullOptions { insecure, auth_config, progress: Some(Arc::new(progress)), ..Default::default() };
-                    images::image(&pull_blocking(paths, &reference, &options)?)
+                    bar.update(p.bytes_done, p.bytes_total, p.layers_done as usize, p.layers_total as usize);
                 }
-            };
+                anyhow::bail!("the daemon ended the pull of {reference} without a result")
+            })?;
             bar.finish(image.size, image.layers as usize);
             println!("{}", image.digest);
         }
         ImageCommand::Import { path, tag } => {
-            let image = match api {
-                Some(mut c) => {
-                    client::refuse_remote_file(ctx, &path)?;
-                    let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
-                    let request =
-                        proto::ImportImageRequest { path: path.display().to_string(), tag: tag.unwrap_or_default() };
-                    rt.block_on(c.import(request)).map_err(client::status)?.into_inner()
-                }
-                None => images::import_image(paths, &path, tag.as_deref())?,
-            };
+            client::refuse_remote_file(ctx, &path)?;
+            let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
+            let request = proto::ImportImageRequest { path: path.display().to_string(), tag: tag.unwrap_or_default() };
+            let image = rt.block_on(api.import(request)).map_err(client::status)?.into_inner();
             println!("{}", image.digest);
         }
         ImageCommand::Ls => {
-            let list = match api {
-                Some(mut c) => rt.block_on(c.list(proto::Empty {})).map_err(client::status)?.into_inner().images,
-                None => images::list_images(paths)?,
-            };
+            let list = rt.block_on(api.list(proto::Empty {})).map_err(client::status)?.into_inner().images;
             let rows: Vec<Vec<String>> = list
                 .into_iter()
                 .map(|image| {
@@ -114,13 +93,8 @@ pub fn run(cmd: ImageCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow::
             println!("{}", render(&["REFERENCE", "DIGEST", "LAYERS", "SIZE"], &rows));
         }
         ImageCommand::Rm { image } => {
-            let removed = match api {
-                Some(mut c) => rt
-                    .block_on(c.remove(proto::ImageName { name: image.clone() }))
-                    .map_err(client::status)?
-                    .into_inner(),
-                None => images::remove_image(paths, &image)?,
-            };
+            let removed =
+                rt.block_on(api.remove(proto::ImageName { name: image.clone() })).map_err(client::status)?.into_inner();
             if removed.untagged {
                 println!("untagged {image} ({} keeps its other references)", removed.digest);
             } else {
@@ -129,6 +103,21 @@ pub fn run(cmd: ImageCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// The credentials for `reference`'s registry in `auth_config` (default: this user's docker
+/// config.json); `None` when there are none (the pull is anonymous).
+fn credentials(
+    reference: &str,
+    auth_config: Option<&std::path::Path>,
+) -> anyhow::Result<Option<proto::RegistryCredentials>> {
+    let parsed = image_store::reference::ImageReference::parse(reference)?;
+    Ok(match image_store::auth::registry_auth(auth_config, &parsed.registry)? {
+        image_store::auth::RegistryAuth::Basic(username, password) => {
+            Some(proto::RegistryCredentials { username, password })
+        }
+        _ => None,
+    })
 }
 
 /// A pull progress bar on stderr (`[=====>    ] 45%  23.1 MiB / 51.0 MiB  2/3 layers`), redrawn

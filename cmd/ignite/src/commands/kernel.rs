@@ -1,8 +1,8 @@
 //! `ignite kernel`: guest kernels in the image store.
 
 use clap::Subcommand;
-use controller::grpc::{images, proto};
-use image_store::StorePaths;
+use controller::grpc::proto;
+use controller::grpc::proto::kernels_client::KernelsClient;
 
 use super::client;
 
@@ -32,36 +32,28 @@ pub enum KernelCommand {
     },
 }
 
-/// Runs a kernel subcommand: through the daemon when one answers, else directly on the store at
-/// `paths`.
-pub fn run(cmd: KernelCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow::Result<()> {
+/// Runs a kernel subcommand through the daemon (started when none answers), which owns the store.
+pub fn run(cmd: KernelCommand, ctx: &client::Ctx) -> anyhow::Result<()> {
     let rt = client::runtime()?;
-    let api = rt.block_on(client::image_store(ctx))?.map(|(_, kernels)| kernels);
+    let mut api = rt.block_on(async { anyhow::Ok(KernelsClient::new(client::channel(ctx).await?)) })?;
     match cmd {
         KernelCommand::Import { source, name } => {
-            let record = match api {
-                Some(mut c) => {
-                    // The daemon resolves paths on its own filesystem: send an absolute one.
-                    let source = match std::fs::canonicalize(&source) {
-                        Ok(path) => {
-                            client::refuse_remote_file(ctx, &path)?;
-                            path.display().to_string()
-                        }
-                        Err(_) => source,
-                    };
-                    rt.block_on(c.import(proto::ImportKernelRequest { source, name }))
-                        .map_err(client::status)?
-                        .into_inner()
+            // The daemon resolves paths on its own filesystem: send an absolute one.
+            let source = match std::fs::canonicalize(&source) {
+                Ok(path) => {
+                    client::refuse_remote_file(ctx, &path)?;
+                    path.display().to_string()
                 }
-                None => images::import_kernel(paths, &source, &name, true)?,
+                Err(_) => source,
             };
+            let record = rt
+                .block_on(api.import(proto::ImportKernelRequest { source, name }))
+                .map_err(client::status)?
+                .into_inner();
             println!("{}  {}", record.name, record.digest);
         }
         KernelCommand::Ls => {
-            let list = match api {
-                Some(mut c) => rt.block_on(c.list(proto::Empty {})).map_err(client::status)?.into_inner().kernels,
-                None => images::list_kernels(paths)?,
-            };
+            let list = rt.block_on(api.list(proto::Empty {})).map_err(client::status)?.into_inner().kernels;
             let rows: Vec<Vec<String>> = list
                 .into_iter()
                 .map(|k| {
@@ -72,12 +64,7 @@ pub fn run(cmd: KernelCommand, paths: &StorePaths, ctx: &client::Ctx) -> anyhow:
             println!("{}", render(&["NAME", "DIGEST", "SIZE", "SOURCE"], &rows));
         }
         KernelCommand::Rm { name } => {
-            match api {
-                Some(mut c) => {
-                    rt.block_on(c.remove(proto::KernelName { name: name.clone() })).map_err(client::status)?;
-                }
-                None => images::remove_kernel(paths, &name)?,
-            }
+            rt.block_on(api.remove(proto::KernelName { name: name.clone() })).map_err(client::status)?;
             println!("{name}");
         }
     }
