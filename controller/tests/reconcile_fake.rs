@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use controller::api::{ConditionStatus, ConditionType, Phase};
 use controller::reconcile::fake::{Call, FakeRuntime};
-use controller::reconcile::{apply_revision, parse_revision, ApplyError, Exit, Outcome, Reconciler};
+use controller::reconcile::{Exit, Outcome, Reconciler};
+use controller::source::{apply_revision, parse_revision, ApplyError};
 use controller::store::Store;
 
 fn manifest(name: &str, memory: &str, extra: &str) -> String {

@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use super::proto::{self, events_server, host_server, images_server, kernels_server, sources_server, vms_server};
 use crate::layout::RootLayout;
-use crate::reconcile::{apply_objects, parse_revision, ApplyError, Runtime, WorkQueue};
+use crate::reconcile::{Runtime, WorkQueue};
+use crate::source::{apply_objects, parse_revision, ApplyError};
 use crate::store::{Store, StoreError, VmChange};
 use guest_api::error_chain;
 

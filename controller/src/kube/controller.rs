@@ -42,7 +42,8 @@ use super::select::{self, LabelSelector};
 use super::status::MicroVmStatus;
 use crate::api::conditions::Summary;
 use crate::api::{self, ConditionType, ObjectMeta, Phase, Vm, VmSpec};
-use crate::reconcile::{apply_revision, ApplyError, Backoff, WorkQueue};
+use crate::reconcile::{Backoff, WorkQueue};
+use crate::source::{apply_revision, ApplyError};
 use crate::store::Store;
 use guest_api::error_chain;
 

@@ -1,8 +1,7 @@
 //! The reconciler: level-triggered, idempotent convergence of the store's desired VMs with what
 //! runs on the host. [`decide`] is the pure decision, [`Reconciler`] runs it on worker threads
-//! with backoff, [`apply`] turns a source revision into desired objects.
+//! with backoff. (Desired state comes in through [`crate::source::apply`].)
 
-pub mod apply;
 pub mod decide;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
@@ -10,7 +9,6 @@ pub mod queue;
 pub mod reconciler;
 pub mod runtime;
 
-pub use apply::{apply_objects, apply_revision, parse_revision, ApplyError, ApplyReport};
 pub use decide::{decide, DesiredView, Settled, Step};
 pub use queue::{Backoff, WorkQueue};
 pub use reconciler::{Outcome, ReconcileError, Reconciler, ReconcilerConfig};

@@ -1,7 +1,9 @@
 //! Desired-state sources: a git repository (pinned to one commit per apply) or a local
 //! directory. A source delivers the raw `*.yaml`/`*.yml` files of one revision; parsing,
-//! validation and ownership are the reconciler's ([`crate::reconcile::apply`]).
+//! validation and ownership are [`apply`]'s: the intake of desired state, which the daemon, the API
+//! and the Kubernetes controller call with what they read.
 
+pub mod apply;
 pub mod credentials;
 mod dir;
 mod git;
@@ -10,6 +12,7 @@ mod poller;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use apply::{apply_objects, apply_revision, parse_revision, ApplyError, ApplyReport};
 pub use credentials::GitCredentials;
 pub use dir::DirectorySource;
 pub use git::GitSource;

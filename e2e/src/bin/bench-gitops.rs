@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use controller::reconcile::fake::FakeRuntime;
-use controller::reconcile::{apply_revision, parse_revision, Reconciler, ReconcilerConfig};
+use controller::reconcile::{Reconciler, ReconcilerConfig};
+use controller::source::{apply_revision, parse_revision};
 use controller::store::Store;
 use controller::testing::git::git;
 use ignite_e2e::bench::{print_table, Row};
