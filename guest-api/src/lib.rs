@@ -36,7 +36,7 @@ mod tests {
     #[test]
     fn error_chain_joins_every_source_in_order() {
         let inner = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        let outer = std::io::Error::new(std::io::ErrorKind::Other, ErrorWithSource("reading /etc/x", inner));
+        let outer = std::io::Error::other(ErrorWithSource("reading /etc/x", inner));
         assert_eq!(super::error_chain(&outer), "reading /etc/x: no such file");
     }
 
