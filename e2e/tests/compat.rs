@@ -469,13 +469,15 @@ fn check(root: &Path, case: &Case, vm: &str, started: Instant, host_port: Option
         } else {
             format!("not ready within {timeout:.0?} (phase {})", phase.unwrap_or_default())
         };
+        // The whole console is kept (the VM's own goes with it); the note shows the guest's user-space lines.
         let console = console(root, vm);
-        let tail: Vec<&str> = console.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Some(State::Done {
-            ready: None,
-            note: format!("{why}\nconsole (last 40 lines):\n{}", tail.join("\n")),
-        });
+        let kept = std::env::temp_dir().join(format!("ignite-compat-{}.console.log", case.name));
+        let _ = std::fs::write(&kept, &console);
+        let user: Vec<&str> = console.lines().filter(|l| !l.starts_with('[')).collect();
+        let tail = &user[user.len().saturating_sub(60)..];
+        let note =
+            format!("{why}\nconsole kept in {}; its last user-space lines:\n{}", kept.display(), tail.join("\n"));
+        return Some(State::Done { ready: None, note });
     }
     None
 }
