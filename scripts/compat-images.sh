@@ -186,7 +186,9 @@ containerd >/var/log/containerd.log 2>&1 &
 until ctr version >/dev/null 2>&1; do sleep 1; done
 echo "COMPAT-CTR containerd answers at $(cat /proc/uptime)"
 ctr images import --base-name compat/busybox /opt/busybox-oci.tar
-ctr run --rm docker.io/compat/busybox:latest compat sh -c 'echo COMPAT-CTR-OK uid=$(id -u)'
+image=$(ctr images ls -q | head -1)
+echo "COMPAT-CTR imported $image at $(cat /proc/uptime)"
+ctr run --rm "$image" compat sh -c 'echo COMPAT-CTR-OK uid=$(id -u)'
 echo "COMPAT-CTR ctr run exited $? at $(cat /proc/uptime)"
 EOF
   printf '%s\n' >&3 /usr/local/bin/compat-containerd
