@@ -525,11 +525,12 @@ fn redis_ping(port: u16) -> std::io::Result<String> {
     Ok(text(&buf[..n]))
 }
 
-/// `ssh -tt` as root with `key`: the guest's `tty` when it names a pty.
+/// `ssh -tt` as root with `key`: the guest's `tty` when it names a pty. sshd re-executes itself for each
+/// connection: its banner takes minutes in an emulated guest, hence the long connect timeout.
 fn ssh_tty(port: u16, key: &Path) -> Option<String> {
     let out = Command::new("ssh")
         .args(["-tt", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"])
-        .args(["-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR", "-p", &port.to_string(), "-i"])
+        .args(["-o", "ConnectTimeout=180", "-o", "LogLevel=ERROR", "-p", &port.to_string(), "-i"])
         .arg(key)
         .args(["root@127.0.0.1", "tty; echo COMPAT-SSH-OK"])
         .stdin(Stdio::null())
