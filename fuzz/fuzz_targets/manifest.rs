@@ -1,10 +1,10 @@
 //! The manifest loader and validator, through the entry a git revision goes through
-//! (`reconcile::apply::parse_revision`): multi-document YAML of any shape, in one or two files (the
+//! (`source::apply::parse_revision`): multi-document YAML of any shape, in one or two files (the
 //! input is split at its first NUL byte) so that duplicate names across files are checked too.
 #![no_main]
 
 use controller::api::HostPolicy;
-use controller::reconcile::apply::parse_revision;
+use controller::source::apply::parse_revision;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
