@@ -4,7 +4,7 @@
 pub mod bench;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 
 /// Why real-KVM tests cannot run here (`/dev/kvm` cannot be opened), or `None`.
 pub fn kvm_unavailable() -> Option<String> {
@@ -236,4 +236,54 @@ pub fn fsbase_probe_initramfs(dir: &Path) -> PathBuf {
         .write(&image)
         .expect("write the probe initramfs");
     image
+}
+
+/// A test's daemon process, killed and reaped when dropped.
+pub struct Daemon(pub Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Kills the VM processes under a root when dropped, so a failing test leaves no VM running (they
+/// outlive their daemon by design).
+pub struct KillVmsOnDrop<'a>(pub &'a Path);
+
+impl Drop for KillVmsOnDrop<'_> {
+    fn drop(&mut self) {
+        for dir in std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten() {
+            let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap_or_default();
+            if let Some(pid) = pid.split_whitespace().next() {
+                let _ = Command::new("kill").args(["-9", pid]).stderr(Stdio::null()).status();
+            }
+        }
+    }
+}
+
+/// The `ignite` CLI against a test's daemon on `<root>/ignite.sock` (never starting one of its own).
+pub fn ignite_cmd(root: &Path) -> Command {
+    let mut cmd = Command::new(ignite_bin());
+    cmd.arg("--root").arg(root).arg("--socket").arg(root.join("ignite.sock")).env("IGNITE_AUTOSTART", "0");
+    cmd
+}
+
+/// Reads `output` line by line on a thread and sends each line with the time since `start` at which
+/// it arrived; the channel closes at end of file.
+pub fn timed_lines(
+    output: impl std::io::Read + Send + 'static,
+    start: std::time::Instant,
+) -> std::sync::mpsc::Receiver<(String, std::time::Duration)> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(output).lines().map_while(Result::ok) {
+            if tx.send((line, start.elapsed())).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

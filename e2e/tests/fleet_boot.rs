@@ -14,13 +14,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use controller::testing::git::Repo;
 use controller::testing::netns::run_inside;
 use controller::testing::tmux::{tmux_missing, Tmux};
-use ignite_e2e::{guest_kernel, ignite_bin, ignite_init_bin, kvm_unavailable};
+use ignite_e2e::{guest_kernel, ignite_bin, ignite_cmd, ignite_init_bin, kvm_unavailable, Daemon, KillVmsOnDrop};
 use image_store::testing::{fixtures, registry::Registry};
 
 const NAME: &str = "a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port";
@@ -57,30 +57,6 @@ fn http_get(port: u16) -> std::io::Result<String> {
     Ok(out)
 }
 
-struct Daemon(Child);
-
-/// Kills the VM processes under a root when dropped, so a failing test leaves no VM running (they
-/// outlive their daemon by design).
-struct KillVmsOnDrop<'a>(&'a Path);
-
-impl Drop for KillVmsOnDrop<'_> {
-    fn drop(&mut self) {
-        for dir in std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten() {
-            let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap_or_default();
-            if let Some(pid) = pid.split_whitespace().next() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The real daemon on `root`, following `repo`, logging (appending) to `root/daemon.log`.
 fn start_daemon(root: &Path, repo: &Repo, kernel: &Path) -> Daemon {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("daemon.log")).unwrap();
@@ -100,13 +76,6 @@ fn start_daemon(root: &Path, repo: &Repo, kernel: &Path) -> Daemon {
         .spawn()
         .unwrap();
     Daemon(child)
-}
-
-/// The `ignite` CLI against the test's daemon (never starting one of its own).
-fn ignite_cmd(root: &Path) -> Command {
-    let mut cmd = Command::new(ignite_bin());
-    cmd.arg("--root").arg(root).arg("--socket").arg(root.join("ignite.sock")).env("IGNITE_AUTOSTART", "0");
-    cmd
 }
 
 /// Runs `ignite ARGS` against the test's daemon; its stdout and stderr.

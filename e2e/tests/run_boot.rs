@@ -10,43 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{guest_kernel, ignite_bin, ignite_init_bin, kvm_unavailable};
+use ignite_e2e::{guest_kernel, ignite_bin, ignite_cmd, ignite_init_bin, kvm_unavailable, Daemon, KillVmsOnDrop};
 use image_store::testing::{fixtures, registry::Registry};
 
 const NAME: &str = "ignite_run_returns_the_guest_commands_status_and_leaves_no_vm_running";
 /// How long three guests booting at once on an emulating KVM may take.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Kills the VM processes under a root when dropped, so a failing test leaves no VM running (they
-/// outlive their daemon by design).
-struct KillVmsOnDrop<'a>(&'a Path);
-
-impl Drop for KillVmsOnDrop<'_> {
-    fn drop(&mut self) {
-        for dir in std::fs::read_dir(self.0.join("vms")).into_iter().flatten().flatten() {
-            let pid = std::fs::read_to_string(dir.path().join("pid")).unwrap_or_default();
-            if let Some(pid) = pid.split_whitespace().next() {
-                let _ = Command::new("kill").args(["-9", pid]).stderr(Stdio::null()).status();
-            }
-        }
-    }
-}
-
-/// The `ignite` CLI against the test's daemon (never starting one of its own).
-fn ignite_cmd(root: &Path) -> Command {
-    let mut cmd = Command::new(ignite_bin());
-    cmd.arg("--root").arg(root).arg("--socket").arg(root.join("ignite.sock")).env("IGNITE_AUTOSTART", "0");
-    cmd
-}
 
 /// A background `ignite run`: stdout and stderr go to `<root>/<vm>.out` and `.err`.
 struct Run {

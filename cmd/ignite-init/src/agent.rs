@@ -467,6 +467,22 @@ mod tests {
         assert_eq!(out.exit, Some(128 + 9));
     }
 
+    /// Reads frames until the exit frame: the stdout they carried and the exit status.
+    fn stdout_until_exit(client: &mut UnixStream) -> (Vec<u8>, Option<i32>) {
+        let (mut stdout, mut exit) = (Vec::new(), None);
+        while let Some((tag, payload)) = read_frame(client).unwrap() {
+            match tag {
+                Tag::Stdout => stdout.extend_from_slice(&payload),
+                Tag::Exit => exit = decode_exit(&payload),
+                _ => {}
+            }
+            if exit.is_some() {
+                break;
+            }
+        }
+        (stdout, exit)
+    }
+
     #[test]
     fn output_larger_than_a_frame_arrives_whole_while_stdin_streams() {
         let (mut client, _handle) = agent(ExecDefaults::default());
@@ -478,17 +494,7 @@ mod tests {
             write_frame(&mut writer, Tag::Stdin, &sent).unwrap();
             write_frame(&mut writer, Tag::CloseStdin, &[]).unwrap();
         });
-        let (mut stdout, mut exit) = (Vec::new(), None);
-        while let Some((tag, payload)) = read_frame(&mut client).unwrap() {
-            match tag {
-                Tag::Stdout => stdout.extend_from_slice(&payload),
-                Tag::Exit => exit = decode_exit(&payload),
-                _ => {}
-            }
-            if exit.is_some() {
-                break;
-            }
-        }
+        let (stdout, exit) = stdout_until_exit(&mut client);
         feeder.join().unwrap();
         assert_eq!(stdout, input);
         assert_eq!(exit, Some(0));
@@ -540,17 +546,7 @@ mod tests {
         write_frame(&mut client, Tag::Resize, &WindowSize { rows: 40, cols: 100 }.encode()).unwrap();
         write_frame(&mut client, Tag::Resize, &[1, 2, 3]).unwrap(); // malformed: ignored
         write_frame(&mut client, Tag::Stdin, b"hello\n").unwrap();
-        let (mut stdout, mut exit) = (Vec::new(), None);
-        while let Some((tag, payload)) = read_frame(&mut client).unwrap() {
-            match tag {
-                Tag::Stdout => stdout.extend_from_slice(&payload),
-                Tag::Exit => exit = decode_exit(&payload),
-                _ => {}
-            }
-            if exit.is_some() {
-                break;
-            }
-        }
+        let (stdout, exit) = stdout_until_exit(&mut client);
         assert_eq!(String::from_utf8_lossy(&stdout), "hello\r\ngot-hello\r\n40 100\r\n");
         assert_eq!(exit, Some(0));
     }

@@ -20,10 +20,8 @@
 //! `e2e/guest-kernel.sh` builds.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use guest_api::config::{write_config_drive, GuestConfig};
@@ -294,14 +292,7 @@ fn boot_and_idle(
         .spawn()
         .expect("spawn ignite vmm run");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((line, start.elapsed())).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = ignite_e2e::timed_lines(stdout, start);
     let mut markers = vec![None; MARKERS.len()];
     let mut clocksource = None;
     let deadline = start + BOOT_LIMIT;

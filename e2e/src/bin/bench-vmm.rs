@@ -15,10 +15,9 @@
 //!
 //! Usage: bench-vmm [--runs N] [--skip-linux]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ignite_e2e::bench::{median, print_table, Row};
@@ -284,14 +283,7 @@ fn console_markers(mut cmd: Command, markers: &[&str]) -> Vec<Option<f64>> {
     let start = Instant::now();
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn vmm");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((line, start.elapsed())).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = ignite_e2e::timed_lines(stdout, start);
     let mut found = vec![None; markers.len()];
     let deadline = start + Duration::from_secs(900);
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
