@@ -241,6 +241,40 @@ pub fn fsbase_probe_initramfs(dir: &Path) -> PathBuf {
 /// A test's daemon process, killed and reaped when dropped.
 pub struct Daemon(pub Child);
 
+impl Daemon {
+    /// Starts the real `ignite daemon ARGS` on `root` with `kernel` and the built ignite-init, logging
+    /// (appending) to `root/daemon.log`, and waits until its socket exists (panics with the log after
+    /// 30 s).
+    pub fn start(root: &Path, kernel: &Path, args: &[&str]) -> Daemon {
+        let log_path = root.join("daemon.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let child = Command::new(ignite_bin())
+            .arg("--root")
+            .arg(root)
+            .arg("--socket")
+            .arg(root.join("ignite.sock"))
+            .args(["--log", "info", "daemon"])
+            .args(args)
+            .arg("--kernel")
+            .arg(kernel)
+            .arg("--init")
+            .arg(ignite_init_bin())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !root.join("ignite.sock").exists() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            assert!(std::time::Instant::now() < deadline, "the daemon did not listen:\n{log}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        daemon
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use controller::testing::netns::{self, Netns};
-use ignite_e2e::{guest_kernel, ignite_bin, ignite_cmd, ignite_init_bin, kvm_unavailable, Daemon, KillVmsOnDrop};
+use ignite_e2e::{guest_kernel, ignite_cmd, kvm_unavailable, Daemon, KillVmsOnDrop};
 use image_store::testing::registry::Registry;
 
 const NAME: &str = "real_debian_images_run_unmodified";
@@ -254,28 +254,7 @@ fn run_suite(images: &[(String, PathBuf)]) {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _vms = KillVmsOnDrop(r);
-    let log = std::fs::File::create(r.join("daemon.log")).unwrap();
-    let _daemon = Daemon(
-        Command::new(ignite_bin())
-            .arg("--root")
-            .arg(r)
-            .arg("--socket")
-            .arg(r.join("ignite.sock"))
-            .args(["--log", "info", "daemon", "--bridge", "ignbr-compat", "--subnet", "10.98.0.0/24", "--kernel"])
-            .arg(guest_kernel())
-            .arg("--init")
-            .arg(ignite_init_bin())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !r.join("ignite.sock").exists() {
-        assert!(Instant::now() < deadline, "the daemon did not listen:\n{}", read(&r.join("daemon.log")));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let _daemon = Daemon::start(r, &guest_kernel(), &["--bridge", "ignbr-compat", "--subnet", "10.98.0.0/24"]);
     let key = r.join("id_ed25519");
     let ok = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", ""]).arg("-f").arg(&key).status().unwrap();
     assert!(ok.success(), "ssh-keygen");

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use controller::testing::git::Repo;
 use controller::testing::netns::run_inside;
 use controller::testing::tmux::{tmux_missing, Tmux};
-use ignite_e2e::{guest_kernel, ignite_bin, ignite_cmd, ignite_init_bin, kvm_unavailable, Daemon, KillVmsOnDrop};
+use ignite_e2e::{guest_kernel, ignite_bin, ignite_cmd, kvm_unavailable, Daemon, KillVmsOnDrop};
 use image_store::testing::{fixtures, registry::Registry};
 
 const NAME: &str = "a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port";
@@ -59,23 +59,9 @@ fn http_get(port: u16) -> std::io::Result<String> {
 
 /// The real daemon on `root`, following `repo`, logging (appending) to `root/daemon.log`.
 fn start_daemon(root: &Path, repo: &Repo, kernel: &Path) -> Daemon {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(root.join("daemon.log")).unwrap();
-    let child = Command::new(ignite_bin())
-        .arg("--root")
-        .arg(root)
-        .arg("--socket")
-        .arg(root.join("ignite.sock"))
-        .args(["--log", "info", "daemon", "--gitops", &repo.url(), "--path", "vms", "--interval", "1s"])
-        .args(["--bridge", "ignbr-e2e", "--subnet", "10.97.0.0/24", "--kernel"])
-        .arg(kernel)
-        .arg("--init")
-        .arg(ignite_init_bin())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Daemon(child)
+    let url = repo.url();
+    let gitops = ["--gitops", &url, "--path", "vms", "--interval", "1s"];
+    Daemon::start(root, kernel, &[&gitops[..], &["--bridge", "ignbr-e2e", "--subnet", "10.97.0.0/24"]].concat())
 }
 
 /// Runs `ignite ARGS` against the test's daemon; its stdout and stderr.

@@ -7,10 +7,10 @@
 //! Three Linux boots at once: two to four minutes on hosts whose KVM emulates guests.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{guest_kernel, ignite_bin, ignite_cmd, ignite_init_bin, kvm_unavailable, Daemon, KillVmsOnDrop};
+use ignite_e2e::{guest_kernel, ignite_cmd, kvm_unavailable, Daemon, KillVmsOnDrop};
 use image_store::testing::{fixtures, registry::Registry};
 
 const NAME: &str = "ignite_run_returns_the_guest_commands_status_and_leaves_no_vm_running";
@@ -114,26 +114,9 @@ fn ignite_run_returns_the_guest_commands_status_and_leaves_no_vm_running() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _vms = KillVmsOnDrop(r);
-    let log = std::fs::File::create(r.join("daemon.log")).unwrap();
-    let _daemon = Daemon(
-        Command::new(ignite_bin())
-            .arg("--root")
-            .arg(r)
-            .arg("--socket")
-            .arg(r.join("ignite.sock"))
-            .args(["--log", "info", "daemon", "--no-network", "--kernel"])
-            .arg(&kernel)
-            .arg("--init")
-            .arg(ignite_init_bin())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = Daemon::start(r, &kernel, &["--no-network"]);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let daemon_log = r.join("daemon.log");
-    wait_for("the daemon's socket", Duration::from_secs(30), &|| read(&daemon_log), || r.join("ignite.sock").exists());
 
     // Three VMs at once: each boot costs over a minute here.
     let mut job = Run::start(r, &image, "job", &[], "echo RUN-E2E-JOB $(hostname); exit 3");
