@@ -18,6 +18,7 @@ pub mod host;
 pub mod jail;
 pub mod log_file;
 pub mod process;
+pub mod snapshot;
 mod vcpu;
 pub mod vm;
 

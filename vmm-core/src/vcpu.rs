@@ -16,6 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::bus::{lock, Bus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::host::VirtMode;
+use crate::snapshot::{SnapshotError, VcpuState};
 
 thread_local! {
     /// The running vCPU's `kvm_run` mapping, for the kick signal handler.
@@ -82,6 +83,8 @@ pub(crate) struct RunControl {
 struct RunState {
     paused: bool,
     parked: usize,
+    /// While a snapshot is taken: one slot per vCPU, filled by the vCPU itself while parked.
+    saves: Option<Vec<Option<Result<VcpuState, SnapshotError>>>>,
 }
 
 impl RunControl {
@@ -108,8 +111,36 @@ impl RunControl {
         state.parked >= count
     }
 
-    /// Parks the calling vCPU while the VM is paused.
-    fn park_while_paused(&self, exit: &ExitSignal) {
+    /// Asks every parked vCPU (all `count` must be parked) to save its state and waits for them;
+    /// `None` when the VM exits first.
+    pub(crate) fn save_vcpus(&self, count: usize, exit: &ExitSignal) -> Option<Vec<Result<VcpuState, SnapshotError>>> {
+        let mut state = lock(&self.state);
+        state.saves = Some((0..count).map(|_| None).collect());
+        self.cond.notify_all();
+        loop {
+            if state.saves.as_ref().is_some_and(|saves| saves.iter().all(Option::is_some)) {
+                return state.saves.take().map(|saves| saves.into_iter().flatten().collect());
+            }
+            if exit.is_exiting() {
+                state.saves = None;
+                return None;
+            }
+            state = self
+                .cond
+                .wait_timeout(state, std::time::Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Parks the calling vCPU (`index`) while the VM is paused; while parked it runs `save` when a
+    /// snapshot asks for its state.
+    fn park_while_paused(
+        &self,
+        exit: &ExitSignal,
+        index: u8,
+        save: &mut dyn FnMut() -> Result<VcpuState, SnapshotError>,
+    ) {
         let mut state = lock(&self.state);
         if !state.paused {
             return;
@@ -117,6 +148,12 @@ impl RunControl {
         state.parked += 1;
         self.cond.notify_all();
         while state.paused && !exit.is_exiting() {
+            let slot = state.saves.as_mut().and_then(|saves| saves.get_mut(usize::from(index)));
+            if let Some(slot @ None) = slot {
+                *slot = Some(save());
+                self.cond.notify_all();
+                continue;
+            }
             state = self
                 .cond
                 .wait_timeout(state, std::time::Duration::from_millis(50))
@@ -151,6 +188,8 @@ pub(crate) struct VcpuContext {
     pub counters: Arc<Counters>,
     pub mode: VirtMode,
     pub started: Instant,
+    /// The MSRs a snapshot saves (KVM's index list).
+    pub msr_list: Arc<Vec<u32>>,
 }
 
 /// The body of a vCPU thread.
@@ -166,7 +205,8 @@ pub(crate) fn run(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext, start: Arc<Barr
     let span = tracing::debug_span!("vcpu", index);
     let _enter = span.enter();
     while !ctx.exit.is_exiting() {
-        ctx.control.park_while_paused(&ctx.exit);
+        ctx.control
+            .park_while_paused(&ctx.exit, index, &mut || crate::snapshot::save_vcpu(&mut vcpu, index, &ctx.msr_list));
         if ctx.exit.is_exiting() {
             break;
         }

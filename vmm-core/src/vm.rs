@@ -1,6 +1,7 @@
 //! Building a running VM from a [`VmConfig`], and the [`VmHandle`] that controls it.
 
 use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
@@ -18,13 +19,14 @@ use crate::config::{ConfigError, VmConfig};
 use crate::devices::legacy::console::{ConsoleClients, ConsoleSocket, ConsoleTee};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::power::PowerDevice;
-use crate::devices::legacy::serial::{open_console, ConsoleError, SerialDevice};
+use crate::devices::legacy::serial::{open_console, ConsoleError, SerialDevice, SerialState};
 use crate::devices::legacy::IrqEventFd;
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::GuestMemory;
 use crate::event_loop::{self, VirtioSubscriber};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::host::{emulated_clock_args, VirtMode, EMULATED_GUEST_ARGS};
+use crate::snapshot::{self, SnapshotError};
 use crate::vcpu::{self, Counters, Kicker, RunControl, VcpuContext};
 
 /// Where the KVM TSS goes (three pages just below the BIOS area, out of the guest's RAM and MMIO).
@@ -89,6 +91,9 @@ pub enum VmError {
     /// The VM is already exiting, so it cannot be paused or resumed.
     #[error("the vm has exited ({0})")]
     Exited(ExitReason),
+    /// The snapshot to restore cannot be used.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// A snapshot of a VM's counters.
@@ -123,6 +128,30 @@ pub struct Vm;
 impl Vm {
     /// Builds and starts the VM `config` describes: the vCPUs are running when this returns.
     pub fn start(config: &VmConfig) -> Result<VmHandle, VmError> {
+        Self::build(config, None)
+    }
+
+    /// Builds a VM shaped by `config` (its devices, console and jail) in the state saved in the
+    /// snapshot directory `dir` (see [`crate::snapshot`]) and lets it run on from there; the kernel is
+    /// not loaded again. `config` must have the snapshot's vCPU count and memory size.
+    pub fn restore(config: &VmConfig, dir: &Path) -> Result<VmHandle, VmError> {
+        let loaded = snapshot::load(dir)?;
+        let saved = &loaded.state;
+        for (what, saved, config) in [
+            ("vcpus", saved.vcpus.len() as u64, u64::from(config.vcpus)),
+            ("memory MiB", u64::from(saved.memory_mib), u64::from(config.memory_mib)),
+        ] {
+            if saved != config {
+                return Err(SnapshotError::Shape { what, saved, config }.into());
+            }
+        }
+        if let Some(device) = virtio_devices(config).into_iter().next() {
+            return Err(SnapshotError::Unsupported { device }.into());
+        }
+        Self::build(config, Some(loaded))
+    }
+
+    fn build(config: &VmConfig, restore: Option<snapshot::Loaded>) -> Result<VmHandle, VmError> {
         let started = Instant::now();
         config.validate()?;
         let mode = VirtMode::resolve(config.virt_mode);
@@ -142,9 +171,16 @@ impl Vm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm_fd.create_pit2(pit).map_err(|source| VmError::Setup { what: "create pit", source })?;
 
-        let mem = create_memory(&vm_fd, config.memory_mib)?;
+        let mem = match &restore {
+            None => create_memory(&vm_fd, config.memory_mib)?,
+            Some(loaded) => {
+                let mem = snapshot::map_memory(&loaded.memory, &loaded.memory_path, &ram_ranges(config.memory_mib))?;
+                register_memory(&vm_fd, &mem, config.memory_mib)?;
+                mem
+            }
+        };
         let exit = Arc::new(ExitSignal::new()?);
-        let devices = Devices::create(config, &vm_fd, &mem, &exit)?;
+        let devices = Devices::create(config, &vm_fd, &mem, &exit, restore.as_ref().map(|l| &l.state.serial))?;
 
         // The vCPUs exist before the command line: on an emulated host it carries their TSC frequency.
         let mut vcpu_fds = Vec::with_capacity(usize::from(config.vcpus));
@@ -160,18 +196,33 @@ impl Vm {
                 .ok(),
             _ => None,
         };
-        let cmdline = kernel_cmdline(config, mode, tsc_khz, &devices.cmdline_args);
-        let spec = BootSpec {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: &cmdline,
-            vcpus: config.vcpus,
-        };
-        let entry = boot::load(&mem, &spec)?;
-        tracing::debug!(?entry, %cmdline, "kernel loaded");
-        for (index, fd) in (0..config.vcpus).zip(&vcpu_fds) {
-            crate::arch::x86_64::configure_vcpu(&kvm, fd, index, config.vcpus, &mem, &entry, mode)?;
+        if let Some(loaded) = &restore {
+            let state = &loaded.state;
+            state.vm.restore(&vm_fd)?;
+            for (index, (fd, vcpu)) in vcpu_fds.iter().zip(&state.vcpus).enumerate() {
+                snapshot::restore_vcpu(&kvm, fd, index, vcpu)?;
+            }
+            lock(&devices.i8042).restore(&state.i8042);
+            tracing::debug!("machine state restored");
+        } else {
+            let cmdline = kernel_cmdline(config, mode, tsc_khz, &devices.cmdline_args);
+            let spec = BootSpec {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                vcpus: config.vcpus,
+            };
+            let entry = boot::load(&mem, &spec)?;
+            tracing::debug!(?entry, %cmdline, "kernel loaded");
+            for (index, fd) in (0..config.vcpus).zip(&vcpu_fds) {
+                crate::arch::x86_64::configure_vcpu(&kvm, fd, index, config.vcpus, &mem, &entry, mode)?;
+            }
         }
+        let msr_list = Arc::new(kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default());
+        let snapshot_blocker = virtio_devices(config)
+            .into_iter()
+            .next()
+            .or_else(|| snapshot::xsave_fits(&kvm).err().map(|e| e.to_string()));
 
         // Everything the VM uses is open: from here on the process needs no path and no privilege.
         if let Some(jail) = &config.jail {
@@ -193,6 +244,7 @@ impl Vm {
                 counters: counters.clone(),
                 mode,
                 started,
+                msr_list: msr_list.clone(),
             };
             let thread_start = start.clone();
             let thread = std::thread::Builder::new()
@@ -210,19 +262,28 @@ impl Vm {
         }
         exit.set_kicker(Kicker::new(vcpu_threads.iter().map(|t| t.as_pthread_t()).collect()));
         start.wait();
-        tracing::info!(vcpus = config.vcpus, memory_mib = config.memory_mib, "vm started");
+        tracing::info!(
+            vcpus = config.vcpus,
+            memory_mib = config.memory_mib,
+            restored = restore.is_some(),
+            "vm started"
+        );
 
         Ok(VmHandle {
             exit,
             control,
             counters,
             i8042: devices.i8042,
+            serial: devices.serial,
+            memory_mib: config.memory_mib,
+            host_cpu: snapshot::HostCpu::current(),
+            snapshot_blocker,
             vcpu_threads,
             event_thread: Some(event_thread),
             vcpus: usize::from(config.vcpus),
             started,
             vm_fd: Some(vm_fd),
-            _mem: mem,
+            mem,
         })
     }
 }
@@ -243,13 +304,24 @@ fn check_capabilities(kvm: &Kvm) -> Result<(), VmError> {
     Ok(())
 }
 
-fn create_memory(vm_fd: &VmFd, memory_mib: u32) -> Result<GuestMemory, VmError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(u64::from(memory_mib) << 20)
+/// The guest RAM regions for `memory_mib`.
+fn ram_ranges(memory_mib: u32) -> Vec<(GuestAddress, usize)> {
+    layout::ram_regions(u64::from(memory_mib) << 20)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
+        .collect()
+}
+
+fn create_memory(vm_fd: &VmFd, memory_mib: u32) -> Result<GuestMemory, VmError> {
+    let mem = GuestMemory::from_ranges(&ram_ranges(memory_mib))
+        .map_err(|e| VmError::Memory { mib: memory_mib, detail: e.to_string() })?;
+    register_memory(vm_fd, &mem, memory_mib)?;
+    Ok(mem)
+}
+
+/// Gives KVM the guest RAM `mem`, one slot per region.
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemory, memory_mib: u32) -> Result<(), VmError> {
     let memory_err = |detail: String| VmError::Memory { mib: memory_mib, detail };
-    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| memory_err(e.to_string()))?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem.get_host_address(region.start_addr()).map_err(|e| memory_err(e.to_string()))?;
         let region = kvm_userspace_memory_region {
@@ -264,7 +336,16 @@ fn create_memory(vm_fd: &VmFd, memory_mib: u32) -> Result<GuestMemory, VmError> 
         unsafe { vm_fd.set_user_memory_region(region) }
             .map_err(|source| VmError::Setup { what: "set user memory region", source })?;
     }
-    Ok(mem)
+    Ok(())
+}
+
+/// The virtio devices `config` asks for, named for the user (snapshots cannot hold their state yet).
+fn virtio_devices(config: &VmConfig) -> Vec<String> {
+    let disks = config.disks.iter().map(|d| format!("virtio-blk disk {}", d.path.display()));
+    let nets = config.nets.iter().map(|n| format!("virtio-net interface {}", n.tap));
+    let vsock = config.vsock.iter().map(|_| "a virtio-vsock device".to_string());
+    let rng = config.rng.then(|| "a virtio-rng device".to_string());
+    disks.chain(nets).chain(vsock).chain(rng).collect()
 }
 
 /// The full command line: the user's, then the emulated-host arguments (with the clock arguments when
@@ -284,18 +365,29 @@ fn kernel_cmdline(config: &VmConfig, mode: VirtMode, tsc_khz: Option<u32>, devic
 struct Devices {
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
     cmdline_args: Vec<String>,
 }
 
 impl Devices {
-    fn create(config: &VmConfig, vm_fd: &VmFd, mem: &GuestMemory, exit: &Arc<ExitSignal>) -> Result<Self, VmError> {
+    /// Creates and wires the devices; COM1 starts in `serial` when restoring a snapshot.
+    fn create(
+        config: &VmConfig,
+        vm_fd: &VmFd,
+        mem: &GuestMemory,
+        exit: &Arc<ExitSignal>,
+        serial: Option<&SerialState>,
+    ) -> Result<Self, VmError> {
         let mut pio = Bus::new();
         let serial_irq = irq_line(vm_fd, layout::SERIAL_IRQ)?;
         let clients = ConsoleClients::default();
         let sink = ConsoleTee::new(open_console(&config.console, config.console_max_bytes)?, clients.clone());
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(sink))));
+        let serial = Arc::new(Mutex::new(match serial {
+            Some(state) => SerialDevice::restore(serial_irq, Box::new(sink), state),
+            None => SerialDevice::new(serial_irq, Box::new(sink)),
+        }));
         pio.insert(serial.clone(), u64::from(layout::SERIAL_PORT_BASE), 8)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(irq_line(vm_fd, layout::I8042_IRQ)?, exit.clone())));
         pio.insert(i8042.clone(), u64::from(layout::I8042_PORT_BASE), 5)?;
@@ -304,6 +396,7 @@ impl Devices {
         let mut devices = Devices {
             mmio: Arc::new(Bus::new()),
             pio: Arc::new(pio),
+            serial: serial.clone(),
             i8042,
             subscribers: Vec::new(),
             cmdline_args: Vec::new(),
@@ -349,13 +442,18 @@ pub struct VmHandle {
     control: Arc<RunControl>,
     counters: Arc<Counters>,
     i8042: Arc<Mutex<I8042>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    memory_mib: u32,
+    host_cpu: snapshot::HostCpu,
+    /// Why this VM cannot be snapshotted, if it cannot.
+    snapshot_blocker: Option<String>,
     vcpu_threads: Vec<JoinHandle<()>>,
     event_thread: Option<JoinHandle<()>>,
     vcpus: usize,
     started: Instant,
     // Declared before `_mem`: the VM fd must close before guest memory is unmapped.
     vm_fd: Option<VmFd>,
-    _mem: GuestMemory,
+    mem: GuestMemory,
 }
 
 impl VmHandle {
@@ -385,6 +483,46 @@ impl VmHandle {
     /// [`Self::request_shutdown`] followed.
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()
+    }
+
+    /// Saves the VM to the snapshot directory `dir` (see [`crate::snapshot`]): pauses it unless it is
+    /// paused, has each vCPU save its state, saves the VM-wide state, the legacy devices and guest
+    /// memory, and resumes it if it was running. Returns the bytes of guest memory written.
+    pub fn snapshot(&self, dir: &Path) -> Result<u64, SnapshotError> {
+        if let Some(device) = &self.snapshot_blocker {
+            return Err(SnapshotError::Unsupported { device: device.clone() });
+        }
+        let was_paused = self.is_paused();
+        let exited = |exit: &ExitSignal| SnapshotError::Exited(exit.reason().unwrap_or(ExitReason::Stopped));
+        if !was_paused {
+            self.pause().map_err(|_| exited(&self.exit))?;
+        }
+        let saved = self.save_paused(dir);
+        if !was_paused {
+            self.control.set_paused(false);
+        }
+        saved
+    }
+
+    fn save_paused(&self, dir: &Path) -> Result<u64, SnapshotError> {
+        let vcpus = self
+            .control
+            .save_vcpus(self.vcpus, &self.exit)
+            .ok_or_else(|| SnapshotError::Exited(self.exit.reason().unwrap_or(ExitReason::Stopped)))?;
+        let vcpus = vcpus.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let vm_fd = self.vm_fd.as_ref().ok_or(SnapshotError::Exited(ExitReason::Stopped))?;
+        let state = snapshot::MachineState {
+            host_cpu: self.host_cpu.clone(),
+            memory_mib: self.memory_mib,
+            vcpus,
+            vm: snapshot::VmState::save(vm_fd)?,
+            serial: lock(&self.serial).state(),
+            i8042: lock(&self.i8042).state(),
+        };
+        let started = Instant::now();
+        let written = snapshot::save(dir, &state, &self.mem)?;
+        tracing::info!(dir = %dir.display(), memory_bytes = written, elapsed = ?started.elapsed(), "snapshot saved");
+        Ok(written)
     }
 
     fn kicker(&self) -> Option<Kicker> {

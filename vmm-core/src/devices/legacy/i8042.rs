@@ -58,6 +58,22 @@ const CTRL_RELEASE_TAIL: u8 = 0x14;
 /// Output buffer bound: the guest reads one byte per interrupt; a stuck guest must not grow memory.
 const MAX_PENDING: usize = 64;
 
+/// What an [`I8042`] holds between two guest accesses: its registers and the bytes the guest has not
+/// read yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// The status register.
+    pub status: u8,
+    /// The controller configuration byte.
+    pub ctr: u8,
+    /// The output port.
+    pub outp: u8,
+    /// A command still waiting for its argument.
+    pub pending_command: Option<u8>,
+    /// Output bytes not yet read by the guest.
+    pub out: Vec<u8>,
+}
+
 /// The i8042 device on the port-I/O bus at 0x60..=0x64.
 pub struct I8042 {
     status: u8,
@@ -82,6 +98,27 @@ impl I8042 {
             irq,
             exit,
         }
+    }
+
+    /// The controller's registers and unread output, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            ctr: self.ctr,
+            outp: self.outp,
+            pending_command: self.pending_command,
+            out: self.out.iter().copied().collect(),
+        }
+    }
+
+    /// Puts the controller back in a snapshot's `state` (no interrupt is raised: the interrupt
+    /// controller's own state, restored with it, already holds any that was pending).
+    pub fn restore(&mut self, state: &I8042State) {
+        self.status = state.status;
+        self.ctr = state.ctr;
+        self.outp = state.outp;
+        self.pending_command = state.pending_command;
+        self.out = state.out.iter().copied().take(MAX_PENDING).collect();
     }
 
     /// Presses and releases Ctrl-Alt-Del on the keyboard. Fails when the guest has left too many bytes

@@ -46,6 +46,64 @@ pub fn open_console(config: &ConsoleConfig, max_bytes: Option<u64>) -> Result<Bo
     opened.map_err(|source| ConsoleError { path, source })
 }
 
+/// A 16550's registers and the input the guest has not read yet: vm-superio's `SerialState`, in a
+/// form a snapshot can store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes not yet read by the guest (at most the 64-byte FIFO).
+    pub in_buffer: Vec<u8>,
+}
+
+/// The 16550's receive FIFO size.
+const FIFO_SIZE: usize = 64;
+
+impl SerialState {
+    fn from_superio(s: &vm_superio::serial::SerialState) -> Self {
+        SerialState {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+
+    fn to_superio(&self) -> vm_superio::serial::SerialState {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: self.baud_divisor[0],
+            baud_divisor_high: self.baud_divisor[1],
+            interrupt_enable: self.interrupt_enable,
+            interrupt_identification: self.interrupt_identification,
+            line_control: self.line_control,
+            line_status: self.line_status,
+            modem_control: self.modem_control,
+            modem_status: self.modem_status,
+            scratch: self.scratch,
+            in_buffer: self.in_buffer.iter().copied().take(FIFO_SIZE).collect(),
+        }
+    }
+}
+
 /// The COM1 device on the port-I/O bus.
 pub struct SerialDevice {
     uart: Serial<IrqEventFd, NoEvents, Box<dyn Write + Send>>,
@@ -62,6 +120,18 @@ impl SerialDevice {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: IrqEventFd, out: Box<dyn Write + Send>) -> Self {
         SerialDevice { uart: Serial::new(irq, out), write_failed: false, input_space: None, input_waiting: false }
+    }
+
+    /// A UART in a snapshot's `state`, raising `irq` and writing to `out`.
+    pub fn restore(irq: IrqEventFd, out: Box<dyn Write + Send>, state: &SerialState) -> Self {
+        let uart = Serial::from_state(&state.to_superio(), irq, NoEvents, out)
+            .unwrap_or_else(|_| unreachable!("to_superio keeps at most a FIFO of input"));
+        SerialDevice { uart, write_failed: false, input_space: None, input_waiting: false }
+    }
+
+    /// The UART's registers and unread input, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        SerialState::from_superio(&self.uart.state())
     }
 
     /// Queues bytes for the guest to read (console input), raising the receive interrupt. Returns how
