@@ -145,8 +145,17 @@ impl Vm {
                 return Err(SnapshotError::Shape { what, saved, config }.into());
             }
         }
-        if let Some(device) = virtio_devices(config).into_iter().next() {
-            return Err(SnapshotError::Unsupported { device }.into());
+        let devices = virtio_devices(config).len() as u64;
+        if devices != saved.virtio.len() as u64 {
+            return Err(SnapshotError::Shape {
+                what: "virtio devices",
+                saved: saved.virtio.len() as u64,
+                config: devices,
+            }
+            .into());
+        }
+        if let Some(blocker) = snapshot_blocker(config) {
+            return Err(SnapshotError::Unsupported { device: blocker }.into());
         }
         Self::build(config, Some(loaded))
     }
@@ -203,6 +212,9 @@ impl Vm {
                 snapshot::restore_vcpu(&kvm, fd, index, vcpu)?;
             }
             lock(&devices.i8042).restore(&state.i8042);
+            for (index, (transport, saved)) in devices.transports.iter().zip(&state.virtio).enumerate() {
+                lock(transport).restore(saved).map_err(|detail| SnapshotError::Device { index, detail })?;
+            }
             tracing::debug!("machine state restored");
         } else {
             let cmdline = kernel_cmdline(config, mode, tsc_khz, &devices.cmdline_args);
@@ -219,10 +231,8 @@ impl Vm {
             }
         }
         let msr_list = Arc::new(kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default());
-        let snapshot_blocker = virtio_devices(config)
-            .into_iter()
-            .next()
-            .or_else(|| snapshot::xsave_fits(&kvm).err().map(|e| e.to_string()));
+        let snapshot_blocker =
+            snapshot_blocker(config).or_else(|| snapshot::xsave_fits(&kvm).err().map(|e| e.to_string()));
 
         // Everything the VM uses is open: from here on the process needs no path and no privilege.
         if let Some(jail) = &config.jail {
@@ -275,6 +285,7 @@ impl Vm {
             counters,
             i8042: devices.i8042,
             serial: devices.serial,
+            transports: devices.transports,
             memory_mib: config.memory_mib,
             host_cpu: snapshot::HostCpu::current(),
             snapshot_blocker,
@@ -339,7 +350,12 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory, memory_mib: u32) -> Result<(
     Ok(())
 }
 
-/// The virtio devices `config` asks for, named for the user (snapshots cannot hold their state yet).
+/// What in `config` keeps its VMs from being snapshotted, named for the user.
+fn snapshot_blocker(config: &VmConfig) -> Option<String> {
+    config.vsock.as_ref().map(|_| "a virtio-vsock device (its open connections)".to_string())
+}
+
+/// The virtio devices `config` asks for, in slot order, named for the user.
 fn virtio_devices(config: &VmConfig) -> Vec<String> {
     let disks = config.disks.iter().map(|d| format!("virtio-blk disk {}", d.path.display()));
     let nets = config.nets.iter().map(|n| format!("virtio-net interface {}", n.tap));
@@ -367,6 +383,7 @@ struct Devices {
     pio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     subscribers: Vec<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>,
     cmdline_args: Vec<String>,
 }
@@ -398,6 +415,7 @@ impl Devices {
             pio: Arc::new(pio),
             serial: serial.clone(),
             i8042,
+            transports: Vec::new(),
             subscribers: Vec::new(),
             cmdline_args: Vec::new(),
         };
@@ -422,7 +440,9 @@ impl Devices {
                 .map_err(|source| VmError::Setup { what: "register virtio irqfd", source })?;
             let evts = transport.queue_evts().iter().map(EventFd::try_clone).collect::<Result<Vec<_>, _>>()?;
             devices.subscribers.push(Arc::new(Mutex::new(VirtioSubscriber::new(device, evts))));
-            mmio.insert(Arc::new(Mutex::new(transport)), base, layout::VIRTIO_MMIO_SIZE)?;
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(transport.clone(), base, layout::VIRTIO_MMIO_SIZE)?;
+            devices.transports.push(transport);
             devices.cmdline_args.push(mmio::cmdline_arg(base, irq));
         }
         devices.mmio = Arc::new(mmio);
@@ -443,6 +463,7 @@ pub struct VmHandle {
     counters: Arc<Counters>,
     i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     memory_mib: u32,
     host_cpu: snapshot::HostCpu,
     /// Why this VM cannot be snapshotted, if it cannot.
@@ -511,6 +532,11 @@ impl VmHandle {
             .ok_or_else(|| SnapshotError::Exited(self.exit.reason().unwrap_or(ExitReason::Stopped)))?;
         let vcpus = vcpus.into_iter().collect::<Result<Vec<_>, _>>()?;
         let vm_fd = self.vm_fd.as_ref().ok_or(SnapshotError::Exited(ExitReason::Stopped))?;
+        // Every device is held still until guest memory is saved: none may serve a queue (and write
+        // guest memory) between the save of its queues and the save of memory.
+        let device_arcs: Vec<_> = self.transports.iter().map(|t| lock(t).device().clone()).collect();
+        let held: Vec<_> = device_arcs.iter().map(|d| lock(d)).collect();
+        let virtio = self.transports.iter().zip(&held).map(|(t, d)| lock(t).state(&**d)).collect();
         let state = snapshot::MachineState {
             host_cpu: self.host_cpu.clone(),
             memory_mib: self.memory_mib,
@@ -518,9 +544,11 @@ impl VmHandle {
             vm: snapshot::VmState::save(vm_fd)?,
             serial: lock(&self.serial).state(),
             i8042: lock(&self.i8042).state(),
+            virtio,
         };
         let started = Instant::now();
         let written = snapshot::save(dir, &state, &self.mem)?;
+        drop(held);
         tracing::info!(dir = %dir.display(), memory_bytes = written, elapsed = ?started.elapsed(), "snapshot saved");
         Ok(written)
     }

@@ -20,8 +20,10 @@
 //! A vCPU saves its own state on its own thread, after one `KVM_RUN` with `immediate_exit` set has
 //! completed any port or MMIO read it was in the middle of.
 //!
-//! Virtio devices are not part of the format yet: [`crate::VmHandle::snapshot`] refuses a VM that has
-//! any, naming them.
+//! Virtio devices are saved with their transport registers and live queues; while the state and
+//! memory are saved every device is held still, so a request is either complete in guest memory or
+//! still in the available ring, and the restored device serves it then (exactly once). The vsock
+//! device's open connections are not saved yet: [`crate::VmHandle::snapshot`] refuses a VM with one.
 
 mod vcpu;
 
@@ -37,6 +39,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemory
 
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialState;
+use crate::devices::virtio::mmio::TransportState;
 use crate::devices::virtio::GuestMemory;
 use crate::exit::ExitReason;
 
@@ -135,6 +138,15 @@ pub enum SnapshotError {
         /// The KVM error.
         #[source]
         source: kvm_ioctls::Error,
+    },
+    /// A virtio device cannot take its saved state (another kind of device in its slot, another
+    /// queue layout, or it does not start again).
+    #[error("virtio device {index} cannot be restored: {detail}")]
+    Device {
+        /// Its slot.
+        index: usize,
+        /// Why.
+        detail: String,
     },
     /// The VM has a device (or the host a CPU feature) whose state the format cannot hold yet.
     #[error("the vm has {device}, whose state snapshots cannot hold yet")]
@@ -255,6 +267,8 @@ pub struct MachineState {
     pub serial: SerialState,
     /// The keyboard controller.
     pub i8042: I8042State,
+    /// The virtio-mmio transports and their devices, in slot order.
+    pub virtio: Vec<TransportState>,
 }
 
 /// Writes `state` and `mem` into `dir` (created if missing), atomically as described in the module

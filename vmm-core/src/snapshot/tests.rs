@@ -17,6 +17,7 @@ fn state() -> MachineState {
         },
         serial: SerialState { scratch: 0x5a, in_buffer: b"typed".to_vec(), ..Default::default() },
         i8042: I8042State { ctr: 0x47, out: vec![0xfa], ..Default::default() },
+        virtio: Vec::new(),
     }
 }
 

@@ -17,7 +17,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{features, ActivateContext, GuestMemory, VirtioDevice, VirtioInterrupt};
@@ -74,6 +74,82 @@ const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 /// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`): its 4 KiB window at `base` and its interrupt line.
 pub fn cmdline_arg(base: u64, irq: u32) -> String {
     format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
+/// One virtqueue as a snapshot stores it (virtio-queue's `QueueState`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// The largest size the device offers.
+    pub max_size: u16,
+    /// The next available-ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used-ring entry the device will fill.
+    pub next_used: u16,
+    /// `VIRTIO_F_RING_EVENT_IDX` is in use.
+    pub event_idx_enabled: bool,
+    /// The size the driver chose.
+    pub size: u16,
+    /// The driver marked the queue ready.
+    pub ready: bool,
+    /// Guest addresses of the descriptor table, the available ring and the used ring.
+    pub rings: [u64; 3],
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            rings: [q.desc_table, q.avail_ring, q.used_ring],
+        }
+    }
+}
+
+impl QueueSnapshot {
+    fn to_state(&self) -> QueueState {
+        QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.rings[0],
+            avail_ring: self.rings[1],
+            used_ring: self.rings[2],
+        }
+    }
+}
+
+/// A virtio-mmio transport and its device as a snapshot stores them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The device's virtio ID (a restore into another kind of device is refused).
+    pub device_type: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+    /// The driver acked a feature word beyond the 64 bits offered.
+    pub acked_unknown_word: bool,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// The device status.
+    pub status: u32,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+    /// The driver's queue configuration.
+    pub queues: Vec<QueueSnapshot>,
+    /// Per queue: the driver wrote a size the queue cannot take.
+    pub bad_size: Vec<bool>,
+    /// The queues the device serves, when the driver had started it.
+    pub active_queues: Option<Vec<QueueSnapshot>>,
 }
 
 /// The virtio-mmio register file of one device; a [`BusDevice`] on the MMIO bus.
@@ -140,6 +216,66 @@ impl MmioTransport {
     /// The device model behind this transport.
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
         &self.device
+    }
+
+    /// The transport's registers, its queue configuration and the live queues of its `device` (locked
+    /// by the caller, which keeps it from serving while guest memory is saved), for a snapshot.
+    pub fn state(&self, device: &dyn VirtioDevice) -> TransportState {
+        TransportState {
+            device_type: device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            acked_unknown_word: self.acked_unknown_word,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt.status(),
+            queues: self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
+            bad_size: self.bad_size.clone(),
+            active_queues: device.active_queues().map(|qs| qs.iter().map(|q| QueueSnapshot::from(q.state())).collect()),
+        }
+    }
+
+    /// Puts a freshly built transport and its device in a snapshot's `state`: registers, queue
+    /// configuration, and, for a device the driver had started, the device started again on the saved
+    /// live queues, each of which is then served once (a notification the snapshot caught unserved
+    /// is not lost; one already served is not served again, its used entry being in guest memory).
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        let mut device = lock(&self.device);
+        if device.device_type() != state.device_type {
+            return Err(format!("device type {} where the snapshot has {}", device.device_type(), state.device_type));
+        }
+        let count = self.queues.len();
+        let queues = |saved: &[QueueSnapshot]| -> Result<Vec<Queue>, String> {
+            if saved.len() != count {
+                return Err(format!("{count} queues where the snapshot has {}", saved.len()));
+            }
+            saved.iter().map(|q| Queue::try_from(q.to_state()).map_err(|e| format!("saved queue: {e}"))).collect()
+        };
+        self.queues = queues(&state.queues)?;
+        self.bad_size =
+            state.bad_size.iter().copied().chain(std::iter::repeat(false)).take(self.queues.len()).collect();
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.acked_unknown_word = state.acked_unknown_word;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.interrupt.ack(u32::MAX);
+        if state.interrupt_status != 0 {
+            // Only the status bits: the interrupt controller's restored state holds the line itself.
+            self.interrupt.set_status(state.interrupt_status);
+        }
+        if let Some(active) = &state.active_queues {
+            device.set_acked_features(self.acked_features);
+            let ctx =
+                ActivateContext { mem: self.mem.clone(), queues: queues(active)?, interrupt: self.interrupt.clone() };
+            device.activate(ctx).map_err(|e| format!("the device does not start again: {e}"))?;
+            for index in 0..count {
+                device.process_queue(index);
+            }
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

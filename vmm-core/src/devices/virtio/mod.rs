@@ -95,6 +95,12 @@ impl VirtioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets status bits without raising the interrupt (a snapshot's restore: the interrupt controller
+    /// already holds the line's state).
+    pub fn set_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     /// The driver acknowledged `bits` (`InterruptACK`).
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -171,6 +177,8 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Whether the device is activated.
     fn is_activated(&self) -> bool;
+    /// The queues an activated device serves, as they stand (for a snapshot); `None` before activation.
+    fn active_queues(&self) -> Option<&[Queue]>;
     /// The guest notified queue `index`; process what is available. A no-op before activation.
     fn process_queue(&mut self, index: usize);
     /// Host file descriptors the event loop should poll for this device (tap, listening socket, ...).

@@ -183,6 +183,10 @@ impl VirtioDevice for Block {
         self.active.is_some()
     }
 
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.active.as_ref().map(|active| active.queues.as_slice())
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Block { disk, active, .. } = self;
         let Some(active) = active else { return };

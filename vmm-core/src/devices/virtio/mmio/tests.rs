@@ -58,6 +58,9 @@ impl VirtioDevice for Fake {
     fn is_activated(&self) -> bool {
         self.active
     }
+    fn active_queues(&self) -> Option<&[Queue]> {
+        None
+    }
     fn process_queue(&mut self, _index: usize) {}
 }
 

@@ -318,6 +318,10 @@ impl VirtioDevice for Net {
         self.active.is_some()
     }
 
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.active.as_ref().map(|active| active.queues.as_slice())
+    }
+
     fn process_queue(&mut self, index: usize) {
         match index {
             RX_QUEUE => {

@@ -80,6 +80,10 @@ impl VirtioDevice for Rng {
         self.active.is_some()
     }
 
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.active.as_ref().map(|active| active.queues.as_slice())
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Some(active) = &mut self.active else { return };
         if index != 0 {

@@ -158,6 +158,10 @@ impl VirtioDevice for Vsock {
         self.active.is_some()
     }
 
+    fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.active.as_ref().map(|active| active.queues.as_slice())
+    }
+
     fn process_queue(&mut self, index: usize) {
         self.muxer.begin_call();
         match index {
