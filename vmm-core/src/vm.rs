@@ -154,9 +154,6 @@ impl Vm {
             }
             .into());
         }
-        if let Some(blocker) = snapshot_blocker(config) {
-            return Err(SnapshotError::Unsupported { device: blocker }.into());
-        }
         Self::build(config, Some(loaded))
     }
 
@@ -231,8 +228,7 @@ impl Vm {
             }
         }
         let msr_list = Arc::new(kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default());
-        let snapshot_blocker =
-            snapshot_blocker(config).or_else(|| snapshot::xsave_fits(&kvm).err().map(|e| e.to_string()));
+        let snapshot_blocker = snapshot::xsave_fits(&kvm).err().map(|e| e.to_string());
 
         // Everything the VM uses is open: from here on the process needs no path and no privilege.
         if let Some(jail) = &config.jail {
@@ -348,11 +344,6 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory, memory_mib: u32) -> Result<(
             .map_err(|source| VmError::Setup { what: "set user memory region", source })?;
     }
     Ok(())
-}
-
-/// What in `config` keeps its VMs from being snapshotted, named for the user.
-fn snapshot_blocker(config: &VmConfig) -> Option<String> {
-    config.vsock.as_ref().map(|_| "a virtio-vsock device (its open connections)".to_string())
 }
 
 /// The virtio devices `config` asks for, in slot order, named for the user.

@@ -283,15 +283,32 @@ fn a_virtio_blk_request_in_flight_at_the_snapshot_completes_exactly_once_after_r
 }
 
 #[test]
-fn a_vm_with_a_vsock_device_is_refused_naming_it() {
+fn a_restored_vsock_device_tells_the_driver_its_connections_were_reset() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = counter_config(dir.path(), false, "console.log");
-    config.vsock = Some(vmm_core::VsockConfig { guest_cid: 3, uds_path: dir.path().join("vsock.sock") });
+    let source = format!(".equ LIMIT, {LIMIT:#x}\n{}", include_str!("guests/virtio_vsock_event.S"));
+    let kernel = common::assemble(dir.path(), "vsock-event", &source);
+    let mut config = common::tiny_config(dir.path(), kernel);
+    config.console = ConsoleConfig::File(dir.path().join("original.log"));
+    config.vsock = Some(vmm_core::VsockConfig { guest_cid: 3, uds_path: dir.path().join("original.vsock") });
     let handle = Vm::start(&config).expect("vm starts");
-    let err = handle.snapshot(&dir.path().join("snap")).expect_err("refused");
-    assert!(err.to_string().contains("virtio-vsock"), "{err}");
-    assert!(!dir.path().join("snap").exists(), "nothing written");
-    assert!(!handle.is_paused(), "the vm was not paused for nothing");
+    wait_for_count(&dir.path().join("original.log"), 3);
+    let snap = dir.path().join("snap");
+    handle.snapshot(&snap).expect("snapshot");
+    let at_snapshot = counts(&read(&dir.path().join("original.log"))).last().copied().unwrap();
+    wait_for_count(&dir.path().join("original.log"), at_snapshot + 2);
     drop(handle.kill());
+    assert!(!read(&dir.path().join("original.log")).contains("reset"), "the original's connections were not reset");
+
+    let mut restored = config.clone();
+    restored.console = ConsoleConfig::File(dir.path().join("restored.log"));
+    restored.vsock = Some(vmm_core::VsockConfig { guest_cid: 3, uds_path: dir.path().join("restored.vsock") });
+    let handle = Vm::restore(&restored, &snap).expect("restore");
+    let finished = handle.wait_timeout(TIMEOUT);
+    let exit = handle.kill();
+    let console = read(&dir.path().join("restored.log"));
+    assert!(finished.is_some(), "the restored guest did not finish:\n{console}");
+    // 5: an event other than a transport reset; 6: no event at all.
+    assert_eq!(exit.reason, ExitReason::PowerOff { code: 0 }, "{console}");
+    assert!(console.ends_with("transport reset\n"), "{console}");
 }

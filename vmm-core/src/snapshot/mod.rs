@@ -23,7 +23,8 @@
 //! Virtio devices are saved with their transport registers and live queues; while the state and
 //! memory are saved every device is held still, so a request is either complete in guest memory or
 //! still in the available ring, and the restored device serves it then (exactly once). The vsock
-//! device's open connections are not saved yet: [`crate::VmHandle::snapshot`] refuses a VM with one.
+//! device's host connections do not survive: the restored device sends the driver a transport reset
+//! event, the guest drops its connections (its listeners stay) and host clients connect again.
 
 mod vcpu;
 

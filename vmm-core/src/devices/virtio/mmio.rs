@@ -271,6 +271,7 @@ impl MmioTransport {
             let ctx =
                 ActivateContext { mem: self.mem.clone(), queues: queues(active)?, interrupt: self.interrupt.clone() };
             device.activate(ctx).map_err(|e| format!("the device does not start again: {e}"))?;
+            device.restored();
             for index in 0..count {
                 device.process_queue(index);
             }

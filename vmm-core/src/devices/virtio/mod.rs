@@ -179,6 +179,9 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
     /// The queues an activated device serves, as they stand (for a snapshot); `None` before activation.
     fn active_queues(&self) -> Option<&[Queue]>;
+    /// Called once the device was started again from a snapshot, in a new VMM: the host side of the
+    /// device (sockets, connections) is new, and the device tells the driver what it lost.
+    fn restored(&mut self) {}
     /// The guest notified queue `index`; process what is available. A no-op before activation.
     fn process_queue(&mut self, index: usize);
     /// Host file descriptors the event loop should poll for this device (tap, listening socket, ...).

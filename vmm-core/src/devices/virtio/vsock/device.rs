@@ -3,6 +3,7 @@
 use std::os::fd::RawFd;
 
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 
 use super::muxer::Muxer;
@@ -10,6 +11,9 @@ use super::packet::{read_packet, write_packet, HDR_LEN, MAX_PAYLOAD};
 use super::{VsockError, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::config::VsockConfig;
 use crate::devices::virtio::{features, ids, read_config_bytes, ActivateContext, ActivateError, VirtioDevice};
+
+/// `virtio_vsock_event.id` of a transport reset.
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// A virtio-vsock device whose host side is a unix socket.
 pub struct Vsock {
@@ -160,6 +164,23 @@ impl VirtioDevice for Vsock {
 
     fn active_queues(&self) -> Option<&[virtio_queue::Queue]> {
         self.active.as_ref().map(|active| active.queues.as_slice())
+    }
+
+    /// The host's connections did not survive the snapshot: the driver gets a transport reset event
+    /// (virtio 1.2, 5.10.6.6), so the guest resets its connections (its listeners stay) and host
+    /// clients connect again.
+    fn restored(&mut self) {
+        let Some(active) = self.active.as_mut() else { return };
+        let mem = active.mem.clone();
+        let Some(chain) = active.queues[EVENT_QUEUE].pop_descriptor_chain(&mem) else {
+            tracing::warn!("the guest posted no event buffer: it is not told of the vsock transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let buffer = chain.clone().find(|d| d.is_write_only() && d.len() >= 4);
+        let sent = buffer.is_some_and(|d| mem.write_obj(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, d.addr()).is_ok());
+        active.add_used(EVENT_QUEUE, head, if sent { 4 } else { 0 });
+        active.notify(EVENT_QUEUE);
     }
 
     fn process_queue(&mut self, index: usize) {
