@@ -48,6 +48,14 @@ pub struct VmConfig {
     /// Jail the VMM process (see [`crate::jail`]); `None` runs it with the caller's privileges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<crate::jail::JailConfig>,
+    /// Where `snapshot` control requests save (`<dir>/<name>`); none means the VM cannot be saved
+    /// through its control socket. A jailed VMM sees it as [`crate::jail::JAIL_SNAPSHOTS`], so it must
+    /// belong to the jail's uid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// Start from this snapshot directory ([`crate::snapshot`]) instead of booting the kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<PathBuf>,
     /// How to handle the host's virtualization mode (see [`crate::host::VirtMode`]).
     #[serde(default)]
     pub virt_mode: VirtModeConfig,
@@ -85,6 +93,8 @@ impl VmConfig {
             console_socket: None,
             console_max_bytes: None,
             jail: None,
+            snapshot_dir: None,
+            restore_from: None,
             virt_mode: VirtModeConfig::default(),
         }
     }

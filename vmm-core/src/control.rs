@@ -2,7 +2,7 @@
 //! each request to the loop owning the [`VmHandle`], plus the exit record a VMM process leaves behind.
 //!
 //! Requests ([`Request`]): `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
-//! `{"op":"stop","graceMs":N}`, `{"op":"kill"}`. Replies: `{"ok":true,...}` with the fields of a
+//! `{"op":"stop","graceMs":N}`, `{"op":"kill"}`, `{"op":"snapshot","name":"N"}`. Replies: `{"ok":true,...}` with the fields of a
 //! [`Reply`], or `{"ok":false,"error":"..."}`, one line each. [`request`] is the client (the
 //! supervisor's), so both ends of the protocol live here.
 
@@ -38,6 +38,12 @@ pub enum Request {
     },
     /// Stop at once.
     Kill,
+    /// Save the VM as `name` in its snapshot directory ([`crate::VmHandle::snapshot_named`]); the VM
+    /// runs on (or stays paused).
+    Snapshot {
+        /// The snapshot's name.
+        name: String,
+    },
 }
 
 /// What a VM is doing, as a reply reports it.
@@ -65,6 +71,9 @@ pub struct Reply {
     /// The VM's exit and device counters ([`crate::VmCounters`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<Value>,
+    /// Bytes of guest memory a `snapshot` wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
 }
 
 impl Reply {
@@ -102,6 +111,7 @@ pub fn apply(vm: &VmHandle, request: &Request) -> (Result<Reply, String>, Action
                 state: Some(state),
                 uptime_ms: Some(u64::try_from(counters.uptime.as_millis()).unwrap_or(u64::MAX)),
                 counters: serde_json::to_value(counters).ok(),
+                memory_bytes: None,
             };
             (Ok(reply), Action::Continue)
         }
@@ -117,6 +127,13 @@ pub fn apply(vm: &VmHandle, request: &Request) -> (Result<Reply, String>, Action
             (Ok(Reply::state(VmState::Stopping)), Action::Stop(Duration::from_millis(*grace_ms)))
         }
         Request::Kill => (Ok(Reply::state(VmState::Stopping)), Action::Kill),
+        Request::Snapshot { name } => match vm.snapshot_named(name) {
+            Ok(bytes) => {
+                let state = if vm.is_paused() { VmState::Paused } else { VmState::Running };
+                (Ok(Reply { memory_bytes: Some(bytes), ..Reply::state(state) }), Action::Continue)
+            }
+            Err(err) => (Err(err.to_string()), Action::Continue),
+        },
     }
 }
 
@@ -378,6 +395,7 @@ mod tests {
                         state: Some(VmState::Paused),
                         uptime_ms: Some(42),
                         counters: Some(json!({"exits": 7})),
+                        memory_bytes: None,
                     }),
                     _ => Err("cannot resume".to_string()),
                 };

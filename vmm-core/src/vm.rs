@@ -1,7 +1,7 @@
 //! Building a running VM from a [`VmConfig`], and the [`VmHandle`] that controls it.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
@@ -126,9 +126,13 @@ pub struct VmExit {
 pub struct Vm;
 
 impl Vm {
-    /// Builds and starts the VM `config` describes: the vCPUs are running when this returns.
+    /// Builds and starts the VM `config` describes: the vCPUs are running when this returns. With
+    /// `config.restore_from`, the VM starts from that snapshot ([`Self::restore`]).
     pub fn start(config: &VmConfig) -> Result<VmHandle, VmError> {
-        Self::build(config, None)
+        match &config.restore_from {
+            Some(dir) => Self::restore(config, dir),
+            None => Self::build(config, None),
+        }
     }
 
     /// Builds a VM shaped by `config` (its devices, console and jail) in the state saved in the
@@ -232,7 +236,7 @@ impl Vm {
 
         // Everything the VM uses is open: from here on the process needs no path and no privilege.
         if let Some(jail) = &config.jail {
-            crate::jail::enter(jail)?;
+            crate::jail::enter(jail, config.snapshot_dir.as_deref())?;
             tracing::debug!(uid = jail.uid, gid = jail.gid, "vmm jailed");
         }
 
@@ -285,6 +289,10 @@ impl Vm {
             memory_mib: config.memory_mib,
             host_cpu: snapshot::HostCpu::current(),
             snapshot_blocker,
+            snapshot_dir: match (&config.snapshot_dir, &config.jail) {
+                (Some(_), Some(_)) => Some(PathBuf::from(crate::jail::JAIL_SNAPSHOTS)),
+                (dir, _) => dir.clone(),
+            },
             vcpu_threads,
             event_thread: Some(event_thread),
             vcpus: usize::from(config.vcpus),
@@ -459,6 +467,8 @@ pub struct VmHandle {
     host_cpu: snapshot::HostCpu,
     /// Why this VM cannot be snapshotted, if it cannot.
     snapshot_blocker: Option<String>,
+    /// Where named snapshots go, as this process sees it.
+    snapshot_dir: Option<PathBuf>,
     vcpu_threads: Vec<JoinHandle<()>>,
     event_thread: Option<JoinHandle<()>>,
     vcpus: usize,
@@ -514,6 +524,19 @@ impl VmHandle {
             self.control.set_paused(false);
         }
         saved
+    }
+
+    /// Saves the VM as `name` in its configured snapshot directory (see [`VmConfig::snapshot_dir`]):
+    /// the name is one path component of letters, digits, `.`, `_` and `-` (not starting with `.`),
+    /// and an existing snapshot is never replaced.
+    pub fn snapshot_named(&self, name: &str) -> Result<u64, SnapshotError> {
+        let Some(dir) = &self.snapshot_dir else { return Err(SnapshotError::NoDirectory) };
+        snapshot::check_name(name)?;
+        let target = dir.join(name);
+        if target.exists() {
+            return Err(SnapshotError::Exists { name: name.to_string() });
+        }
+        self.snapshot(&target)
     }
 
     fn save_paused(&self, dir: &Path) -> Result<u64, SnapshotError> {

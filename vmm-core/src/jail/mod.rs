@@ -31,6 +31,10 @@ pub use spawn::{spawn, SpawnSpec};
 /// Device nodes a jail offers (those the host has), bind-mounted at the same path.
 pub const JAIL_DEVICES: [&str; 4] = ["/dev/kvm", "/dev/net/tun", "/dev/urandom", "/dev/null"];
 
+/// Where a jailed VMM sees its snapshot directory ([`crate::VmConfig::snapshot_dir`], bind-mounted
+/// read-write; the only writable place in the jail).
+pub const JAIL_SNAPSHOTS: &str = "/snapshots";
+
 /// The size of the jail's root tmpfs: it only holds empty mount points.
 const JAIL_ROOT_TMPFS: &str = "size=64k,nr_inodes=64,mode=0755";
 
@@ -75,6 +79,8 @@ impl JailConfig {
     pub fn for_vm(config: &crate::VmConfig, uid: u32, gid: u32, root: PathBuf, cgroups: Vec<PathBuf>) -> JailConfig {
         let largest_disk = config.disks.iter().filter_map(|d| std::fs::metadata(&d.path).ok()).map(|m| m.len()).max();
         let console = config.console_max_bytes.unwrap_or(0).saturating_mul(2);
+        // A snapshot's memory file holds all of guest memory.
+        let snapshot = config.snapshot_dir.as_ref().map_or(0, |_| u64::from(config.memory_mib) << 20);
         JailConfig {
             uid,
             gid,
@@ -82,7 +88,7 @@ impl JailConfig {
             cgroups,
             max_open_files: VMM_MAX_OPEN_FILES,
             // Writes are checked against their offset: every disk must stay writable to its end.
-            max_file_size: largest_disk.unwrap_or(0).max(console).max(64 << 20),
+            max_file_size: largest_disk.unwrap_or(0).max(console).max(snapshot).max(64 << 20),
             seccomp: true,
         }
     }
@@ -243,7 +249,7 @@ fn thread_count() -> usize {
 /// VM needs is open and before any other thread starts; afterwards the process sees only the jail's
 /// root and holds no privilege. [`seccomp::prepare`] is called too, so threads started later install
 /// their filters.
-pub fn enter(config: &JailConfig) -> Result<(), JailError> {
+pub fn enter(config: &JailConfig, snapshots: Option<&Path>) -> Result<(), JailError> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     if pid != 1 {
@@ -263,13 +269,14 @@ pub fn enter(config: &JailConfig) -> Result<(), JailError> {
         .ok()
         .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
         .unwrap_or(63);
-    build_root(&config.root)?;
+    build_root(&config.root, snapshots)?;
     limit(config)?;
     drop_privileges(config, last_cap)
 }
 
-/// Mounts the jail's root and pivots into it: afterwards `/` holds only [`JAIL_DEVICES`].
-fn build_root(root: &Path) -> Result<(), JailError> {
+/// Mounts the jail's root and pivots into it: afterwards `/` holds only [`JAIL_DEVICES`], and the
+/// host directory `snapshots` at [`JAIL_SNAPSHOTS`] when given.
+fn build_root(root: &Path, snapshots: Option<&Path>) -> Result<(), JailError> {
     // Nothing mounted from here on may propagate back to the host.
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None).map_err(step("make private", "/"))?;
     let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
@@ -282,6 +289,13 @@ fn build_root(root: &Path) -> Result<(), JailError> {
         }
         std::fs::File::create(&target).map_err(step("create", &target))?;
         mount(Some(device), &target, None, libc::MS_BIND, None).map_err(step("bind-mount", device))?;
+    }
+    if let Some(dir) = snapshots {
+        let target = root.join(JAIL_SNAPSHOTS.trim_start_matches('/'));
+        std::fs::create_dir(&target).map_err(step("create", &target))?;
+        mount(Some(dir), &target, None, libc::MS_BIND, None).map_err(step("bind-mount", dir))?;
+        mount(None, &target, None, libc::MS_REMOUNT | libc::MS_BIND | flags, None)
+            .map_err(step("remount nosuid,nodev,noexec", &target))?;
     }
     let old = root.join(".old-root");
     std::fs::create_dir(&old).map_err(step("create", &old))?;

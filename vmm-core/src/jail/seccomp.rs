@@ -145,20 +145,66 @@ const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | (0xAE << 8) | nr
 }
 
-/// The KVM requests a running vCPU makes: `KVM_RUN`, and the registers and pending events for
-/// stepping over an instruction a software-emulated KVM cannot run (`vcpu::step_over_emulation_failure`).
+/// The KVM requests a running vCPU makes: `KVM_RUN`, the registers and pending events for stepping
+/// over an instruction a software-emulated KVM cannot run (`vcpu::step_over_emulation_failure`), and
+/// the reads of its own state for a snapshot (`snapshot::save_vcpu`); no other `SET`.
 fn vcpu_ioctls() -> Vec<u64> {
-    let regs = std::mem::size_of::<kvm_bindings::kvm_regs>();
-    let sregs = std::mem::size_of::<kvm_bindings::kvm_sregs>();
-    let events = std::mem::size_of::<kvm_bindings::kvm_vcpu_events>();
+    use kvm_bindings::{
+        kvm_cpuid2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs, kvm_sregs, kvm_vcpu_events,
+        kvm_xcrs, kvm_xsave,
+    };
+    use std::mem::size_of;
+    let (regs, events) = (size_of::<kvm_regs>(), size_of::<kvm_vcpu_events>());
     vec![
-        ioc(0, 0x80, 0),      // KVM_RUN
-        ioc(2, 0x81, regs),   // KVM_GET_REGS
-        ioc(1, 0x82, regs),   // KVM_SET_REGS
-        ioc(2, 0x83, sregs),  // KVM_GET_SREGS
-        ioc(2, 0x9f, events), // KVM_GET_VCPU_EVENTS
-        ioc(1, 0xa0, events), // KVM_SET_VCPU_EVENTS
+        ioc(0, 0x80, 0),                            // KVM_RUN
+        ioc(2, 0x81, regs),                         // KVM_GET_REGS
+        ioc(1, 0x82, regs),                         // KVM_SET_REGS
+        ioc(2, 0x83, size_of::<kvm_sregs>()),       // KVM_GET_SREGS
+        ioc(2, 0x9f, events),                       // KVM_GET_VCPU_EVENTS
+        ioc(1, 0xa0, events),                       // KVM_SET_VCPU_EVENTS
+        ioc(3, 0x88, size_of::<kvm_msrs>()),        // KVM_GET_MSRS
+        ioc(2, 0x8e, size_of::<kvm_lapic_state>()), // KVM_GET_LAPIC
+        ioc(3, 0x91, size_of::<kvm_cpuid2>()),      // KVM_GET_CPUID2
+        ioc(2, 0x98, size_of::<kvm_mp_state>()),    // KVM_GET_MP_STATE
+        ioc(2, 0xa1, size_of::<kvm_debugregs>()),   // KVM_GET_DEBUGREGS
+        ioc(0, 0xa3, 0),                            // KVM_GET_TSC_KHZ
+        ioc(2, 0xa4, size_of::<kvm_xsave>()),       // KVM_GET_XSAVE
+        ioc(2, 0xa6, size_of::<kvm_xcrs>()),        // KVM_GET_XCRS
     ]
+}
+
+/// The VM-wide reads of a snapshot, made by the main thread (`snapshot::VmState::save`).
+fn vm_snapshot_ioctls() -> Vec<u64> {
+    use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+    use std::mem::size_of;
+    vec![
+        ioc(3, 0x62, size_of::<kvm_irqchip>()),    // KVM_GET_IRQCHIP
+        ioc(2, 0x7c, size_of::<kvm_clock_data>()), // KVM_GET_CLOCK
+        ioc(2, 0x9f, size_of::<kvm_pit_state2>()), // KVM_GET_PIT2
+    ]
+}
+
+/// Saving a snapshot: the main thread creates, syncs and renames files. In a jail the only writable
+/// place is the snapshot directory (the root is a read-only tmpfs of device nodes).
+const SNAPSHOT_FILES: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// One rule per allowed `ioctl` request number.
+fn ioctl_rules(requests: Vec<u64>) -> Result<Vec<SeccompRule>, BackendError> {
+    requests
+        .into_iter()
+        .map(|request| {
+            SeccompRule::new(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)?])
+        })
+        .collect()
 }
 
 /// What a vCPU thread sends: the UART's output to attached console clients (`ignite attach`),
@@ -194,21 +240,12 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendErr
         ThreadKind::Main => {
             allow(SOCKETS);
             allow(FILES);
+            allow(SNAPSHOT_FILES);
+            rules.insert(libc::SYS_ioctl, ioctl_rules(vm_snapshot_ioctls())?);
         }
         ThreadKind::Vcpu => {
             allow(FILES);
-            let ioctls = vcpu_ioctls()
-                .into_iter()
-                .map(|request| {
-                    SeccompRule::new(vec![SeccompCondition::new(
-                        1,
-                        SeccompCmpArgLen::Dword,
-                        SeccompCmpOp::Eq,
-                        request,
-                    )?])
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            rules.insert(libc::SYS_ioctl, ioctls);
+            rules.insert(libc::SYS_ioctl, ioctl_rules(vcpu_ioctls())?);
             rules.insert(libc::SYS_sendto, vec![console_send_rule()?]);
         }
         ThreadKind::Devices => {

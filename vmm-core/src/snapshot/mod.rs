@@ -155,6 +155,21 @@ pub enum SnapshotError {
         /// The device (e.g. `virtio-blk disk /var/lib/x.img`).
         device: String,
     },
+    /// The VMM was started without a snapshot directory.
+    #[error("this vm has no snapshot directory (start its vmm with --snapshot-dir)")]
+    NoDirectory,
+    /// The snapshot name is not one plain path component.
+    #[error("`{name}` is not a snapshot name: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'")]
+    Name {
+        /// The name given.
+        name: String,
+    },
+    /// A snapshot of that name exists.
+    #[error("a snapshot named `{name}` exists already")]
+    Exists {
+        /// The name given.
+        name: String,
+    },
     /// The VM ended before or while it was being saved.
     #[error("the vm has exited ({0})")]
     Exited(ExitReason),
@@ -270,6 +285,16 @@ pub struct MachineState {
     pub i8042: I8042State,
     /// The virtio-mmio transports and their devices, in slot order.
     pub virtio: Vec<TransportState>,
+}
+
+/// Checks that `name` can name a snapshot directory: 1 to 64 of `[A-Za-z0-9._-]`, not starting with
+/// `.` (so never `.`, `..` or a hidden temporary name).
+pub fn check_name(name: &str) -> Result<(), SnapshotError> {
+    let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > 64 || name.starts_with('.') || !plain {
+        return Err(SnapshotError::Name { name: name.to_string() });
+    }
+    Ok(())
 }
 
 /// Writes `state` and `mem` into `dir` (created if missing), atomically as described in the module

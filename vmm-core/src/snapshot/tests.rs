@@ -129,6 +129,16 @@ fn a_missing_or_short_memory_file_is_refused_naming_it() {
 }
 
 #[test]
+fn snapshot_names_are_one_plain_path_component() {
+    for good in ["a", "before-upgrade", "2026-12-03T06.30_ok", &"x".repeat(64)] {
+        assert!(check_name(good).is_ok(), "{good}");
+    }
+    for bad in ["", ".", "..", ".hidden", "a/b", "../escape", "/abs", "sp ace", "nul\0", "é", &"x".repeat(65)] {
+        assert!(matches!(check_name(bad), Err(SnapshotError::Name { .. })), "{bad:?}");
+    }
+}
+
+#[test]
 fn an_interrupted_save_leaves_no_state_file() {
     let dir = tempfile::tempdir().unwrap();
     // The memory cannot be written (the temporary name is taken by a directory): the save fails

@@ -1,7 +1,7 @@
 //! `ignite vmm`: the embedded engine without the daemon.
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,15 +37,26 @@ pub struct RunArgs {
         "no_rng", "virt_mode"
     ])]
     config: Option<PathBuf>,
-    /// Serve the JSON-lines control protocol (status, pause, resume, stop, kill) on this unix socket.
+    /// Serve the JSON-lines control protocol (status, pause, resume, stop, kill, snapshot) on this unix
+    /// socket.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
     /// Write how the VM ended (reason and exit code, JSON) to this file, atomically, before exiting.
     #[arg(long, value_name = "PATH")]
     exit_file: Option<PathBuf>,
     /// Kernel image: an uncompressed ELF vmlinux (64-bit or PVH entry) or a bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["config", "restore"])]
     kernel: Option<PathBuf>,
+    /// Start from this snapshot directory (written by a `snapshot` control request) instead of
+    /// booting: the guest runs on from the saved moment. The device flags must describe the same
+    /// machine (vCPUs, memory, the same kinds of devices in the same order); disks, taps and sockets
+    /// may be other ones.
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    restore: Option<PathBuf>,
+    /// Where `{"op":"snapshot","name":N}` control requests save the VM (as DIR/N). Created if missing
+    /// (mode 0700, owned by the jail's uid when jailed).
+    #[arg(long, value_name = "DIR", conflicts_with = "config")]
+    snapshot_dir: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed if the kernel supports it).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -171,7 +182,11 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     Ok(VmConfig {
         vcpus: args.cpus,
         memory_mib: args.memory,
-        kernel: args.kernel.clone().context("--kernel or --config is required")?,
+        kernel: match (&args.kernel, &args.restore) {
+            (Some(kernel), _) => kernel.clone(),
+            (None, Some(_)) => PathBuf::new(),
+            (None, None) => anyhow::bail!("--kernel or --config is required"),
+        },
         initrd: args.initrd.clone(),
         cmdline: args.cmdline.clone(),
         disks: args.disks.clone(),
@@ -182,6 +197,8 @@ fn vm_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         console_socket: args.console_socket.clone(),
         console_max_bytes: None,
         jail: None,
+        snapshot_dir: args.snapshot_dir.clone(),
+        restore_from: args.restore.clone(),
         virt_mode: args.virt_mode,
     })
 }
@@ -211,8 +228,28 @@ fn add_manual_jail(args: &RunArgs, config: &mut VmConfig) -> anyhow::Result<Opti
     };
     let root_dir = PathBuf::from(MANUAL_JAIL_ROOT);
     std::fs::create_dir_all(&root_dir).with_context(|| format!("cannot create {}", root_dir.display()))?;
+    if let Some(dir) = &config.snapshot_dir {
+        prepare_snapshot_dir(dir, Some(args.jail_uid))?;
+    }
     config.jail = Some(jail::JailConfig::for_vm(config, args.jail_uid, args.jail_uid, root_dir, dirs));
     Ok(cgroups.map(|c| (c, name)))
+}
+
+/// Creates the snapshot directory (mode 0700) if missing and gives it to the jail's `uid`.
+fn prepare_snapshot_dir(dir: &Path, uid: Option<u32>) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the snapshot directory {}", dir.display()))?;
+    }
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(dir, Some(uid), Some(uid))
+            .with_context(|| format!("cannot give the snapshot directory {} to uid {uid}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Hand-started VMMs' cgroups are `manual-<launcher pid>`.
@@ -339,6 +376,9 @@ fn run_foreground(args: RunArgs, process_start: Instant) -> anyhow::Result<ExitC
             }
             return code;
         }
+    }
+    if let (None, Some(dir)) = (&config.jail, &config.snapshot_dir) {
+        prepare_snapshot_dir(dir, None)?;
     }
     if let Some(path) = &args.log_file {
         let max = config.console_max_bytes.unwrap_or(DEFAULT_LOG_MAX_BYTES);
