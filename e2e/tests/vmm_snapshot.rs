@@ -1,7 +1,10 @@
 //! Snapshots through the real `ignite vmm run` process, jailed when run as root: a tiny guest that
 //! counts with virtio-blk writes is saved by a `snapshot` control request into the jail's snapshot
 //! directory, the VMM is killed, and a new `ignite vmm run --restore` process (with a copy of the disk
-//! as it was at the snapshot) counts on from the saved value to the end.
+//! as it was at the snapshot) counts on from the saved value to the end. Then the same with a Linux
+//! guest (the cached guest kernel, a busybox initramfs counting once a second onto its disk, vsock
+//! and rng attached): it counts on after the restore without booting again. One Linux boot: a minute
+//! or two on hosts whose KVM emulates guests.
 
 #[path = "../../vmm-core/tests/common/mod.rs"]
 mod common;
@@ -119,4 +122,137 @@ fn a_snapshot_taken_through_the_control_socket_restores_in_a_new_vmm_process() {
     for n in 1..=LIMIT as usize {
         assert_eq!(u64::from_le_bytes(image[n * SECTOR..][..8].try_into().unwrap()), n as u64, "sector {n}");
     }
+}
+
+const LINUX_NAME: &str = "a_linux_guest_restored_from_a_snapshot_keeps_counting_with_its_timers_disk_and_vsock";
+
+/// An initramfs whose `/init` (busybox sh) counts once a second on the console and writes each count
+/// to the start of `/dev/vda`.
+fn counting_initramfs(dir: &Path) -> std::path::PathBuf {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static, scripts/install-deps.sh)");
+    let init = "#!/bin/sh\n\
+        /bin/busybox mount -t devtmpfs dev /dev\n\
+        i=0\n\
+        while true; do\n\
+          i=$((i+1))\n\
+          echo \"$i\" | /bin/busybox dd of=/dev/vda conv=fsync 2>/dev/null\n\
+          echo \"LINUX-COUNT $i\"\n\
+          /bin/busybox sleep 1\n\
+        done\n";
+    let image = dir.join("counter.cpio");
+    ignite_e2e::Initramfs::new()
+        .dir("dev")
+        .char_dev("dev/console", 5, 1)
+        .dir("bin")
+        .file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox")
+        .file("init", 0o755, init.as_bytes())
+        .write(&image)
+        .expect("write initramfs");
+    image
+}
+
+fn linux_counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("LINUX-COUNT "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_linux_guest_restored_from_a_snapshot_keeps_counting_with_its_timers_disk_and_vsock() {
+    if let Some(reason) = kvm_unavailable() {
+        eprintln!("SKIP {LINUX_NAME}: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kernel = ignite_e2e::guest_kernel();
+    let initrd = counting_initramfs(d);
+    let disk = d.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (socket, snapshots) = (d.join("control.sock"), d.join("snapshots"));
+    let linux = |console: &Path, disk: &Path, vsock: &str| {
+        let mut cmd = Command::new(ignite_bin());
+        cmd.args(["vmm", "run", "--memory", "128", "--stop-timeout", "0", "--console"])
+            .arg(console)
+            .arg("--disk")
+            .arg(disk)
+            .arg("--vsock")
+            .arg(format!("3:{}", d.join(vsock).display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let original = linux(&d.join("original.log"), &disk, "original.vsock")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 rdinit=/init"])
+        .arg("--control-socket")
+        .arg(&socket)
+        .arg("--snapshot-dir")
+        .arg(&snapshots)
+        .spawn()
+        .unwrap();
+    let boot = Duration::from_secs(600);
+    let started = Instant::now();
+    while linux_counts(&read(&d.join("original.log"))).last().is_none_or(|&c| c < 3) {
+        assert!(started.elapsed() < boot, "the guest did not count:\n{}", read(&d.join("original.log")));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let boot_time = started.elapsed();
+    eprintln!("{LINUX_NAME}: booted and counting after {boot_time:.1?}");
+    let ask = |request: &Request| control::request(&socket, request, Duration::from_secs(120));
+    ask(&Request::Pause).expect("pause");
+    let at_snapshot = *linux_counts(&read(&d.join("original.log"))).last().unwrap();
+    let taken = Instant::now();
+    ask(&Request::Snapshot { name: "counting".into() }).expect("snapshot");
+    eprintln!("{LINUX_NAME}: 128 MiB snapshot of a paused guest in {:.1?}", taken.elapsed());
+    ask(&Request::Kill).expect("kill");
+    let _ = original.wait_with_output();
+    // The disk as it was at the snapshot: the guest was paused, so nothing was written after it.
+    let restored_disk = d.join("restored.img");
+    std::fs::copy(&disk, &restored_disk).unwrap();
+
+    let restoring = Instant::now();
+    let mut restored = linux(&d.join("restored.log"), &restored_disk, "restored.vsock")
+        .arg("--restore")
+        .arg(snapshots.join("counting"))
+        .spawn()
+        .unwrap();
+    let target = at_snapshot + 3;
+    let mut first_count = None;
+    while linux_counts(&read(&d.join("restored.log"))).last().is_none_or(|&c| c < target) {
+        if first_count.is_none() && !linux_counts(&read(&d.join("restored.log"))).is_empty() {
+            first_count = Some(restoring.elapsed());
+        }
+        if restored.try_wait().unwrap().is_some() || restoring.elapsed() > Duration::from_secs(300) {
+            let _ = restored.kill();
+            let err = restored.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+            panic!("the restored guest did not count to {target}:\n{}\nstderr: {err:?}", read(&d.join("restored.log")));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "{LINUX_NAME}: restore to the first count {:.1?} (a cold boot took {boot_time:.1?}), 3 counts further after {:.1?}",
+        first_count.unwrap_or_default(),
+        restoring.elapsed()
+    );
+    let _ = restored.kill();
+    let _ = restored.wait();
+    let console = read(&d.join("restored.log"));
+    let after = linux_counts(&console);
+    assert_eq!(after[0], at_snapshot + 1, "no boot again, no count lost or repeated:\n{console}");
+    assert_eq!(after, (after[0]..=after[after.len() - 1]).collect::<Vec<_>>(), "{console}");
+    assert!(!console.contains("Linux version"), "the restored guest did not boot again:\n{console}");
+    for bad in ["Oops", "BUG:", "stall", "panic"] {
+        assert!(!console.contains(bad), "{bad} after the restore:\n{console}");
+    }
+    let written = std::fs::read(&restored_disk).unwrap();
+    let on_disk: u64 = String::from_utf8_lossy(&written[..16]).split_whitespace().next().unwrap().parse().unwrap();
+    assert!(on_disk >= after[0], "the restored guest wrote its disk: {on_disk}");
 }
