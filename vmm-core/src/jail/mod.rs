@@ -263,7 +263,7 @@ pub fn enter(config: &JailConfig, snapshots: Option<&Path>) -> Result<(), JailEr
         return Err(JailError::Threads(threads));
     }
     if config.seccomp {
-        seccomp::prepare()?;
+        seccomp::prepare(snapshots.is_some())?;
     }
     let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()

@@ -228,7 +228,9 @@ fn prctl_rules() -> Result<Vec<SeccompRule>, BackendError> {
         .collect()
 }
 
-fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+/// `kind`'s allow-list; with `snapshots` (the VMM has a snapshot directory) the main thread may also
+/// create files and read the VM-wide KVM state, to save the VM.
+fn rules(kind: ThreadKind, snapshots: bool) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut allow = |calls: &[i64]| {
         for call in calls {
@@ -240,8 +242,10 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendErr
         ThreadKind::Main => {
             allow(SOCKETS);
             allow(FILES);
-            allow(SNAPSHOT_FILES);
-            rules.insert(libc::SYS_ioctl, ioctl_rules(vm_snapshot_ioctls())?);
+            if snapshots {
+                allow(SNAPSHOT_FILES);
+                rules.insert(libc::SYS_ioctl, ioctl_rules(vm_snapshot_ioctls())?);
+            }
         }
         ThreadKind::Vcpu => {
             allow(FILES);
@@ -272,9 +276,9 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendErr
     Ok(rules)
 }
 
-fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, JailError> {
+fn compile(kind: ThreadKind, snapshots: bool) -> Result<Vec<BpfProgram>, JailError> {
     let seccomp = |e| JailError::Seccomp { thread: kind.name(), source: seccompiler::Error::Backend(e) };
-    let rules = rules(kind).map_err(seccomp)?;
+    let rules = rules(kind, snapshots).map_err(seccomp)?;
     let filter =
         SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64).map_err(seccomp)?;
     let mut programs = Vec::new();
@@ -288,13 +292,13 @@ fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, JailError> {
 
 /// Compiles every thread kind's filter and installs the `SIGSYS` reporter. Called by
 /// [`super::enter`]; until then [`apply`] does nothing.
-pub fn prepare() -> Result<(), JailError> {
+pub fn prepare(snapshots: bool) -> Result<(), JailError> {
     if FILTERS.get().is_some() {
         return Ok(());
     }
     let filters = ThreadKind::ALL
         .into_iter()
-        .map(|kind| Ok((kind, compile(kind)?)))
+        .map(|kind| Ok((kind, compile(kind, snapshots)?)))
         .collect::<Result<BTreeMap<_, _>, JailError>>()?;
     install_sigsys_reporter();
     // A race between two callers would compile the same filters twice; either result is the same.
@@ -460,18 +464,26 @@ mod tests {
     #[test]
     fn every_kind_compiles_and_the_vcpu_list_is_the_narrowest() {
         for kind in ThreadKind::ALL {
-            compile(kind).unwrap();
+            compile(kind, false).unwrap();
+            compile(kind, true).unwrap();
         }
-        let vcpu = rules(ThreadKind::Vcpu).unwrap();
+        let vcpu = rules(ThreadKind::Vcpu, true).unwrap();
         for forbidden in
             [libc::SYS_execve, libc::SYS_openat, libc::SYS_ptrace, libc::SYS_socket, libc::SYS_clone3, libc::SYS_clone]
         {
             assert!(!vcpu.contains_key(&forbidden), "{}", SYSCALL_NAMES[forbidden as usize]);
         }
-        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 6);
-        assert_eq!(rules(ThreadKind::Main).unwrap()[&libc::SYS_clone].len(), 1, "clone only for threads");
+        // KVM_RUN, four register and event calls for the emulator, and eight reads for a snapshot.
+        assert_eq!(vcpu[&libc::SYS_ioctl].len(), 14);
+        assert_eq!(rules(ThreadKind::Main, false).unwrap()[&libc::SYS_clone].len(), 1, "clone only for threads");
+        // Only a VMM with a snapshot directory may create files, and only on its main thread.
+        let main = rules(ThreadKind::Main, true).unwrap();
+        assert!(main.contains_key(&libc::SYS_openat) && main[&libc::SYS_ioctl].len() == 3);
+        for kind in [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Control] {
+            assert!(!rules(kind, true).unwrap().contains_key(&libc::SYS_openat), "{} may not open", kind.name());
+        }
         for kind in ThreadKind::ALL {
-            let rules = rules(kind).unwrap();
+            let rules = rules(kind, false).unwrap();
             for forbidden in [
                 libc::SYS_execve,
                 libc::SYS_execveat,
