@@ -10,7 +10,8 @@ bash scripts/install-deps.sh
 
 # The guest kernel is cached outside the checkout (keyed by its config hash): ~8 minutes the first time.
 IGNITE_GUEST_KERNEL=$(bash e2e/guest-kernel.sh)
-export IGNITE_GUEST_KERNEL
+IGNITE_WORKLOADS_KERNEL=$(bash e2e/guest-kernel-workloads.sh)
+export IGNITE_GUEST_KERNEL IGNITE_WORKLOADS_KERNEL
 # The Python gRPC client test's interpreter (grpcio from PyPI), cached the same way.
 IGNITE_GRPC_PYTHON=$(bash scripts/python-grpc.sh)
 export IGNITE_GRPC_PYTHON

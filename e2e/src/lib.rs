@@ -54,12 +54,24 @@ pub fn busybox_root(root: &Path, applets: &[&str]) {
 /// The cached guest kernel: `$IGNITE_GUEST_KERNEL`, else what `e2e/guest-kernel.sh` prints (building it
 /// the first time, several minutes).
 pub fn guest_kernel() -> PathBuf {
-    if let Some(kernel) = std::env::var_os("IGNITE_GUEST_KERNEL") {
+    cached_kernel("IGNITE_GUEST_KERNEL", "guest-kernel.sh")
+}
+
+/// The cached "workloads" guest kernel (`e2e/guest-kernel-workloads.config`: what ordinary images and
+/// container runtimes need): `$IGNITE_WORKLOADS_KERNEL`, else what `e2e/guest-kernel-workloads.sh`
+/// prints (building it the first time).
+pub fn workloads_kernel() -> PathBuf {
+    cached_kernel("IGNITE_WORKLOADS_KERNEL", "guest-kernel-workloads.sh")
+}
+
+/// `$env` when set, else the vmlinux path `e2e/<script>` prints (building the kernel the first time).
+fn cached_kernel(env: &str, script: &str) -> PathBuf {
+    if let Some(kernel) = std::env::var_os(env) {
         return kernel.into();
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest-kernel.sh");
-    let out = Command::new("bash").arg(&script).output().expect("run guest-kernel.sh");
-    assert!(out.status.success(), "guest-kernel.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = Command::new("bash").arg(&path).output().unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(out.status.success(), "{script} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
 }
 

@@ -16,8 +16,8 @@
 //! Not a test: it asserts nothing about time. Every wait is bounded.
 //!
 //! Usage: bench-kernel --old PATH [--new PATH] [--runs N] [--idle-secs S] [--skip-before]
-//! `--old` defaults to `$IGNITE_OLD_KERNEL`; `--new` to `$IGNITE_GUEST_KERNEL`, else what
-//! `e2e/guest-kernel.sh` builds.
+//! `--old` defaults to `$IGNITE_OLD_KERNEL`; `--new` to `$IGNITE_WORKLOADS_KERNEL`, else what
+//! `e2e/guest-kernel-workloads.sh` builds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use guest_api::config::{write_config_drive, GuestConfig};
 use ignite_e2e::bench::{median, print_table, Row};
-use ignite_e2e::{busybox_root, guest_kernel, ignite_bin, ignite_init_bin};
+use ignite_e2e::{busybox_root, ignite_bin, ignite_init_bin, workloads_kernel};
 
 const ENTRYPOINT_MARKER: &str = "BENCH-ENTRYPOINT-READY";
 /// Console markers, in boot order, with the label each gets in the table.
@@ -52,7 +52,7 @@ const USAGE: &str = "usage: bench-kernel --old PATH [--new PATH] [--runs N] [--i
     Boots an old and a new guest kernel (ignite-init, an entrypoint that sleeps) and prints boot time to\n\
     the entrypoint and the VMM's host CPU while the guest idles, with ratios old/new; on an emulated host\n\
     both also boot with the jiffies clocksource, as before the VMM passed the TSC (--skip-before: not).\n\
-    --old defaults to $IGNITE_OLD_KERNEL, --new to $IGNITE_GUEST_KERNEL or e2e/guest-kernel.sh's kernel.";
+    --old defaults to $IGNITE_OLD_KERNEL, --new to $IGNITE_WORKLOADS_KERNEL or e2e/guest-kernel-workloads.sh's kernel.";
 
 struct Args {
     old: PathBuf,
@@ -93,7 +93,7 @@ fn parse_args() -> Args {
     };
     Args {
         old: old.into(),
-        new: values.get("--new").map_or_else(guest_kernel, PathBuf::from),
+        new: values.get("--new").map_or_else(workloads_kernel, PathBuf::from),
         runs: number("--runs", 1).max(1) as usize,
         idle: Duration::from_secs(number("--idle-secs", 30)),
         skip_before,
