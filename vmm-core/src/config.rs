@@ -99,6 +99,11 @@ impl VmConfig {
         }
     }
 
+    /// How many virtio-mmio devices the VM gets (disks, interfaces, vsock, rng).
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng)
+    }
+
     /// Checks the values that do not need the host: counts, sizes, duplicate identifiers.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -107,7 +112,7 @@ impl VmConfig {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::Memory(self.memory_mib));
         }
-        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng);
+        let devices = self.virtio_device_count();
         if devices > crate::arch::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }

@@ -149,7 +149,7 @@ impl Vm {
                 return Err(SnapshotError::Shape { what, saved, config }.into());
             }
         }
-        let devices = virtio_devices(config).len() as u64;
+        let devices = config.virtio_device_count() as u64;
         if devices != saved.virtio.len() as u64 {
             return Err(SnapshotError::Shape {
                 what: "virtio devices",
@@ -352,15 +352,6 @@ fn register_memory(vm_fd: &VmFd, mem: &GuestMemory, memory_mib: u32) -> Result<(
             .map_err(|source| VmError::Setup { what: "set user memory region", source })?;
     }
     Ok(())
-}
-
-/// The virtio devices `config` asks for, in slot order, named for the user.
-fn virtio_devices(config: &VmConfig) -> Vec<String> {
-    let disks = config.disks.iter().map(|d| format!("virtio-blk disk {}", d.path.display()));
-    let nets = config.nets.iter().map(|n| format!("virtio-net interface {}", n.tap));
-    let vsock = config.vsock.iter().map(|_| "a virtio-vsock device".to_string());
-    let rng = config.rng.then(|| "a virtio-rng device".to_string());
-    disks.chain(nets).chain(vsock).chain(rng).collect()
 }
 
 /// The full command line: the user's, then the emulated-host arguments (with the clock arguments when

@@ -160,14 +160,11 @@ fn saved_and_restored(smp: bool) {
     assert!((3..LIMIT).contains(&register), "the register held the count: {register}");
     assert!(in_memory == register || in_memory + 1 == register, "memory {in_memory} vs register {register}");
 
-    let restored = counter_config(dir.path(), smp, "restored.log");
-    let handle = Vm::restore(&restored, &snap).expect("restore");
-    let finished = handle.wait_timeout(TIMEOUT);
-    let exit = handle.kill();
-    let console = read(&dir.path().join("restored.log"));
-    assert!(finished.is_some(), "the restored guest did not finish:\n{console}");
+    let mut restored = counter_config(dir.path(), smp, "restored.log");
+    restored.restore_from = Some(snap.clone());
+    let (reason, console) = common::run_to_exit(&restored, TIMEOUT);
     assert_eq!(
-        exit.reason,
+        reason,
         ExitReason::PowerOff { code: 0 },
         "3: memory and register disagree, 4: vCPU 1 stopped\n{console}"
     );
@@ -265,13 +262,10 @@ fn a_virtio_blk_request_in_flight_at_the_snapshot_completes_exactly_once_after_r
     let mut restored = config.clone();
     restored.console = ConsoleConfig::File(dir.path().join("restored.log"));
     restored.disks[0].path = restored_disk.clone();
-    let handle = Vm::restore(&restored, &snap).expect("restore");
-    let finished = handle.wait_timeout(TIMEOUT);
-    let exit = handle.kill();
-    let console = read(&dir.path().join("restored.log"));
-    assert!(finished.is_some(), "the restored guest did not finish:\n{console}");
+    restored.restore_from = Some(snap.clone());
+    let (reason, console) = common::run_to_exit(&restored, TIMEOUT);
     // 20: the used ring never reached the count (a request served twice overshoots it).
-    assert_eq!(exit.reason, ExitReason::PowerOff { code: 0 }, "{console}");
+    assert_eq!(reason, ExitReason::PowerOff { code: 0 }, "{console}");
     let after = counts(&console);
     assert!(!after.is_empty() && (after[0] == register || after[0] == register + 1), "{after:?} after {register}");
     assert_eq!(after, (after[0]..=LIMIT).collect::<Vec<_>>(), "counted on without a gap:\n{console}");
@@ -303,12 +297,9 @@ fn a_restored_vsock_device_tells_the_driver_its_connections_were_reset() {
     let mut restored = config.clone();
     restored.console = ConsoleConfig::File(dir.path().join("restored.log"));
     restored.vsock = Some(vmm_core::VsockConfig { guest_cid: 3, uds_path: dir.path().join("restored.vsock") });
-    let handle = Vm::restore(&restored, &snap).expect("restore");
-    let finished = handle.wait_timeout(TIMEOUT);
-    let exit = handle.kill();
-    let console = read(&dir.path().join("restored.log"));
-    assert!(finished.is_some(), "the restored guest did not finish:\n{console}");
+    restored.restore_from = Some(snap.clone());
+    let (reason, console) = common::run_to_exit(&restored, TIMEOUT);
     // 5: an event other than a transport reset; 6: no event at all.
-    assert_eq!(exit.reason, ExitReason::PowerOff { code: 0 }, "{console}");
+    assert_eq!(reason, ExitReason::PowerOff { code: 0 }, "{console}");
     assert!(console.ends_with("transport reset\n"), "{console}");
 }
