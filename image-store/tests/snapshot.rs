@@ -96,6 +96,20 @@ fn exercise(snap: &dyn Snapshotter, base: &Path, scratch: &Path) {
     assert!(cat(base, "/only-vm1").is_empty(), "base sees vm1's write");
     assert!(fs::read(base).unwrap() == base_before, "base bytes changed");
 
+    // A point-in-time copy of vm1's disk, then more writes, then the copy put back.
+    let saved = scratch.join("vm1-saved.ext4");
+    snap.save_disk("vm1", &saved).unwrap();
+    write_into(&d1.path, "after-save", scratch);
+    snap.restore_disk("vm1", &saved).unwrap();
+    assert_eq!(cat(&d1.path, "/only-vm1"), "written to only-vm1\n", "the saved write is back");
+    assert!(cat(&d1.path, "/after-save").is_empty(), "the write after the save is gone");
+    assert!(cat(&d2.path, "/after-save").is_empty() && cat(base, "/only-vm1").is_empty());
+    fsck_clean(&d1.path);
+    fs::remove_file(&saved).unwrap();
+    let e = snap.save_disk("vm9", &saved).unwrap_err();
+    assert!(matches!(e, SnapshotError::NoDisk { .. }) && e.to_string().contains("vm9"), "{e}");
+    assert!(!saved.exists());
+
     let names: Vec<_> = snap.list().unwrap().into_iter().map(|d| d.vm_id).collect();
     assert_eq!(names, ["vm1", "vm2"]);
     let e = snap.create("vm1", base, 64 * MIB).unwrap_err();

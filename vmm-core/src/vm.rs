@@ -140,24 +140,7 @@ impl Vm {
     /// not loaded again. `config` must have the snapshot's vCPU count and memory size.
     pub fn restore(config: &VmConfig, dir: &Path) -> Result<VmHandle, VmError> {
         let loaded = snapshot::load(dir)?;
-        let saved = &loaded.state;
-        for (what, saved, config) in [
-            ("vcpus", saved.vcpus.len() as u64, u64::from(config.vcpus)),
-            ("memory MiB", u64::from(saved.memory_mib), u64::from(config.memory_mib)),
-        ] {
-            if saved != config {
-                return Err(SnapshotError::Shape { what, saved, config }.into());
-            }
-        }
-        let devices = config.virtio_device_count() as u64;
-        if devices != saved.virtio.len() as u64 {
-            return Err(SnapshotError::Shape {
-                what: "virtio devices",
-                saved: saved.virtio.len() as u64,
-                config: devices,
-            }
-            .into());
-        }
+        loaded.check_fits(config)?;
         Self::build(config, Some(loaded))
     }
 
@@ -320,7 +303,7 @@ fn check_capabilities(kvm: &Kvm) -> Result<(), VmError> {
 }
 
 /// The guest RAM regions for `memory_mib`.
-fn ram_ranges(memory_mib: u32) -> Vec<(GuestAddress, usize)> {
+pub(crate) fn ram_ranges(memory_mib: u32) -> Vec<(GuestAddress, usize)> {
     layout::ram_regions(u64::from(memory_mib) << 20)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))

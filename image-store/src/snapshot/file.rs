@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{
-    check_size, copy::sparse_copy, grow_ext4, host_err, io_err, reflink::reflink_file, validate_vm_id, Disk, HostOps,
-    RecoveryReport, SnapshotError, Snapshotter,
+    check_size, copy::sparse_copy, grow_ext4, host_err, io_err, reflink::reflink_file, sync_file, validate_vm_id, Disk,
+    HostOps, RecoveryReport, SnapshotError, Snapshotter,
 };
 use crate::StorePaths;
 
@@ -55,12 +55,29 @@ impl FileSnapshotter {
         Disk { path: self.disk_path(vm_id), vm_id: vm_id.into(), snapshotter: self.name().into() }
     }
 
+    /// Copies `src` to `dst` the way this snapshotter copies bases.
+    fn duplicate(&self, vm_id: &str, src: &Path, dst: &Path) -> Result<(), SnapshotError> {
+        match self.method {
+            Method::Copy => sparse_copy(src, dst).map_err(io_err(vm_id, "sparse-copy into", dst)),
+            Method::Reflink => reflink_file(vm_id, src, dst),
+        }
+    }
+
+    /// [`Self::duplicate`] for VM snapshots' disks, which may live on another filesystem than the
+    /// store (no clone across filesystems): a sparse copy where a clone is refused.
+    fn duplicate_or_copy(&self, vm_id: &str, src: &Path, dst: &Path) -> Result<(), SnapshotError> {
+        match self.duplicate(vm_id, src, dst) {
+            Err(SnapshotError::ReflinkUnsupported { detail, .. }) => {
+                tracing::debug!(vm = vm_id, %detail, "no clone possible; copying");
+                sparse_copy(src, dst).map_err(io_err(vm_id, "sparse-copy into", dst))
+            }
+            other => other,
+        }
+    }
+
     /// Every step after the temp file exists; the caller deletes the temp file if this fails.
     fn fill(&self, vm_id: &str, base: &Path, tmp: &Path, size: u64) -> Result<(), SnapshotError> {
-        match self.method {
-            Method::Copy => sparse_copy(base, tmp).map_err(io_err(vm_id, "sparse-copy base into", tmp))?,
-            Method::Reflink => reflink_file(vm_id, base, tmp)?,
-        }
+        self.duplicate(vm_id, base, tmp)?;
         let file = OpenOptions::new().write(true).open(tmp).map_err(io_err(vm_id, "open", tmp))?;
         // Extending with set_len keeps the new tail as a hole: the disk stays sparse until written.
         file.set_len(size).map_err(io_err(vm_id, "extend", tmp))?;
@@ -150,6 +167,30 @@ impl Snapshotter for FileSnapshotter {
         }
         disks.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
         Ok(disks)
+    }
+
+    /// A reflink clone where the method is `reflink` and both files share a filesystem (no data
+    /// copied: blocks are shared until written), else a sparse copy.
+    fn save_disk(&self, vm_id: &str, dst: &Path) -> Result<(), SnapshotError> {
+        let disk = self.disk_of(vm_id)?;
+        self.duplicate_or_copy(vm_id, &disk.path, dst)?;
+        sync_file(vm_id, dst)
+    }
+
+    /// Duplicates `src` into the temp name and renames it over the disk: a crash leaves either the
+    /// old disk or the restored one, never a mix.
+    fn restore_disk(&self, vm_id: &str, src: &Path) -> Result<(), SnapshotError> {
+        let disk = self.disk_of(vm_id)?;
+        let tmp = self.tmp_path(vm_id);
+        remove_if_exists(vm_id, &tmp)?;
+        let result = self
+            .duplicate_or_copy(vm_id, src, &tmp)
+            .and_then(|()| sync_file(vm_id, &tmp))
+            .and_then(|()| fs::rename(&tmp, &disk.path).map_err(io_err(vm_id, "replace the disk with", &tmp)));
+        if result.is_err() {
+            remove_if_exists(vm_id, &tmp)?;
+        }
+        result
     }
 
     /// Removes temp files of creations interrupted by a crash and adopts every complete disk: a

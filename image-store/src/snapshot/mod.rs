@@ -82,6 +82,48 @@ pub trait Snapshotter: Send + Sync {
 
     /// Called at start-up: re-adopts complete disks left by a previous run and removes half-made ones.
     fn recover(&self) -> Result<RecoveryReport, SnapshotError>;
+
+    /// Copies `vm_id`'s disk as it is now to the new file `dst` (a VM snapshot's disk), synced
+    /// before returning. The caller keeps the disk still meanwhile (the VM paused or stopped).
+    ///
+    /// By default a sparse copy of the disk's file or device.
+    fn save_disk(&self, vm_id: &str, dst: &Path) -> Result<(), SnapshotError> {
+        let disk = self.disk_of(vm_id)?;
+        sparse_copy(&disk.path, dst).map_err(io_err(vm_id, "copy the disk to", dst))?;
+        sync_file(vm_id, dst)
+    }
+
+    /// Puts the contents of `src` (made by [`Snapshotter::save_disk`]) back as `vm_id`'s disk. The
+    /// VM must not be running.
+    ///
+    /// By default every byte is written over the disk in place (a device keeps its identity, and
+    /// zeros must overwrite what the guest wrote since); file snapshotters replace the file
+    /// atomically instead, so a crash leaves either the old or the restored disk.
+    fn restore_disk(&self, vm_id: &str, src: &Path) -> Result<(), SnapshotError> {
+        let disk = self.disk_of(vm_id)?;
+        let mut input = std::fs::File::open(src).map_err(io_err(vm_id, "open the saved disk", src))?;
+        let mut output = std::fs::OpenOptions::new().write(true).open(&disk.path).map_err(io_err(
+            vm_id,
+            "open the disk",
+            &disk.path,
+        ))?;
+        std::io::copy(&mut input, &mut output).map_err(io_err(vm_id, "write the saved disk to", &disk.path))?;
+        output.sync_all().map_err(io_err(vm_id, "sync", &disk.path))
+    }
+
+    /// `vm_id`'s complete disk, or [`SnapshotError::NoDisk`].
+    fn disk_of(&self, vm_id: &str) -> Result<Disk, SnapshotError> {
+        validate_vm_id(vm_id)?;
+        self.list()?
+            .into_iter()
+            .find(|d| d.vm_id == vm_id)
+            .ok_or_else(|| SnapshotError::NoDisk { vm_id: vm_id.into(), snapshotter: self.name() })
+    }
+}
+
+/// Syncs the file at `path` (a copy that must be durable before it is published).
+pub(crate) fn sync_file(vm_id: &str, path: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io_err(vm_id, "sync", path))
 }
 
 /// Errors from the snapshotters.
@@ -166,6 +208,14 @@ pub enum SnapshotError {
         /// The parse error.
         #[source]
         source: serde_json::Error,
+    },
+    /// The VM has no disk in this snapshotter.
+    #[error("vm {vm_id} has no disk in the {snapshotter} snapshotter")]
+    NoDisk {
+        /// The VM.
+        vm_id: String,
+        /// The snapshotter asked.
+        snapshotter: &'static str,
     },
     /// Device-mapper was requested explicitly but is not available.
     #[error("snapshotter devicemapper needs device-mapper, but /dev/mapper/control is missing on this host")]

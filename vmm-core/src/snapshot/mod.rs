@@ -384,6 +384,31 @@ pub fn load(dir: &Path) -> Result<Loaded, SnapshotError> {
     Ok(Loaded { state, memory, memory_path })
 }
 
+impl Loaded {
+    /// Checks that a VM built from `config` can take this snapshot: the same vCPU count, memory size
+    /// and number of virtio devices, and a memory file of exactly that memory's size. What
+    /// [`crate::Vm::restore`] checks before it builds anything, for callers that must know before
+    /// they stop the VM the snapshot replaces.
+    pub fn check_fits(&self, config: &crate::VmConfig) -> Result<(), SnapshotError> {
+        let saved = &self.state;
+        for (what, saved, config) in [
+            ("vcpus", saved.vcpus.len() as u64, u64::from(config.vcpus)),
+            ("memory MiB", u64::from(saved.memory_mib), u64::from(config.memory_mib)),
+            ("virtio devices", saved.virtio.len() as u64, config.virtio_device_count() as u64),
+        ] {
+            if saved != config {
+                return Err(SnapshotError::Shape { what, saved, config });
+            }
+        }
+        let expected: u64 = crate::vm::ram_ranges(config.memory_mib).iter().map(|&(_, len)| len as u64).sum();
+        let found = self.memory.metadata().map_err(SnapshotError::io(&self.memory_path))?.len();
+        if found != expected {
+            return Err(SnapshotError::MemorySize { path: self.memory_path.clone(), found, expected });
+        }
+        Ok(())
+    }
+}
+
 /// Maps `file` privately as guest memory with the regions `ranges` (copy on write: the guest's writes
 /// stay in this process). The file must hold exactly the regions' bytes.
 pub(crate) fn map_memory(
