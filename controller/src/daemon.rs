@@ -236,6 +236,9 @@ impl Daemon {
         for removed in runtime.sweep_network_orphans(&known) {
             info!(removed, "removed a network orphan");
         }
+        for removed in runtime.sweep_snapshot_leftovers() {
+            info!(removed, "removed what a crash left");
+        }
 
         let reconciler = Reconciler::new(store.clone(), runtime.clone() as Arc<dyn Runtime>, config.reconciler.clone());
         let queued = reconciler.enqueue_all()?;
@@ -255,6 +258,7 @@ impl Daemon {
             tcp_addr: None,
         };
         daemon.watch_exits(exits);
+        daemon.schedule_snapshots();
         daemon.health_task =
             Some(tokio::spawn(keep_health(daemon.health.clone(), daemon.store.clone(), daemon.workers.clone())));
         if let (Some((access, client)), Some(k)) = (kube, &config.kube) {
@@ -287,6 +291,7 @@ impl Daemon {
                 snapshotter: snapshotter_name,
                 vmm_jail,
                 runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
+                snapshots: Some(daemon.runtime.clone() as Arc<dyn crate::host::snapshots::VmSnapshots>),
                 health: daemon.health.clone(),
                 policy: config.host.policy.clone(),
                 local_clients: true,
@@ -350,6 +355,35 @@ impl Daemon {
                 let kind = if summary.succeeded() { EventKind::Normal } else { EventKind::Warning };
                 record(&store, &exit.name, kind, "Exited", &summary.detail);
                 queue.add(&exit.name);
+            }
+        }));
+    }
+
+    /// Takes the snapshots `spec.snapshots` schedules ([`crate::host::schedule`]).
+    fn schedule_snapshots(&mut self) {
+        let store = self.store.clone();
+        let runtime = self.runtime.clone();
+        self.tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::host::schedule::TICK).await;
+                let (store, runtime) = (store.clone(), runtime.clone());
+                let pass = tokio::task::spawn_blocking(move || {
+                    let running = |vm: &str| runtime.supervisor().is_running(vm);
+                    let events = crate::host::schedule::run_once(
+                        &store,
+                        runtime.as_ref(),
+                        &running,
+                        std::time::SystemTime::now(),
+                    );
+                    for event in &events {
+                        if let Err(e) = store.append_event(event) {
+                            warn!(vm = event.object, error = %e, "cannot record an event");
+                        }
+                    }
+                });
+                if let Err(e) = pass.await {
+                    error!(error = %e, "the snapshot schedule pass failed");
+                }
             }
         }));
     }

@@ -15,9 +15,12 @@ pub const POINTS: &[&str] = &[
     "delete:after-disk",
 ];
 
+/// The crash points of taking a VM snapshot (reached only when one is asked for).
+pub const SNAPSHOT_POINTS: &[&str] = &["snapshot:after-memory", "snapshot:before-publish"];
+
 /// Aborts the process if `IGNITE_CRASH_AT` is `point`.
 pub fn hit(point: &str) {
-    debug_assert!(POINTS.contains(&point), "unknown crash point {point}");
+    debug_assert!(POINTS.contains(&point) || SNAPSHOT_POINTS.contains(&point), "unknown crash point {point}");
     if std::env::var(ENV).is_ok_and(|p| p == point) {
         eprintln!("ignite: crashing at {point} ({ENV})");
         std::process::abort();

@@ -8,10 +8,15 @@
 //!   sources/                 git checkouts and source caches
 //!   runtime/<vm>/            what the host prepared for a VM and how it last ended
 //!     prepared.json  last-exit.json  config.img  (a copied kernel)
+//!     restore.json           a rollback the next start carries out
+//!     snapshotting           a snapshot holds the VM paused (resumed after a daemon crash)
 //!   vms/<vm>/                the VM's run directory, shared with its VMM process
 //!     config.json  pid  exit.json  jail.json  jail/
 //!     console.log[.1]  vmm.log[.1]
 //!     control.sock  console.sock  vsock.sock[_<port>]
+//!   vm-snapshots/<vm>/       the VM's snapshots (VmSnapshotsDir); removed with the VM
+//!     incoming/              the VMM's --snapshot-dir (the jailed VMM's uid owns it)
+//!     <name>/                state  memory  disk  snapshot.json (written last: complete)
 //!   daemon.log               a daemon the CLI started
 //!   blobs/ images/ rootfs/ kernels/ snapshots/ tmp/   the image store (StorePaths)
 //! ```
@@ -72,6 +77,16 @@ impl RootLayout {
         VmDir::new(&self.vms_dir(), name)
     }
 
+    /// The directory holding every VM's snapshots (`vm-snapshots/`).
+    pub fn vm_snapshots_dir(&self) -> PathBuf {
+        self.root.join("vm-snapshots")
+    }
+
+    /// The snapshots of VM `name` (`vm-snapshots/<vm>/`).
+    pub fn vm_snapshots(&self, name: &str) -> VmSnapshotsDir {
+        VmSnapshotsDir { dir: self.vm_snapshots_dir().join(name) }
+    }
+
     /// The log of a daemon the CLI started.
     pub fn daemon_log(&self) -> PathBuf {
         self.root.join("daemon.log")
@@ -115,6 +130,53 @@ impl RuntimeDir {
     /// The config drive the guest reads (`ignite.config=/dev/vdb`).
     pub fn config_drive(&self) -> PathBuf {
         self.dir.join("config.img")
+    }
+
+    /// Present while a snapshot holds the VM paused: a daemon that crashed meanwhile has its
+    /// successor resume the VM.
+    pub fn snapshotting(&self) -> PathBuf {
+        self.dir.join("snapshotting")
+    }
+
+    /// The snapshot a rollback asked the next start to resume from (its disk is put back first).
+    pub fn pending_restore(&self) -> PathBuf {
+        self.dir.join("restore.json")
+    }
+}
+
+/// One VM's snapshots (`vm-snapshots/<vm>/`). A snapshot is a directory holding the machine state
+/// and memory files the VMM wrote ([`vmm_core::snapshot`]), a copy of the VM's disk, and
+/// `snapshot.json`, which is written last: a directory without it is a half-made snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSnapshotsDir {
+    dir: PathBuf,
+}
+
+impl VmSnapshotsDir {
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the VMM saves (its `--snapshot-dir`, writable by the jailed VMM); a saved snapshot
+    /// moves from here to [`Self::snapshot`] once its disk copy and record are made.
+    pub fn incoming(&self) -> PathBuf {
+        self.dir.join("incoming")
+    }
+
+    /// Snapshot `name`'s directory.
+    pub fn snapshot(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Snapshot `name`'s copy of the VM's disk.
+    pub fn disk(&self, name: &str) -> PathBuf {
+        self.snapshot(name).join("disk")
+    }
+
+    /// Snapshot `name`'s record (`snapshot.json`).
+    pub fn record(&self, name: &str) -> PathBuf {
+        self.snapshot(name).join("snapshot.json")
     }
 }
 

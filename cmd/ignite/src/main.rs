@@ -90,6 +90,11 @@ enum Command {
     Exec(commands::exec::ExecArgs),
     /// Attach to a running VM's serial console: see its output, type its input (Ctrl-P Ctrl-Q detaches).
     Attach(commands::exec::AttachArgs),
+    /// Save VMs as they are now (memory, devices and disk), list and remove their snapshots.
+    #[command(subcommand)]
+    Snapshot(commands::snapshot::SnapshotCommand),
+    /// Return a VM to one of its snapshots.
+    Rollback(commands::snapshot::RollbackArgs),
     /// Show what happened to VMs and sources.
     Events(commands::vms::EventsArgs),
     /// A live view of the fleet: VMs, sources and events (q quits).
@@ -159,6 +164,8 @@ fn main() -> ExitCode {
         Command::Exec(args) => commands::exec::exec(args, &ctx),
         Command::Attach(args) => done(commands::exec::attach(args, &ctx)),
         Command::Events(args) => done(commands::vms::events(args, &ctx)),
+        Command::Snapshot(cmd) => done(commands::snapshot::run(cmd, &ctx)),
+        Command::Rollback(args) => done(commands::snapshot::rollback(args, &ctx)),
         Command::Sources(cmd) => done(commands::vms::sources(cmd, &ctx)),
         Command::Dashboard(args) => done(commands::dashboard::run(args, &ctx)),
         Command::Version => done(commands::vms::version(&ctx)),

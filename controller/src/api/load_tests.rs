@@ -279,3 +279,24 @@ fn the_name_of_a_broken_document_is_read_from_its_text() {
     assert_eq!(name_of("metadata:\n  name: *alias\n"), None);
     assert_eq!(name_of("spec: {}\n"), None);
 }
+
+#[test]
+fn snapshot_schedules_are_checked_and_do_not_shape_the_vm() {
+    let vm = parse_manifests("a.yaml", &with_spec("  snapshots: {every: 1h, keep: 5}\n")).unwrap();
+    let schedule = vm[0].spec.snapshots.clone().unwrap();
+    assert_eq!((schedule.interval().unwrap().as_secs(), schedule.keep), (3600, 5));
+    let plain = parse_manifests("a.yaml", &with_spec("")).unwrap();
+    assert!(!plain[0].spec.needs_recreate(&vm[0].spec), "a schedule change never recreates the VM");
+    for (extra, field, says) in [
+        ("  snapshots: {every: often, keep: 5}\n", "spec.snapshots.every", "not a duration"),
+        ("  snapshots: {every: 2s, keep: 5}\n", "spec.snapshots.every", "shortest interval, 10s"),
+        ("  snapshots: {every: 1h, keep: 0}\n", "spec.snapshots.keep", "between 1 and 100"),
+        ("  snapshots: {every: 1h, keep: 101}\n", "spec.snapshots.keep", "between 1 and 100"),
+    ] {
+        let e = one_error(&with_spec(extra));
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
+    let e = one_error(&with_spec("  snapshots: {every: 1h, keep: 5, at: noon}\n"));
+    assert!(e.to_string().contains("at"), "unknown fields are refused: {e}");
+}

@@ -92,6 +92,38 @@ pub struct VmSpec {
     /// Reserved for Kubernetes nodes: how the guest joins a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<BootstrapSpec>,
+    /// Snapshots taken on a schedule while the VM runs (`ignite snapshot ls` shows them as
+    /// `auto-<time>`); only the newest `keep` of them are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<SnapshotSchedule>,
+}
+
+/// `spec.snapshots`: how often a running VM is snapshotted, and how many such snapshots are kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SnapshotSchedule {
+    /// The interval, such as `1h`, `30m` or `90s` (at least `10s`).
+    pub every: String,
+    /// How many scheduled snapshots are kept (1 to 100); the oldest go first. Snapshots taken by
+    /// hand are never pruned.
+    pub keep: u32,
+}
+
+impl SnapshotSchedule {
+    /// The shortest interval a schedule may have.
+    pub const MIN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    /// The most scheduled snapshots one VM may keep.
+    pub const MAX_KEEP: u32 = 100;
+
+    /// The interval, or why `every` is not one.
+    pub fn interval(&self) -> Result<std::time::Duration, String> {
+        let every = humantime::parse_duration(&self.every)
+            .map_err(|e| format!("{:?} is not a duration such as 1h, 30m or 90s: {e}", self.every))?;
+        if every < Self::MIN_EVERY {
+            return Err(format!("{:?} is shorter than the shortest interval, 10s", self.every));
+        }
+        Ok(every)
+    }
 }
 
 fn default_cpus() -> u8 {
@@ -248,15 +280,16 @@ impl Vm {
 
 impl VmSpec {
     /// A digest of everything that shapes the VM as built: image, kernel, sizes, command,
-    /// environment, network, files, keys and bootstrap. `state`, `restartPolicy` and
-    /// `maxRestarts` are left out: changing them stops, starts or restarts the VM without
-    /// rebuilding it. A VM whose fingerprint changed is recreated.
+    /// environment, network, files, keys and bootstrap. `state`, `restartPolicy`, `maxRestarts`
+    /// and `snapshots` are left out: changing them stops, starts or restarts the VM (or changes
+    /// its snapshot schedule) without rebuilding it. A VM whose fingerprint changed is recreated.
     pub fn fingerprint(&self) -> String {
         use sha2::Digest as _;
         let mut shaped = self.clone();
         shaped.state = DesiredState::default();
         shaped.restart_policy = RestartPolicy::default();
         shaped.max_restarts = None;
+        shaped.snapshots = None;
         let json = serde_json::to_vec(&shaped).expect("a VM spec serializes to JSON");
         hex::encode(sha2::Sha256::digest(json))
     }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::host_paths::{MAX_COPY_FILES_TOTAL_BYTES, MAX_COPY_FILE_BYTES};
-use super::types::{RestartPolicy, Vm, API_VERSION, KIND_VM};
+use super::types::{RestartPolicy, SnapshotSchedule, Vm, API_VERSION, KIND_VM};
 
 /// Fewest vCPUs.
 pub const MIN_CPUS: u8 = 1;
@@ -174,6 +174,17 @@ pub fn validate(vm: &Vm) -> Vec<Problem> {
                 spec.restart_policy
             ),
         );
+    }
+    if let Some(schedule) = &spec.snapshots {
+        if let Err(message) = schedule.interval() {
+            bad("spec.snapshots.every", message);
+        }
+        if !(1..=SnapshotSchedule::MAX_KEEP).contains(&schedule.keep) {
+            bad(
+                "spec.snapshots.keep",
+                format!("{} is not between 1 and {}", schedule.keep, SnapshotSchedule::MAX_KEEP),
+            );
+        }
     }
     if let Some(ssh) = &spec.ssh {
         for (i, key) in ssh.authorized_keys.iter().enumerate() {

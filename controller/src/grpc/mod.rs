@@ -7,6 +7,7 @@ mod convert;
 pub mod exec;
 pub mod images;
 mod server;
+mod snapshots;
 pub mod standard;
 pub mod tls;
 

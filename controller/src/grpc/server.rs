@@ -11,7 +11,9 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
-use super::proto::{self, events_server, host_server, images_server, kernels_server, sources_server, vms_server};
+use super::proto::{
+    self, events_server, host_server, images_server, kernels_server, snapshots_server, sources_server, vms_server,
+};
 use crate::layout::RootLayout;
 use crate::reconcile::{Runtime, WorkQueue};
 use crate::source::{apply_objects, parse_revision, ApplyError};
@@ -39,6 +41,8 @@ pub struct ApiState {
     pub vmm_jail: VmmJailInfo,
     /// The runtime, for `Kill` (`None`: killing is refused as unavailable).
     pub runtime: Option<Arc<dyn Runtime>>,
+    /// VM snapshots, for the Snapshots service (`None`: refused as unavailable).
+    pub snapshots: Option<Arc<dyn crate::host::snapshots::VmSnapshots>>,
     /// What the standard health service reports (the daemon keeps it current).
     pub health: super::standard::Health,
     /// What applied manifests may name on this host (files, ports).
@@ -54,7 +58,7 @@ pub(super) type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 /// How often followed logs and events are polled.
 const POLL: Duration = Duration::from_millis(200);
 
-fn internal(e: StoreError) -> Status {
+pub(super) fn internal(e: StoreError) -> Status {
     Status::internal(error_chain(&e))
 }
 
@@ -250,7 +254,7 @@ impl ApiState {
     }
 
     /// Sets the desired state of a VM the API owns and queues it.
-    fn set_desired_state(&self, name: &str, state: crate::api::DesiredState) -> Result<proto::Vm, Status> {
+    pub(super) fn set_desired_state(&self, name: &str, state: crate::api::DesiredState) -> Result<proto::Vm, Status> {
         let Some(record) = self.store.get_vm(name).map_err(internal)? else {
             return Err(Status::not_found(format!("no VM named {name:?} (see `ignite ps -a`)")));
         };
@@ -484,6 +488,7 @@ fn services(mut builder: tonic::transport::Server, state: ApiState) -> tonic::tr
         .add_service(sources_server::SourcesServer::new(state.clone()))
         .add_service(images_server::ImagesServer::new(state.clone()))
         .add_service(kernels_server::KernelsServer::new(state.clone()))
+        .add_service(snapshots_server::SnapshotsServer::new(state.clone()))
         .add_service(host_server::HostServer::new(state))
 }
 

@@ -13,8 +13,10 @@ pub mod exits;
 pub mod guest;
 pub mod kubernetes;
 pub mod prepared;
+pub mod schedule;
+pub mod snapshots;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +67,9 @@ pub struct HostRuntime {
     stopping: Mutex<HashSet<String>>,
     /// Kubernetes access for `spec.bootstrap.kubernetes` (`None`: such VMs fail with a precise error).
     kube: Option<crate::kube::access::KubeAccess>,
+    /// One lock per VM, held by start, stop, destroy and the snapshot operations, so a rollback or
+    /// a snapshot never interleaves with the reconciler's steps on the same VM.
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 fn transient(reason: &'static str, what: String) -> impl FnOnce(&dyn std::error::Error) -> RuntimeError {
@@ -92,6 +97,7 @@ impl HostRuntime {
             supervisor,
             stopping: Mutex::new(HashSet::new()),
             kube: None,
+            locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -129,6 +135,12 @@ impl HostRuntime {
             warn!(vm = exit.name, error = %e, "cannot record the VM's exit");
         }
         Some(summary)
+    }
+
+    /// VM `name`'s lock (see the `locks` field).
+    fn vm_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_string()).or_default().clone()
     }
 
     fn mark_stopping(&self, name: &str) {
@@ -187,6 +199,9 @@ impl Runtime for HostRuntime {
             }
             if self.supervisor.vm_dir(name).path().exists() {
                 leftovers.push("run directory".to_string());
+            }
+            if self.layout.vm_snapshots(name).path().exists() {
+                leftovers.push("snapshots".to_string());
             }
         }
         Ok(Actual { prepared: prepared.map(|p| p.fingerprint), running, last_exit, leftovers })
@@ -303,7 +318,17 @@ impl Runtime for HostRuntime {
         let prepared = self
             .load(name)?
             .ok_or_else(|| RuntimeError::transient("NotPrepared", format!("VM {name:?} is not prepared")))?;
-        let config = guest::vm_config(vm, &prepared, self.config.virt_mode);
+        let lock = self.vm_lock(name);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut config = guest::vm_config(vm, &prepared, self.config.virt_mode);
+        let snapshots = self.layout.vm_snapshots(name);
+        config.snapshot_dir = Some(snapshots.incoming());
+        let rollback = self.apply_pending_restore(name).map_err(|e| {
+            RuntimeError::transient("RollbackFailed", format!("VM {name:?}: rollback: {}", error_chain(&e)))
+        })?;
+        if let Some(info) = rollback.as_ref().filter(|i| i.kind == snapshots::SnapshotKind::Full) {
+            config.restore_from = Some(snapshots.snapshot(&info.name));
+        }
         exits::clear(&prepared::dir(&self.runtime_dir(), name))
             .map_err(|e| transient("StartFailed", format!("VM {name:?}: clearing its last exit"))(&e))?;
         self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
@@ -311,10 +336,16 @@ impl Runtime for HostRuntime {
             RuntimeError::transient("StartFailed", format!("VM {name:?}: starting its VMM: {}", error_chain(&e)))
         })?;
         crate::failpoint::hit("start:after-spawn");
+        if let Some(rolled_back) = rollback {
+            info!(vm = name, snapshot = rolled_back.name, "started from the snapshot");
+            self.clear_pending_restore(name);
+        }
         Ok(Started { pid: u32::try_from(info.pid).unwrap_or_default(), jailed: self.supervisor.jailed() })
     }
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let lock = self.vm_lock(name);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.supervisor.is_running(name) {
             self.mark_stopping(name);
             self.supervisor
@@ -334,6 +365,8 @@ impl Runtime for HostRuntime {
 
     fn destroy(&self, name: &str, keep_lease: bool) -> Result<(), RuntimeError> {
         let fail = |what: &str| transient("DeleteFailed", format!("VM {name:?}: removing its {what}"));
+        let lock = self.vm_lock(name);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         if self.supervisor.is_running(name) {
             self.mark_stopping(name);
             self.supervisor.kill(name).map_err(|e| fail("VMM process")(&e))?;
@@ -359,6 +392,8 @@ impl Runtime for HostRuntime {
         }
         self.snapshotter.remove(name).map_err(|e| fail("disk")(&e))?;
         crate::failpoint::hit("delete:after-disk");
+        // Snapshots hold a machine of this spec: they go with the VM, and with a recreate.
+        self.remove_all_snapshots(name).map_err(|e| fail("snapshots")(&e))?;
         prepared::remove(&self.runtime_dir(), name).map_err(|e| fail("runtime directory")(&e))?;
         if !keep_lease {
             self.store.release_lease(name).map_err(|e| fail("IP lease")(&e))?;
@@ -379,6 +414,7 @@ impl Runtime for HostRuntime {
         if let Ok(leases) = self.store.list_leases() {
             names.extend(leases.into_iter().map(|l| l.vm));
         }
+        names.extend(self.snapshot_owners());
         names.sort();
         names.dedup();
         Ok(names)

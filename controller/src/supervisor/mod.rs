@@ -181,6 +181,9 @@ struct Tracked {
 /// How long a control request may take beyond its own grace period.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a VMM may take to write a snapshot (guest memory of up to tens of GiB to disk).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Runs and watches VM processes. Dropping it leaves the VMs running.
 pub struct Supervisor {
     config: SupervisorConfig,
@@ -272,6 +275,19 @@ impl Supervisor {
             }
             None => None,
         };
+        if let Some(snapshots) = &config.snapshot_dir {
+            // The VMM saves there, jailed as the VM's uid: the directory is the VM's alone.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(snapshots)
+                .map_err(io_err("create", snapshots))?;
+            if let Some(jail) = &config.jail {
+                std::os::unix::fs::chown(snapshots, Some(jail.uid), Some(jail.gid))
+                    .map_err(io_err("give the jail", snapshots))?;
+            }
+        }
         let config_path = dir.config();
         let text = serde_json::to_string_pretty(&config).map_err(|e| io_err("serialize", &config_path)(e.into()))?;
         std::fs::write(&config_path, text).map_err(io_err("write", &config_path))?;
@@ -470,6 +486,17 @@ impl Supervisor {
             self.signal(name, &pidfd, Signal::CONT)?;
         }
         Ok(())
+    }
+
+    /// Has VM `name`'s VMM save its machine state and memory as `snapshot` in its snapshot
+    /// directory (the VM runs on, or stays paused). Returns the bytes of memory saved.
+    pub fn snapshot(&self, name: &str, snapshot: &str) -> Result<u64> {
+        self.live_pidfd(name)?;
+        let request = Request::Snapshot { name: snapshot.to_string() };
+        let reply = self.control(name, "snapshot", request, SNAPSHOT_TIMEOUT)?.ok_or_else(|| {
+            SupervisorError::Control { name: name.into(), op: "snapshot", error: "control socket unreachable".into() }
+        })?;
+        Ok(reply.memory_bytes.unwrap_or_default())
     }
 
     /// The state, uptime and counters of VM `name`, from its VMM.

@@ -19,11 +19,21 @@ impl DaemonProcess {
     /// Starts `ignite daemon` on `root` following `url` (path `vms`), with `extra` args and env; its
     /// API socket is `root/ignite.sock` unless `extra` gives `--socket`.
     pub fn start(root: &Path, url: &str, extra: &[&str], env: &[(&str, &str)]) -> DaemonProcess {
+        Self::start_with_kernel(root, url, &tiny_guest::idle_guest().kernel, extra, env)
+    }
+
+    /// [`DaemonProcess::start`] with another default kernel (a tiny guest of [`tiny_guest`]).
+    pub fn start_with_kernel(
+        root: &Path,
+        url: &str,
+        kernel: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
         let log = root.join(format!(
             "daemon-{}.log",
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
-        let kernel = tiny_guest::idle_guest().kernel;
         let mut cmd = Command::new(tiny_guest::ignite_bin());
         cmd.arg("--root")
             .arg(root)
@@ -132,7 +142,7 @@ pub fn vmm_processes(root: &Path) -> Vec<i32> {
 /// Files and directories a VM may own under `root`: its run and runtime directories and disks.
 pub fn vm_files(root: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    for dir in ["vms", "runtime", "snapshots/copy", "snapshots/reflink"] {
+    for dir in ["vms", "runtime", "snapshots/copy", "snapshots/reflink", "vm-snapshots"] {
         if let Ok(entries) = std::fs::read_dir(root.join(dir)) {
             found.extend(entries.flatten().map(|e| e.path()));
         }

@@ -28,7 +28,7 @@ fn guest_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("ignite-tiny-guests").tempdir().unwrap().keep();
-        for name in ["serial_idle", "exit_code", "serial_flood"] {
+        for name in ["serial_idle", "exit_code", "serial_flood", "serial_counter"] {
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests").join(format!("{name}.S"));
             let obj = dir.join(format!("{name}.o"));
             run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
@@ -62,6 +62,24 @@ pub fn idle_guest() -> VmConfig {
 /// A guest that prints [`EXIT_MARKER`] and powers off with [`EXIT_CODE`].
 pub fn exit_code_guest() -> VmConfig {
     config(guest_dir().join("exit_code.elf"))
+}
+
+/// The prefix of each line the counter guest prints (`COUNT ` and 16 hex digits).
+pub const COUNT_PREFIX: &str = "COUNT ";
+
+/// A guest that counts in a register and in memory, checks that both agree, and prints
+/// `COUNT <hex>` a few times a second until stopped (`COUNT-MISMATCH` and a halt if they differ).
+pub fn counter_guest() -> VmConfig {
+    config(guest_dir().join("serial_counter.elf"))
+}
+
+/// The counts a counter guest's console shows, in order.
+pub fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix(COUNT_PREFIX))
+        .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .collect()
 }
 
 /// A guest that prints [`FLOOD_MARKER`], then 64-byte lines to its console until stopped.

@@ -8,6 +8,7 @@ pub mod follow;
 pub mod image;
 pub mod kernel;
 pub mod run;
+pub mod snapshot;
 pub mod table;
 pub mod vmm;
 pub mod vms;

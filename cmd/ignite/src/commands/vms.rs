@@ -287,9 +287,10 @@ pub fn rm(args: RmArgs, ctx: &Ctx) -> anyhow::Result<()> {
 
 /// Shows one VM.
 pub fn inspect(args: InspectArgs, ctx: &Ctx) -> anyhow::Result<()> {
-    let vm = client::runtime()?.block_on(async {
+    let (vm, snapshots) = client::runtime()?.block_on(async {
         let mut c = client::vms(ctx).await?;
-        c.get(proto::VmName { name: args.name.clone() }).await.map_err(client::status)
+        let vm = c.get(proto::VmName { name: args.name.clone() }).await.map_err(client::status)?;
+        anyhow::Ok((vm, super::snapshot::list(ctx, &args.name).await?))
     })?;
     let vm = vm.into_inner();
     let manifest: serde_json::Value = serde_yaml::from_str(&vm.manifest_yaml).context("decoding the manifest")?;
@@ -312,6 +313,10 @@ pub fn inspect(args: InspectArgs, ctx: &Ctx) -> anyhow::Result<()> {
                 "lastTransitionTime": c.last_transition_time,
             })).collect::<Vec<_>>(),
         },
+        "snapshots": snapshots.iter().map(|s| serde_json::json!({
+            "name": s.name, "kind": s.kind, "created": s.created,
+            "memoryBytes": s.memory_bytes, "diskBytes": s.disk_bytes,
+        })).collect::<Vec<_>>(),
     });
     match args.output {
         Format::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
