@@ -1,0 +1,136 @@
+//! `ignite snapshot` and `ignite rollback` with a real Linux guest: the real `ignite daemon` (no
+//! network), a busybox image from a real registry, ignite-init as PID 1 and the patched guest kernel
+//! on /dev/kvm. A busybox loop counts on its console and in a file on its root disk; the VM is
+//! snapshotted while it runs, counts on, and is rolled back: the console goes on from the
+//! snapshot's count in a new VMM (no reboot), the file holds the snapshot's value, and `ignite exec`
+//! reaches the guest agent again.
+//!
+//! One Linux boot (a minute or two where KVM emulates guests) and one restore (seconds).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use ignite_e2e::{guest_kernel, ignite_cmd, kvm_unavailable, Daemon, KillVmsOnDrop};
+use image_store::testing::{fixtures, registry::Registry};
+
+const NAME: &str = "a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+/// The guest's loop: a count on the console and in /count (synced to the disk), every second.
+const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /count; sync; echo SNAP-COUNT $i; sleep 1; done";
+
+fn counts(console: &str) -> Vec<u64> {
+    console.lines().filter_map(|l| l.split("SNAP-COUNT ").nth(1)?.trim().parse().ok()).collect()
+}
+
+fn wait_for(what: &str, timeout: Duration, context: &dyn Fn() -> String, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", context());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn ignite(r: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = ignite_cmd(r).args(args).stdin(Stdio::null()).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it() {
+    if let Some(why) = kvm_unavailable() {
+        eprintln!("SKIP {NAME}: {why}");
+        return;
+    }
+    let Some(image) = fixtures::busybox_image(&["/bin/sh"]) else {
+        eprintln!("SKIP {NAME}: {} (busybox-static) is not installed", fixtures::BUSYBOX);
+        return;
+    };
+    if !Path::new("/usr/bin/docker-registry").exists() {
+        eprintln!("SKIP {NAME}: docker-registry is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let kernel = guest_kernel();
+    let registry = Registry::start(None).unwrap();
+    fixtures::push_image(&registry.host(), "demo/busybox", "1", &image, None);
+    let image = format!("{}/demo/busybox:1", registry.host());
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    let _vms = KillVmsOnDrop(r);
+    let _daemon = Daemon::start(r, &kernel, &["--no-network"]);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let console = || read(&r.join("vms/counter/console.log"));
+    let pid = || read(&r.join("vms/counter/pid")).split_whitespace().next().unwrap_or_default().to_string();
+    let context = || format!("console:\n{}\ndaemon log:\n{}", console(), read(&r.join("daemon.log")));
+    let highest = || counts(&console()).last().copied().unwrap_or(0);
+
+    let args = ["run", "-d", &image, "--name", "counter", "--memory", "128Mi", "--size", "256Mi"];
+    let (ok, _, err) = ignite(r, &[&args[..], &["--", "/bin/sh", "-c", COUNTER]].concat());
+    assert!(ok, "{err}");
+    let started = Instant::now();
+    wait_for("the guest counting", BOOT_TIMEOUT, &context, || highest() >= 3);
+    eprintln!("booted and counting after {:?}", started.elapsed());
+
+    let before = highest();
+    let taken = Instant::now();
+    let (ok, out, err) = ignite(r, &["snapshot", "create", "counter", "s1"]);
+    assert!(ok, "{err}\n{}", context());
+    let after = highest();
+    eprintln!("snapshot taken in {:?}: {}", taken.elapsed(), out.trim());
+    assert!(out.contains("counter/s1: memory (128.0 MiB)"), "{out}");
+    // Far enough past the snapshot that its count and the current one cannot be confused.
+    wait_for("the guest counting on after the snapshot", Duration::from_secs(120), &context, || {
+        highest() >= after + 15
+    });
+
+    let old_pid = pid();
+    let reached = highest();
+    let rolled = Instant::now();
+    let (ok, out, err) = ignite(r, &["rollback", "counter", "s1"]);
+    assert!(ok, "{err}\n{}", context());
+    assert!(out.contains("resumes from snapshot s1"), "{out}");
+    wait_for("the guest counting again in a new VMM", Duration::from_secs(120), &context, || {
+        !pid().is_empty() && pid() != old_pid && !counts(&console()).is_empty()
+    });
+    let resumed = counts(&console());
+    eprintln!(
+        "rollback to the first count in {:?}: {resumed:?} (snapshot between {before} and {after}, reached {reached})",
+        rolled.elapsed()
+    );
+    assert!(
+        resumed[0] > before && resumed[0] <= after + 1,
+        "the count resumes from the snapshot's ({before}..={after}), not from {reached}:\n{}",
+        context()
+    );
+    assert!(!console().contains("Linux version"), "no reboot: the guest resumed:\n{}", context());
+
+    // The agent answers through the reset vsock, and the file follows the count that went on from
+    // the snapshot (the disk bytes themselves are checked by `controller --test vm_snapshots`).
+    let mut file = None;
+    for attempt in 0..2 {
+        let out = ignite_cmd(r).args(["exec", "counter", "--", "cat", "/count"]).stdin(Stdio::null()).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if out.status.success() {
+            file = Some(stdout.trim().parse::<u64>().unwrap_or_else(|_| panic!("cat /count said {stdout:?}")));
+            break;
+        }
+        eprintln!("exec attempt {attempt} failed ({}): {stdout:?} {stderr:?}", out.status);
+    }
+    let file = file.unwrap_or_else(|| panic!("ignite exec failed after the rollback:\n{}", context()));
+    let now = highest();
+    assert!(
+        file + 1 >= resumed[0] && file <= now + 1,
+        "/count holds {file}: the count that went on from the snapshot ({}..={now}):\n{}",
+        resumed[0],
+        context()
+    );
+    let (_, events, _) = ignite(r, &["events"]);
+    assert!(events.contains("SnapshotTaken") && events.contains("RollingBack"), "{events}");
+
+    let (ok, _, err) = ignite(r, &["rm", "counter"]);
+    assert!(ok, "{err}");
+    wait_for("counter and its snapshots removed", Duration::from_secs(60), &context, || {
+        !r.join("vms/counter").exists() && !r.join("vm-snapshots/counter").exists()
+    });
+}
