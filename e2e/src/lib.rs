@@ -206,6 +206,67 @@ pub fn assemble_pvh(dir: &Path, name: &str, halt: bool) -> PathBuf {
     elf
 }
 
+/// Assembles the counting guest of the controller's tests (`controller/tests/guests/serial_counter.S`)
+/// into `dir/counter.elf`: it counts in a register and in memory and prints `COUNT <hex>` on COM1
+/// a few times a second, forever.
+pub fn counter_guest(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../controller/tests/guests/serial_counter.S");
+    let (obj, elf) = (dir.join("counter.o"), dir.join("counter.elf"));
+    run_checked(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(src));
+    // -N: one RWX segment starting exactly at 1 MiB.
+    run_checked(
+        Command::new("ld")
+            .args(["-m", "elf_x86_64", "-N", "-Ttext=0x100000", "-e", "_start", "-o"])
+            .arg(&elf)
+            .arg(&obj),
+    );
+    elf
+}
+
+/// The counts [`counter_guest`] printed on `console`, in order.
+pub fn counter_counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("COUNT "))
+        .filter_map(|n| u64::from_str_radix(n.trim(), 16).ok())
+        .collect()
+}
+
+/// An initramfs in `dir` whose `/init` (busybox sh) counts once a second on the console
+/// (`LINUX-COUNT N`) and writes each count to the start of `/dev/vda`.
+pub fn counting_initramfs(dir: &Path) -> PathBuf {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static, scripts/install-deps.sh)");
+    let init = "#!/bin/sh\n\
+        /bin/busybox mount -t devtmpfs dev /dev\n\
+        i=0\n\
+        while true; do\n\
+          i=$((i+1))\n\
+          echo \"$i\" | /bin/busybox dd of=/dev/vda conv=fsync 2>/dev/null\n\
+          echo \"LINUX-COUNT $i\"\n\
+          /bin/busybox sleep 1\n\
+        done\n";
+    let image = dir.join("counter.cpio");
+    Initramfs::new()
+        .dir("dev")
+        .char_dev("dev/console", 5, 1)
+        .dir("bin")
+        .file("bin/busybox", 0o755, &busybox)
+        .symlink("bin/sh", "busybox")
+        .file("init", 0o755, init.as_bytes())
+        .write(&image)
+        .expect("write initramfs");
+    image
+}
+
+/// The counts [`counting_initramfs`]'s guest printed on `console`, in order.
+pub fn linux_counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("LINUX-COUNT "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
 fn run_checked(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));

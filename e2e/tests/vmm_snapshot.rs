@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{ignite_bin, kvm_unavailable};
+use ignite_e2e::{counting_initramfs, ignite_bin, kvm_unavailable, linux_counts};
 use vmm_core::control::{self, Request};
 use vmm_core::snapshot;
 
@@ -125,40 +125,6 @@ fn a_snapshot_taken_through_the_control_socket_restores_in_a_new_vmm_process() {
 }
 
 const LINUX_NAME: &str = "a_linux_guest_restored_from_a_snapshot_keeps_counting_with_its_timers_disk_and_vsock";
-
-/// An initramfs whose `/init` (busybox sh) counts once a second on the console and writes each count
-/// to the start of `/dev/vda`.
-fn counting_initramfs(dir: &Path) -> std::path::PathBuf {
-    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static, scripts/install-deps.sh)");
-    let init = "#!/bin/sh\n\
-        /bin/busybox mount -t devtmpfs dev /dev\n\
-        i=0\n\
-        while true; do\n\
-          i=$((i+1))\n\
-          echo \"$i\" | /bin/busybox dd of=/dev/vda conv=fsync 2>/dev/null\n\
-          echo \"LINUX-COUNT $i\"\n\
-          /bin/busybox sleep 1\n\
-        done\n";
-    let image = dir.join("counter.cpio");
-    ignite_e2e::Initramfs::new()
-        .dir("dev")
-        .char_dev("dev/console", 5, 1)
-        .dir("bin")
-        .file("bin/busybox", 0o755, &busybox)
-        .symlink("bin/sh", "busybox")
-        .file("init", 0o755, init.as_bytes())
-        .write(&image)
-        .expect("write initramfs");
-    image
-}
-
-fn linux_counts(console: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("LINUX-COUNT "))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
 
 #[test]
 fn a_linux_guest_restored_from_a_snapshot_keeps_counting_with_its_timers_disk_and_vsock() {
