@@ -46,3 +46,31 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     Some(v[v.len() / 2])
 }
+
+/// The options `bench-vmm` and `bench-snapshot` share: `--runs N` (default `default_runs`) and
+/// `--skip-linux`. Prints `usage` and exits for `--help`; exits with 2 on an unknown option.
+pub struct Options {
+    /// Runs per figure.
+    pub runs: usize,
+    /// Leave out the Linux guest (a minute or more per boot where KVM emulates guests).
+    pub skip_linux: bool,
+}
+
+impl Options {
+    /// Parses this process's arguments for `program`.
+    pub fn parse(program: &str, usage: &str, default_runs: usize) -> Options {
+        let args: Vec<String> = std::env::args().collect();
+        if args.iter().any(|a| a == "--help" || a == "-h") {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        if let Some(unknown) =
+            args.iter().skip(1).find(|a| a.starts_with('-') && *a != "--runs" && *a != "--skip-linux")
+        {
+            eprintln!("{program}: unknown option {unknown}\n{usage}");
+            std::process::exit(2);
+        }
+        let runs = args.iter().position(|a| a == "--runs").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok());
+        Options { runs: runs.unwrap_or(default_runs), skip_linux: args.iter().any(|a| a == "--skip-linux") }
+    }
+}

@@ -355,6 +355,29 @@ impl Drop for Daemon {
     }
 }
 
+/// What a Linux fleet test needs before anything runs: `/dev/kvm`, busybox-static and
+/// docker-registry. Returns a real registry on 127.0.0.1 serving a busybox image (keep the registry
+/// alive) and that image's reference; or `None` after printing why test `name` skips.
+pub fn busybox_registry(name: &str) -> Option<(image_store::testing::registry::Registry, String)> {
+    use image_store::testing::{fixtures, registry::Registry};
+    if let Some(why) = kvm_unavailable() {
+        eprintln!("SKIP {name}: {why}");
+        return None;
+    }
+    let Some(image) = fixtures::busybox_image(&["/bin/sh"]) else {
+        eprintln!("SKIP {name}: {} (busybox-static) is not installed", fixtures::BUSYBOX);
+        return None;
+    };
+    if !Path::new("/usr/bin/docker-registry").exists() {
+        eprintln!("SKIP {name}: docker-registry is not installed (scripts/install-deps.sh installs it)");
+        return None;
+    }
+    let registry = Registry::start(None).expect("start docker-registry on 127.0.0.1");
+    fixtures::push_image(&registry.host(), "demo/busybox", "1", &image, None);
+    let reference = format!("{}/demo/busybox:1", registry.host());
+    Some((registry, reference))
+}
+
 /// Kills the VM processes under a root when dropped, so a failing test leaves no VM running (they
 /// outlive their daemon by design).
 pub struct KillVmsOnDrop<'a>(pub &'a Path);

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{guest_kernel, ignite_cmd, kvm_unavailable, Daemon, KillVmsOnDrop};
-use image_store::testing::{fixtures, registry::Registry};
+use ignite_e2e::{busybox_registry, guest_kernel, ignite_cmd, Daemon, KillVmsOnDrop};
 
 const NAME: &str = "ignite_run_returns_the_guest_commands_status_and_leaves_no_vm_running";
 /// How long three guests booting at once on an emulating KVM may take.
@@ -95,22 +94,8 @@ fn events(root: &Path, vm: &str) -> Vec<String> {
 
 #[test]
 fn ignite_run_returns_the_guest_commands_status_and_leaves_no_vm_running() {
-    if let Some(why) = kvm_unavailable() {
-        eprintln!("SKIP {NAME}: {why}");
-        return;
-    }
-    let Some(image) = fixtures::busybox_image(&["/bin/sh"]) else {
-        eprintln!("SKIP {NAME}: {} (busybox-static) is not installed", fixtures::BUSYBOX);
-        return;
-    };
-    if !Path::new("/usr/bin/docker-registry").exists() {
-        eprintln!("SKIP {NAME}: docker-registry is not installed (scripts/install-deps.sh installs it)");
-        return;
-    }
+    let Some((_registry, image)) = busybox_registry(NAME) else { return };
     let kernel = guest_kernel();
-    let registry = Registry::start(None).unwrap();
-    fixtures::push_image(&registry.host(), "demo/busybox", "1", &image, None);
-    let image = format!("{}/demo/busybox:1", registry.host());
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _vms = KillVmsOnDrop(r);

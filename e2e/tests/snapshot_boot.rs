@@ -11,8 +11,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{guest_kernel, ignite_cmd, kvm_unavailable, Daemon, KillVmsOnDrop};
-use image_store::testing::{fixtures, registry::Registry};
+use ignite_e2e::{busybox_registry, guest_kernel, ignite_cmd, Daemon, KillVmsOnDrop};
 
 const NAME: &str = "a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
@@ -39,22 +38,8 @@ fn ignite(r: &Path, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it() {
-    if let Some(why) = kvm_unavailable() {
-        eprintln!("SKIP {NAME}: {why}");
-        return;
-    }
-    let Some(image) = fixtures::busybox_image(&["/bin/sh"]) else {
-        eprintln!("SKIP {NAME}: {} (busybox-static) is not installed", fixtures::BUSYBOX);
-        return;
-    };
-    if !Path::new("/usr/bin/docker-registry").exists() {
-        eprintln!("SKIP {NAME}: docker-registry is not installed (scripts/install-deps.sh installs it)");
-        return;
-    }
+    let Some((_registry, image)) = busybox_registry(NAME) else { return };
     let kernel = guest_kernel();
-    let registry = Registry::start(None).unwrap();
-    fixtures::push_image(&registry.host(), "demo/busybox", "1", &image, None);
-    let image = format!("{}/demo/busybox:1", registry.host());
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _vms = KillVmsOnDrop(r);

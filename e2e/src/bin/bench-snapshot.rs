@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::bench::{median, print_table, Row};
+use ignite_e2e::bench::{median, print_table, Options, Row};
 use ignite_e2e::{counter_counts, counter_guest, counting_initramfs, guest_kernel, ignite_bin, linux_counts};
 use vmm_core::control::{self, Request};
 
@@ -187,18 +187,7 @@ fn measure(dir: &Path, guest: &Guest, runs: usize, rows: &mut Vec<Row>, snapshot
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return;
-    }
-    if let Some(unknown) = args.iter().skip(1).find(|a| a.starts_with('-') && *a != "--runs" && *a != "--skip-linux") {
-        eprintln!("bench-snapshot: unknown option {unknown}\n{USAGE}");
-        std::process::exit(2);
-    }
-    let runs =
-        args.iter().position(|a| a == "--runs").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()).unwrap_or(3);
-    let skip_linux = args.iter().any(|a| a == "--skip-linux");
+    let Options { runs, skip_linux } = Options::parse("bench-snapshot", USAGE, 3);
     let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
     println!(

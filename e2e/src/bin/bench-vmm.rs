@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ignite_e2e::bench::{median, print_table, Row};
+use ignite_e2e::bench::{median, print_table, Options, Row};
 use ignite_e2e::{assemble_pvh, guest_kernel, ignite_bin, tiny_initramfs};
 
 const GUEST_MIB: u64 = 128;
@@ -36,22 +36,7 @@ const USAGE: &str = "usage: bench-vmm [--runs N] [--skip-linux]\n\n\
     and jailed against --no-jail VMMs, printing medians and ratios.";
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("{USAGE}");
-        return;
-    }
-    if let Some(unknown) = args.iter().skip(1).find(|a| a.starts_with('-') && *a != "--runs" && *a != "--skip-linux") {
-        eprintln!("bench-vmm: unknown option {unknown}\n{USAGE}");
-        std::process::exit(2);
-    }
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10);
-    let skip_linux = args.iter().any(|a| a == "--skip-linux");
+    let Options { runs, skip_linux } = Options::parse("bench-vmm", USAGE, 10);
     let dir = tempfile::tempdir().expect("temp dir");
     let tiny = assemble_pvh(dir.path(), "tiny", false);
     let halting = assemble_pvh(dir.path(), "tiny-halt", true);
