@@ -355,23 +355,32 @@ impl Drop for Daemon {
     }
 }
 
+/// Why a Linux fleet test cannot run here (no `/dev/kvm`, busybox-static or docker-registry), or
+/// `None`.
+pub fn linux_fleet_unavailable() -> Option<String> {
+    use image_store::testing::fixtures;
+    kvm_unavailable()
+        .or_else(|| {
+            fixtures::busybox_image(&["/bin/sh"])
+                .is_none()
+                .then(|| format!("{} (busybox-static) is not installed", fixtures::BUSYBOX))
+        })
+        .or_else(|| {
+            (!Path::new("/usr/bin/docker-registry").exists())
+                .then(|| "docker-registry is not installed (scripts/install-deps.sh installs it)".to_string())
+        })
+}
+
 /// What a Linux fleet test needs before anything runs: `/dev/kvm`, busybox-static and
 /// docker-registry. Returns a real registry on 127.0.0.1 serving a busybox image (keep the registry
 /// alive) and that image's reference; or `None` after printing why test `name` skips.
 pub fn busybox_registry(name: &str) -> Option<(image_store::testing::registry::Registry, String)> {
     use image_store::testing::{fixtures, registry::Registry};
-    if let Some(why) = kvm_unavailable() {
+    if let Some(why) = linux_fleet_unavailable() {
         eprintln!("SKIP {name}: {why}");
         return None;
     }
-    let Some(image) = fixtures::busybox_image(&["/bin/sh"]) else {
-        eprintln!("SKIP {name}: {} (busybox-static) is not installed", fixtures::BUSYBOX);
-        return None;
-    };
-    if !Path::new("/usr/bin/docker-registry").exists() {
-        eprintln!("SKIP {name}: docker-registry is not installed (scripts/install-deps.sh installs it)");
-        return None;
-    }
+    let image = fixtures::busybox_image(&["/bin/sh"])?;
     let registry = Registry::start(None).expect("start docker-registry on 127.0.0.1");
     fixtures::push_image(&registry.host(), "demo/busybox", "1", &image, None);
     let reference = format!("{}/demo/busybox:1", registry.host());

@@ -1,9 +1,9 @@
-//! `ignite snapshot` and `ignite rollback` with a real Linux guest: the real `ignite daemon` (no
-//! network), a busybox image from a real registry, ignite-init as PID 1 and the patched guest kernel
+//! `ignite snapshot` and `ignite rollback` with a real Linux guest: the real `ignite daemon` (inside
+//! a network namespace this test creates), a busybox image from a real registry, ignite-init as PID 1 and the patched guest kernel
 //! on /dev/kvm. A busybox loop counts on its console and in a file on its root disk; the VM is
 //! snapshotted while it runs, counts on, and is rolled back: the console goes on from the
 //! snapshot's count in a new VMM (no reboot), the file holds the snapshot's value, and `ignite exec`
-//! reaches the guest agent again.
+//! reaches the guest agent again, and its web server answers through its port forward again.
 //!
 //! One Linux boot (a minute or two where KVM emulates guests) and one restore (seconds).
 
@@ -11,12 +11,15 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{busybox_registry, guest_kernel, ignite_cmd, Daemon, KillVmsOnDrop};
+use controller::testing::netns::run_inside;
+use ignite_e2e::{busybox_registry, guest_kernel, ignite_cmd, linux_fleet_unavailable, Daemon, KillVmsOnDrop};
 
 const NAME: &str = "a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 /// The guest's loop: a count on the console and in /count (synced to the disk), every second.
-const COUNTER: &str = "i=0; while :; do i=$((i+1)); echo $i > /count; sync; echo SNAP-COUNT $i; sleep 1; done";
+/// The guest serves its /www with busybox httpd beside the loop.
+const COUNTER: &str =
+    "httpd -p 80 -h /www; i=0; while :; do i=$((i+1)); echo $i > /count; sync; echo SNAP-COUNT $i; sleep 1; done";
 
 fn counts(console: &str) -> Vec<u64> {
     console.lines().filter_map(|l| l.split("SNAP-COUNT ").nth(1)?.trim().parse().ok()).collect()
@@ -30,6 +33,16 @@ fn wait_for(what: &str, timeout: Duration, context: &dyn Fn() -> String, mut con
     }
 }
 
+fn http_get(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 fn ignite(r: &Path, args: &[&str]) -> (bool, String, String) {
     let out = ignite_cmd(r).args(args).stdin(Stdio::null()).output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -38,19 +51,26 @@ fn ignite(r: &Path, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it() {
+    if let Some(why) = linux_fleet_unavailable() {
+        eprintln!("SKIP {NAME}: {why}");
+        return;
+    }
+    let kernel = guest_kernel(); // built outside the namespace's time budget
+    if !run_inside("ignite-e2e-snapshot", NAME) {
+        return;
+    }
     let Some((_registry, image)) = busybox_registry(NAME) else { return };
-    let kernel = guest_kernel();
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
     let _vms = KillVmsOnDrop(r);
-    let _daemon = Daemon::start(r, &kernel, &["--no-network"]);
+    let _daemon = Daemon::start(r, &kernel, &["--bridge", "ignbr-e2e-snap", "--subnet", "10.98.0.0/24"]);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let console = || read(&r.join("vms/counter/console.log"));
     let pid = || read(&r.join("vms/counter/pid")).split_whitespace().next().unwrap_or_default().to_string();
     let context = || format!("console:\n{}\ndaemon log:\n{}", console(), read(&r.join("daemon.log")));
     let highest = || counts(&console()).last().copied().unwrap_or(0);
 
-    let args = ["run", "-d", &image, "--name", "counter", "--memory", "128Mi", "--size", "256Mi"];
+    let args = ["run", "-d", &image, "--name", "counter", "--memory", "128Mi", "--size", "256Mi", "-p", "8081:80"];
     let (ok, _, err) = ignite(r, &[&args[..], &["--", "/bin/sh", "-c", COUNTER]].concat());
     assert!(ok, "{err}");
     let started = Instant::now();
@@ -110,6 +130,12 @@ fn a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it() {
         resumed[0],
         context()
     );
+    // The network too: the restored guest's virtio-net device, on the same tap, serves again.
+    let mut answer = String::new();
+    wait_for("the guest's web server through the host port", Duration::from_secs(60), &context, || {
+        answer = http_get(8081).unwrap_or_default();
+        answer.contains("hello from an ignite microVM")
+    });
     let (_, events, _) = ignite(r, &["events"]);
     assert!(events.contains("SnapshotTaken") && events.contains("RollingBack"), "{events}");
 
