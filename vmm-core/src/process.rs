@@ -107,10 +107,12 @@ pub enum ProcessError {
         source: std::io::Error,
     },
     /// The VM could not be built.
-    #[error("cannot start a vm with kernel {kernel}")]
+    #[error("cannot start a vm {}", start_what(.kernel, .snapshot.as_deref()))]
     Start {
         /// The kernel it was to boot.
         kernel: PathBuf,
+        /// The snapshot it was to resume from instead ([`VmConfig::restore_from`]).
+        snapshot: Option<PathBuf>,
         /// Why.
         #[source]
         source: VmError,
@@ -118,6 +120,14 @@ pub enum ProcessError {
     /// The main thread's seccomp filter could not be installed.
     #[error("cannot confine the vmm's main thread")]
     Seccomp(#[source] crate::jail::JailError),
+}
+
+/// What [`ProcessError::Start`] was starting: a boot of `kernel`, or a resume from `snapshot`.
+fn start_what(kernel: &std::path::Path, snapshot: Option<&std::path::Path>) -> String {
+    match snapshot {
+        Some(dir) => format!("from the snapshot {}", dir.display()),
+        None => format!("with kernel {}", kernel.display()),
+    }
 }
 
 /// Runs the VM `config` describes until it ends, with the lifecycle described in the module
@@ -157,7 +167,11 @@ fn run_vm(config: &VmConfig, options: RunOptions) -> Result<Finished, ProcessErr
     };
     let mut lifeline = options.lifeline.map(Lifeline::new);
     let process_to_vm_start = options.process_start.elapsed();
-    let handle = Vm::start(config).map_err(|source| ProcessError::Start { kernel: config.kernel.clone(), source })?;
+    let handle = Vm::start(config).map_err(|source| ProcessError::Start {
+        kernel: config.kernel.clone(),
+        snapshot: config.restore_from.clone(),
+        source,
+    })?;
     // From here on an error must end the VM before it is reported.
     let control = match listener.map(|(path, l)| l.serve().map_err(socket_err(path))) {
         Some(Err(err)) => {
@@ -344,10 +358,24 @@ mod tests {
         let missing = dir.path().join("no-such-kernel");
         let err = run(&VmConfig::new(&missing), options).unwrap_err();
         assert!(matches!(err, ProcessError::Start { .. }), "{err:?}");
+        assert!(err.to_string().contains("with kernel") && err.to_string().contains("no-such-kernel"), "{err}");
         let record: ExitRecord = serde_json::from_slice(&std::fs::read(&exit_file).unwrap()).unwrap();
         assert_eq!(record.exit_code, i32::from(EXIT_VMM_ERROR));
         let ExitReason::Error { detail } = record.exit else { panic!("{record:?}") };
         assert!(detail.contains("no-such-kernel"), "{detail}");
+
+        // A resume names the snapshot it could not resume from, not an empty kernel path.
+        let mut restore = VmConfig::new("");
+        restore.restore_from = Some(dir.path().join("no-such-snapshot"));
+        let options = RunOptions {
+            control_socket: None,
+            exit_file: None,
+            stop_timeout: Duration::from_secs(1),
+            lifeline: None,
+            process_start: Instant::now(),
+        };
+        let err = run(&restore, options).unwrap_err().to_string();
+        assert!(err.contains("from the snapshot") && err.contains("no-such-snapshot"), "{err}");
     }
 
     #[test]

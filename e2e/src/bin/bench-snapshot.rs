@@ -233,7 +233,8 @@ fn main() {
         measure(d, guest, n, &mut rows, &mut snapshot_rows);
     }
     println!("\nrestore from a snapshot (ignite) against a cold start of the same guest (first output waits for");
-    println!("the guest's next count after a restore: up to one period of its loop, a second for Linux):");
+    println!("the guest's next count after a restore: up to one period of its loop, ~3 s for the Linux guest");
+    println!("here, whose busybox loop forks sleep under emulation):");
     print_table("cold start", &rows);
     println!("\nsnapshot of a running VM (pause, save state and memory, resume):");
     print_table("-", &snapshot_rows);
