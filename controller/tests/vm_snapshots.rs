@@ -153,6 +153,18 @@ fn a_running_vm_is_snapshotted_and_rolled_back_in_memory_and_disk() {
     assert!(refused(r, &["snapshot", "create", "web", "s1"]).contains("has a snapshot named \"s1\" already"));
     assert!(refused(r, &["snapshot", "create", "web", "../x"]).contains("is not a snapshot name"));
     assert!(refused(r, &["snapshot", "create", "ghost"]).contains("no VM named \"ghost\""));
+    // A VM name is never a path: nothing outside the VM's own snapshots is read or removed.
+    let outside = r.join("outside/s1");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(published.join("snapshot.json"), outside.join("snapshot.json")).unwrap();
+    for args in [
+        &["snapshot", "rm", "../outside", "s1"][..],
+        &["snapshot", "ls", "../outside"],
+        &["rollback", "../outside", "s1"],
+    ] {
+        assert!(refused(r, args).contains("no VM named"), "{args:?}");
+    }
+    assert!(outside.join("snapshot.json").exists());
     assert!(refused(r, &["rollback", "web", "nope"]).contains("no snapshot named \"nope\""));
     ok(r, &["snapshot", "create", "web", "damaged"]);
     let state = r.join("vm-snapshots/web/damaged/state");

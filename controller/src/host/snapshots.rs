@@ -419,6 +419,9 @@ impl VmSnapshots for HostRuntime {
 
     fn list_snapshots(&self, vm: Option<&str>) -> Result<Vec<SnapshotInfo>, SnapshotOpError> {
         let vms = match vm {
+            Some(vm) if self.store.get_vm(vm).map_err(|e| failed(vm, "reading the store")(&e))?.is_none() => {
+                return Err(SnapshotOpError::NoVm(vm.into()))
+            }
             Some(vm) => vec![vm.to_string()],
             None => self.snapshot_owners(),
         };
@@ -439,6 +442,10 @@ impl VmSnapshots for HostRuntime {
         vmm_core::snapshot::check_name(name).map_err(|_| SnapshotOpError::Name(name.into()))?;
         let lock = self.vm_lock(vm);
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Only a declared VM's: the name then is a plain label, never a path out of the directory.
+        if self.store.get_vm(vm).map_err(|e| failed(vm, "reading the store")(&e))?.is_none() {
+            return Err(SnapshotOpError::NoVm(vm.into()));
+        }
         self.read_snapshot(vm, name)?;
         if self.pending_restore(vm).as_deref() == Some(name) {
             return Err(SnapshotOpError::Pending { vm: vm.into(), name: name.into() });
