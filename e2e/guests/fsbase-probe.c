@@ -12,7 +12,8 @@
  *
  * Usage (as PID 1): the kernel passes unknown `NAME=VALUE` arguments to init as its environment, so
  * the command line sets PROBE_ROUNDS (default 100), PROBE_WORKERS (processes started at once per
- * round, default 8) and PROBE_CHECKS (checks per process, default 20).
+ * round, default 8), PROBE_CHECKS (checks per process, default 20) and PROBE_SPAWN (0: every way in
+ * turn, the default; 1: fork + exec only; 2: posix_spawn only).
  * Children are `/probe-static child CHECKS` and `/probe-dynamic child CHECKS`, started by fork + exec
  * or posix_spawn, and busybox shells (`/bin/sh`) that fork for command substitutions, while a second
  * thread of PID 1 keeps checking its own FS base.
@@ -174,10 +175,12 @@ static void *spinner(void *arg) {
 
 /* How a worker starts: fork + exec, posix_spawn (CLONE_VM | CLONE_VFORK), or a busybox shell that
  * forks a subshell for a command substitution, as `sh -c "x=$(echo hi)"` does. */
+static long spawn_mode; /* PROBE_SPAWN: 0 every way in turn, 1 fork + exec only, 2 posix_spawn only */
+
 static pid_t start_worker(long w, const char *checks_arg) {
 	const char *prog = (w % 2) ? "/probe-dynamic" : "/probe-static";
 	pid_t pid = 0;
-	switch (w % 4) {
+	switch (spawn_mode == 1 ? 0 : spawn_mode == 2 ? 2 : w % 4) {
 	case 0:
 	case 1:
 		pid = fork();
@@ -234,6 +237,7 @@ int main(int argc, char **argv) {
 			usleep(10000);
 	}
 	long rounds = env_or("PROBE_ROUNDS", 100);
+	spawn_mode = env_or("PROBE_SPAWN", 0);
 	long workers = env_or("PROBE_WORKERS", 8);
 	if (workers < 1 || workers > MAX_WORKERS)
 		workers = 8;

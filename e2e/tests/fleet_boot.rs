@@ -112,9 +112,7 @@ fn ignite_exec_once(root: &Path, args: &[&str], stdin: &[u8]) -> (String, String
 
 /// The guest kernel's reports of a process killed by a memory fault (and of init's death) on `console`.
 fn guest_fault_reports(console: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    let fault = |l: &&str| [": segfault at ", "traps: ", "Attempted to kill init"].iter().any(|w| l.contains(w));
-    text.lines().filter(fault).map(str::to_string).collect()
+    ignite_e2e::guest_fault_reports(&std::fs::read_to_string(console).unwrap_or_default())
 }
 
 /// Whether, on a host whose KVM is software, the guest kernel reported more memory faults than the
@@ -421,13 +419,26 @@ fn a_committed_vm_boots_linux_with_ignite_init_and_serves_its_port() {
     let (ps, _) = ignite(r, &["ps"]);
     assert!(ps.lines().any(|l| l.starts_with("web ") && l.contains("Running") && l.contains("10.97.0.2")), "{ps}");
     let mut first_pid = pid();
+    let faults_before = guest_fault_reports(&console).len();
+    let markers = || read(&console).matches("IGNITE-E2E-UP web from-the-manifest").count();
+    let markers_before = markers();
     if exec_and_attach_unless_the_host_loses_guest_memory(r, &console) {
-        // The fault may have killed the guest's init: the daemon restarts the VM; go on from there.
-        wait_for("the VM to run again after the host fault", Duration::from_secs(420), || {
-            let (ps, _) = ignite(r, &["ps"]);
-            ps.lines().any(|l| l.starts_with("web ") && l.contains("Running"))
-                && read(&console).contains("IGNITE-E2E-UP")
-        });
+        // The fault may have killed the guest's init (its panic can follow the process's trap by a
+        // moment): then the daemon restarts the VM, and the test goes on once its command runs again.
+        let init_died = || {
+            let reports = guest_fault_reports(&console);
+            reports.get(faults_before..).unwrap_or_default().iter().any(|l| l.contains("Attempted to kill init"))
+        };
+        let settle = Instant::now();
+        while settle.elapsed() < Duration::from_secs(30) && !init_died() && pid() == first_pid {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if init_died() || pid() != first_pid {
+            wait_for("the VM to run its command again after the host fault", Duration::from_secs(420), || {
+                let (ps, _) = ignite(r, &["ps"]);
+                markers() > markers_before && ps.lines().any(|l| l.starts_with("web ") && l.contains("Running"))
+            });
+        }
         first_pid = pid();
     }
     let faults_at_first_pid = guest_fault_reports(&console).len();

@@ -12,7 +12,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use controller::testing::netns::run_inside;
-use ignite_e2e::{busybox_registry, guest_kernel, ignite_cmd, linux_fleet_unavailable, Daemon, KillVmsOnDrop};
+use ignite_e2e::{
+    busybox_registry, guest_kernel, ignite_cmd, linux_fleet_unavailable, unless_the_host_faults, Daemon, KillVmsOnDrop,
+};
 
 const NAME: &str = "a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
@@ -62,8 +64,13 @@ fn a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it() {
     let Some((_registry, image)) = busybox_registry(NAME) else { return };
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
+    unless_the_host_faults(NAME, r, || rollback(r, &kernel, &image));
+}
+
+fn rollback(r: &Path, kernel: &Path, image: &str) {
+    let image = image.to_string();
     let _vms = KillVmsOnDrop(r);
-    let _daemon = Daemon::start(r, &kernel, &["--bridge", "ignbr-e2e-snap", "--subnet", "10.98.0.0/24"]);
+    let _daemon = Daemon::start(r, kernel, &["--bridge", "ignbr-e2e-snap", "--subnet", "10.98.0.0/24"]);
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let console = || read(&r.join("vms/counter/console.log"));
     let pid = || read(&r.join("vms/counter/pid")).split_whitespace().next().unwrap_or_default().to_string();

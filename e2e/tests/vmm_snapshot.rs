@@ -64,7 +64,7 @@ fn a_snapshot_taken_through_the_control_socket_restores_in_a_new_vmm_process() {
     let (socket, snapshots) = (d.join("control.sock"), d.join("snapshots"));
     let original = vmm(&d.join("original.log"), &disk)
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--control-socket")
         .arg(&socket)
         .arg("--snapshot-dir")
@@ -135,6 +135,10 @@ fn a_linux_guest_restored_from_a_snapshot_keeps_counting_with_its_timers_disk_an
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let kernel = ignite_e2e::guest_kernel();
+    ignite_e2e::unless_the_host_faults(LINUX_NAME, d, || linux_restore(d, &kernel));
+}
+
+fn linux_restore(d: &Path, kernel: &Path) {
     let initrd = counting_initramfs(d);
     let disk = d.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -154,7 +158,7 @@ fn a_linux_guest_restored_from_a_snapshot_keeps_counting_with_its_timers_disk_an
     };
     let original = linux(&d.join("original.log"), &disk, "original.vsock")
         .arg("--kernel")
-        .arg(&kernel)
+        .arg(kernel)
         .arg("--initrd")
         .arg(&initrd)
         .args(["--cmdline", "console=ttyS0 reboot=k panic=-1 rdinit=/init"])
