@@ -183,6 +183,13 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 }
 
 impl HostRuntime {
+    /// VM `vm`'s record, or [`SnapshotOpError::NoVm`]: only a declared VM's name (a plain label,
+    /// never a path out of `vm-snapshots/`) reaches the snapshot directories.
+    fn declared_vm(&self, vm: &str) -> Result<crate::store::VmRecord, SnapshotOpError> {
+        let record = self.store.get_vm(vm).map_err(|e| failed(vm, "reading the store")(&e))?;
+        record.ok_or_else(|| SnapshotOpError::NoVm(vm.into()))
+    }
+
     fn read_snapshot(&self, vm: &str, name: &str) -> Result<SnapshotInfo, SnapshotOpError> {
         let path = self.layout.vm_snapshots(vm).record(name);
         let text = match std::fs::read(&path) {
@@ -363,9 +370,7 @@ impl VmSnapshots for HostRuntime {
         }
         let lock = self.vm_lock(vm);
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-        if self.store.get_vm(vm).map_err(|e| failed(vm, "reading the store")(&e))?.is_none() {
-            return Err(SnapshotOpError::NoVm(vm.into()));
-        }
+        self.declared_vm(vm)?;
         let prepared = self.load(vm).map_err(|e| failed(vm, "reading its prepared state")(&e))?;
         let prepared = prepared.ok_or_else(|| SnapshotOpError::NotPrepared(vm.into()))?;
         let dir = self.layout.vm_snapshots(vm);
@@ -419,10 +424,10 @@ impl VmSnapshots for HostRuntime {
 
     fn list_snapshots(&self, vm: Option<&str>) -> Result<Vec<SnapshotInfo>, SnapshotOpError> {
         let vms = match vm {
-            Some(vm) if self.store.get_vm(vm).map_err(|e| failed(vm, "reading the store")(&e))?.is_none() => {
-                return Err(SnapshotOpError::NoVm(vm.into()))
+            Some(vm) => {
+                self.declared_vm(vm)?;
+                vec![vm.to_string()]
             }
-            Some(vm) => vec![vm.to_string()],
             None => self.snapshot_owners(),
         };
         let mut all = Vec::new();
@@ -442,10 +447,7 @@ impl VmSnapshots for HostRuntime {
         vmm_core::snapshot::check_name(name).map_err(|_| SnapshotOpError::Name(name.into()))?;
         let lock = self.vm_lock(vm);
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-        // Only a declared VM's: the name then is a plain label, never a path out of the directory.
-        if self.store.get_vm(vm).map_err(|e| failed(vm, "reading the store")(&e))?.is_none() {
-            return Err(SnapshotOpError::NoVm(vm.into()));
-        }
+        self.declared_vm(vm)?;
         self.read_snapshot(vm, name)?;
         if self.pending_restore(vm).as_deref() == Some(name) {
             return Err(SnapshotOpError::Pending { vm: vm.into(), name: name.into() });
@@ -462,8 +464,7 @@ impl VmSnapshots for HostRuntime {
         vmm_core::snapshot::check_name(name).map_err(|_| SnapshotOpError::Name(name.into()))?;
         let lock = self.vm_lock(vm);
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let record = self.store.get_vm(vm).map_err(|e| failed(vm, "reading the store")(&e))?;
-        let record = record.ok_or_else(|| SnapshotOpError::NoVm(vm.into()))?;
+        let record = self.declared_vm(vm)?;
         let prepared = self.load(vm).map_err(|e| failed(vm, "reading its prepared state")(&e))?;
         let prepared = prepared.ok_or_else(|| SnapshotOpError::NotPrepared(vm.into()))?;
         let info = self.read_snapshot(vm, name)?;
