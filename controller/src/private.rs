@@ -30,6 +30,19 @@ pub fn secure_root(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Writes `value` as JSON to `path` through a synced temp file (`<path>.tmp`) renamed into place:
+/// a reader, or the daemon after a crash, sees the old record or the new one, never half of one.
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,10 +38,7 @@ pub fn save(dir: &RuntimeDir, exit: &Exit) -> std::io::Result<()> {
     if !dir.path().is_dir() {
         return Ok(());
     }
-    let file = dir.last_exit();
-    let tmp = file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(exit).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&tmp, file)
+    crate::private::write_json_atomic(&dir.last_exit(), exit)
 }
 
 /// The recorded exit, if any (also from the file name releases before `last-exit.json` used).

@@ -2,7 +2,7 @@
 //! (written last, atomically, so its presence means "prepared completely").
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -56,12 +56,7 @@ pub fn load(runtime_dir: &Path, vm: &str) -> io::Result<Option<PreparedVm>> {
 
 /// Writes the record atomically (temp file, fsync, rename).
 pub fn save(runtime_dir: &Path, vm: &str, prepared: &PreparedVm) -> io::Result<()> {
-    let target = file(runtime_dir, vm);
-    let tmp = target.with_extension("json.tmp");
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(prepared).map_err(io::Error::other)?)?;
-    f.sync_all()?;
-    fs::rename(&tmp, &target)
+    crate::private::write_json_atomic(&file(runtime_dir, vm), prepared)
 }
 
 /// Removes the VM's runtime directory (record and config drive). Missing is fine.

@@ -168,16 +168,6 @@ fn private_dir(path: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
-/// Writes `value` as JSON to `path` through a synced temp file renamed into place.
-fn write_json_synced<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
@@ -408,7 +398,7 @@ impl VmSnapshots for HostRuntime {
                 std::os::unix::fs::chown(entry.path(), Some(0), Some(0))?;
             }
             std::os::unix::fs::chown(&staging, Some(0), Some(0))?;
-            write_json_synced(&staging.join("snapshot.json"), &info)?;
+            crate::private::write_json_atomic(&staging.join("snapshot.json"), &info)?;
             crate::failpoint::hit("snapshot:before-publish");
             std::fs::rename(&staging, &target)?;
             sync_dir(dir.path())?;
@@ -489,7 +479,7 @@ impl VmSnapshots for HostRuntime {
         let runtime = prepared::dir(&self.runtime_dir(), vm);
         super::exits::clear(&runtime).map_err(|e| failed(vm, "clearing its last exit")(&e))?;
         self.supervisor.cleanup(vm).map_err(|e| failed(vm, "removing its run directory")(&e))?;
-        write_json_synced(&runtime.pending_restore(), &PendingRestore { snapshot: name.into() })
+        crate::private::write_json_atomic(&runtime.pending_restore(), &PendingRestore { snapshot: name.into() })
             .map_err(|e| failed(vm, "recording the rollback")(&e))?;
         info!(vm, snapshot = name, kind = info.kind.as_str(), "rollback pending: the next start restores it");
         Ok(info)
