@@ -28,6 +28,21 @@ impl Default for JailPolicy {
     }
 }
 
+impl JailPolicy {
+    /// Splits the last `n` uids off the range for a second supervisor (the warm-start template
+    /// builds), so the two never hand out the same uid: (this policy without them, the other's).
+    /// `None` when the range has no more than `n` uids.
+    pub fn split_off(&self, n: u32) -> Option<(JailPolicy, JailPolicy)> {
+        let (start, end) = (*self.uids.start(), *self.uids.end());
+        let first = end.checked_sub(n.checked_sub(1)?)?;
+        if first <= start {
+            return None;
+        }
+        let mine = JailPolicy { uids: start..=first - 1, ..self.clone() };
+        Some((mine, JailPolicy { uids: first..=end, ..self.clone() }))
+    }
+}
+
 /// The default uid range: above the usual subordinate-uid ranges of ordinary users.
 pub const DEFAULT_UIDS: RangeInclusive<u32> = 3_000_000..=3_065_535;
 
@@ -64,9 +79,7 @@ pub(crate) fn allocate_uid(run_dir: &Path, name: &str, policy: &JailPolicy) -> R
         ))
     })?;
     let path = dir.jail_record();
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&JailRecord { uid }).unwrap_or_default()).map_err(io_err("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err("write", &path))?;
+    crate::private::write_json_atomic(&path, &JailRecord { uid }).map_err(io_err("write", &path))?;
     Ok(uid)
 }
 
@@ -94,6 +107,15 @@ pub(crate) fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_policy_hands_out_disjoint_uids() {
+        let policy = JailPolicy { uids: 5000..=5009, ..JailPolicy::default() };
+        let (vms, templates) = policy.split_off(4).unwrap();
+        assert_eq!((vms.uids, templates.uids), (5000..=5005, 5006..=5009));
+        assert!(policy.split_off(10).is_none());
+        assert!(policy.split_off(0).is_none());
+    }
 
     #[test]
     fn uids_are_unique_per_vm_kept_across_calls_and_freed_with_the_directory() {
