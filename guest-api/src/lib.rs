@@ -10,6 +10,8 @@
 //! - [`boot`]: the kernel command line that starts `ignite-init`, and the console lines it prints that
 //!   the host parses (how the main process ended).
 //! - [`agent`]: the exec agent's wire protocol on vsock port [`agent::AGENT_PORT`].
+//! - [`warm`]: warm start: the template's boot and the identity a restored guest gets on vsock port
+//!   [`warm::IDENTITY_PORT`].
 //! - [`error_chain`]: how an error and its causes are rendered on one line, the same on both sides (console
 //!   lines from the guest, statuses and events on the host).
 
@@ -17,6 +19,7 @@ pub mod agent;
 pub mod boot;
 pub mod config;
 pub mod image;
+pub mod warm;
 
 /// An error and its sources on one line, joined with `: ` (`a: b: c`): how both sides render errors for
 /// console lines, VM statuses, events and the CLI.

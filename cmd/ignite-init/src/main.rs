@@ -5,11 +5,16 @@
 //! and the kubelet alongside it (`ignite_init::node`), reaps children, forwards signals, then reports the main process's exit on the console (`ignite-init: exit
 //! status=N` or `signal=S`) and powers the VM off through the ignite power port (0xf4), falling back to
 //! a reset.
+//!
+//! Started as `/init` from the host's initramfs with `ignite.template=1` on the kernel command line, it
+//! is a warm-start template instead ([`warm`]): it waits for the identity of the VM a restored copy
+//! becomes, then switches root to that VM's disk and execs the disk's `ignite-init`, which boots as above.
 
 mod registered;
 mod setup;
 mod supervise;
 mod vsock_agent;
+mod warm;
 
 use guest_api::boot::{exit_status_line, CONSOLE_PREFIX};
 use ignite_init::{spec, sys};
@@ -50,6 +55,10 @@ fn main() {
 /// Everything up to the main process's end; errors carry the status to report.
 fn run() -> Result<sys::Exit, (String, u8)> {
     let fail = |msg: String| (msg, 127);
+    if warm::template_mode() {
+        // Returns only when the root switch to the VM's disk failed.
+        return Err(fail(warm::run()));
+    }
     sys::mask_handled(true).map_err(|e| fail(format!("cannot block signals: {e}")))?;
     setup::mount_pseudo_filesystems().map_err(fail)?;
     setup::loopback_up();
