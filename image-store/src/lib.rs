@@ -13,6 +13,7 @@ pub mod ext4;
 pub mod image;
 pub mod images;
 pub mod import;
+pub mod initramfs;
 pub mod kernel;
 pub mod paths;
 pub mod progress;

@@ -187,6 +187,15 @@ impl VirtioDevice for Block {
         self.active.as_ref().map(|active| active.queues.as_slice())
     }
 
+    /// The driver read the capacity of the disk the snapshot was taken with; this disk may be
+    /// another (a warm start's own disk in place of its template's placeholder, a disk put back by a
+    /// rollback): the driver is told its configuration changed, and reads the capacity again.
+    fn restored(&mut self) {
+        if let Some(active) = &self.active {
+            active.interrupt.signal_config_changed();
+        }
+    }
+
     fn process_queue(&mut self, index: usize) {
         let Block { disk, active, .. } = self;
         let Some(active) = active else { return };

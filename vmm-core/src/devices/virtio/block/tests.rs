@@ -285,6 +285,19 @@ fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
 }
 
 #[test]
+fn a_restored_disk_tells_the_driver_to_read_its_capacity_again() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    let (_dir, _path, mut block) = new_block(8, false);
+    block.restored();
+    let irq = activate(&mut block, &mem, vq.create_queue().unwrap());
+    assert!(irq.irqfd().read().is_err(), "activation alone changes nothing");
+    block.restored();
+    assert_eq!(irq.irqfd().read().unwrap(), 1);
+    assert_eq!(irq.status() & crate::devices::virtio::INT_CONFIG, crate::devices::virtio::INT_CONFIG);
+}
+
+#[test]
 fn config_space_holds_capacity_and_seg_max() {
     let (_dir, path) = image(0);
     std::fs::write(&path, vec![0u8; 4096 + 100]).unwrap();
