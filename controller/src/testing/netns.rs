@@ -46,7 +46,8 @@ pub fn sh_in(ns: &str, cmd: &str) -> String {
 }
 
 /// If not yet inside a namespace: creates `ns`, re-runs test `test` of this binary inside it,
-/// asserts it passed and returns `false` (the caller returns). Inside: returns `true`.
+/// asserts it passed, passes on what it printed on stderr and returns `false` (the caller returns).
+/// Inside: returns `true`.
 pub fn run_inside(ns: &str, test: &str) -> bool {
     if std::env::var_os(INSIDE).is_some() {
         return true;
@@ -67,5 +68,7 @@ pub fn run_inside(ns: &str, test: &str) -> bool {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stdout.contains("1 passed"), "{test} inside {ns} failed:\n{stdout}\n{stderr}");
+    // What the test said inside (its figures, a SKIP and why) is the test's output.
+    eprintln!("[inside {ns}]\n{stderr}");
     false
 }
