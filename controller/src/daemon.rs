@@ -172,10 +172,43 @@ impl Daemon {
             info!(removed = ?recovered.removed, "removed half-made disks left by a crash");
         }
         let run_dir = layout.vms_dir();
+        // Template builds get their own supervisor and the last uids of the jail range.
+        let (vm_jail, template_jail) = match &config.vmm.jail {
+            Some(policy) => match policy.split_off(crate::host::templates::TEMPLATE_UIDS) {
+                Some((vms, templates)) => (Some(vms), Some(templates)),
+                None => (Some(policy.clone()), None),
+            },
+            None => (None, None),
+        };
+        let warm_start = match (config.host.warm_start, &config.host.init_bin, &template_jail) {
+            (false, ..) => false,
+            (true, None, _) => {
+                warn!("no ignite-init binary (--init): every VM boots cold, templates need it");
+                false
+            }
+            (true, Some(_), None) if vm_jail.is_some() => {
+                warn!("the jail's uid range is too small to spare uids for templates: every VM boots cold");
+                false
+            }
+            _ => true,
+        };
+        let template_supervisor = if !warm_start {
+            None
+        } else {
+            let run_dir = layout.templates().run_dir();
+            let supervisor = Supervisor::new(SupervisorConfig {
+                run_dir: run_dir.clone(),
+                ignite_bin: config.ignite_bin.clone(),
+                jail: template_jail,
+                log_max_bytes: config.vmm.log_max_bytes,
+            })
+            .map_err(|e| DaemonError::Supervisor(run_dir, e))?;
+            Some(supervisor)
+        };
         let supervisor = Supervisor::new(SupervisorConfig {
             run_dir: run_dir.clone(),
             ignite_bin: config.ignite_bin.clone(),
-            jail: config.vmm.jail.clone(),
+            jail: vm_jail,
             log_max_bytes: config.vmm.log_max_bytes,
         })
         .map_err(|e| DaemonError::Supervisor(run_dir.clone(), e))?;
@@ -206,8 +239,25 @@ impl Daemon {
             }
             None => None,
         };
+        let templates = template_supervisor.map(|supervisor| {
+            let bridge = config.host.net.as_ref().map(|n| n.bridge.clone());
+            let templates = crate::host::templates::Templates::new(
+                layout.templates(),
+                config.host.init_bin.clone(),
+                supervisor,
+                net.clone(),
+                bridge,
+            );
+            for removed in templates.sweep() {
+                info!(removed, "removed what a template build left");
+            }
+            Arc::new(templates)
+        });
         let mut host_runtime =
             HostRuntime::new(layout.clone(), config.host.clone(), store.clone(), snapshotter, net, supervisor);
+        if let Some(templates) = templates {
+            host_runtime = host_runtime.with_templates(templates);
+        }
         if let Some((access, _)) = &kube {
             host_runtime = host_runtime.with_kube(access.clone());
         }
@@ -292,6 +342,7 @@ impl Daemon {
                 vmm_jail,
                 runtime: Some(daemon.runtime.clone() as Arc<dyn Runtime>),
                 snapshots: Some(daemon.runtime.clone() as Arc<dyn crate::host::snapshots::VmSnapshots>),
+                templates: Some(daemon.runtime.clone() as Arc<dyn crate::host::templates::TemplateOps>),
                 health: daemon.health.clone(),
                 policy: config.host.policy.clone(),
                 local_clients: true,

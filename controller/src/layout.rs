@@ -91,6 +91,49 @@ impl RootLayout {
     pub fn daemon_log(&self) -> PathBuf {
         self.root.join("daemon.log")
     }
+
+    /// The warm-start templates (`templates/`).
+    pub fn templates(&self) -> TemplatesDir {
+        TemplatesDir { dir: self.root.join("templates") }
+    }
+}
+
+/// The warm-start templates (`templates/`): one directory per template key holding the snapshot
+/// files a warm VM restores from ([`vmm_core::snapshot`]) and `template.json`, written last (a
+/// directory without it is not a template). Builds happen in `.build-<key>/`, their VMM's run
+/// directory under `.run/`; both are swept when the daemon starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplatesDir {
+    dir: PathBuf,
+}
+
+impl TemplatesDir {
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Template `key`'s directory (its `state` and `memory`).
+    pub fn template(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    /// Template `key`'s record (`template.json`).
+    pub fn record(&self, key: &str) -> PathBuf {
+        self.template(key).join("template.json")
+    }
+
+    /// Where template `key` is being built: its initramfs, placeholder disks and the VMM's
+    /// snapshot directory.
+    pub fn build(&self, key: &str) -> PathBuf {
+        self.dir.join(format!(".build-{key}"))
+    }
+
+    /// The run directories of template builds' VMMs (a supervisor of their own, so the VMs'
+    /// orphan sweep never sees them).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join(".run")
+    }
 }
 
 /// One VM's record on the host (`runtime/<vm>/`): what was prepared for it and how it last ended. It

@@ -108,67 +108,7 @@ fn run(cmd: &mut Command) {
     assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A `newc` cpio archive built in memory: what the kernel unpacks as an initramfs.
-#[derive(Default)]
-pub struct Initramfs {
-    data: Vec<u8>,
-    inode: u32,
-}
-
-impl Initramfs {
-    /// An empty archive.
-    pub fn new() -> Self {
-        Initramfs::default()
-    }
-
-    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), content: &[u8]) -> &mut Self {
-        self.inode += 1;
-        let fields =
-            [self.inode, mode, 0, 0, 1, 0, content.len() as u32, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];
-        self.data.extend_from_slice(b"070701");
-        for field in fields {
-            self.data.extend_from_slice(format!("{field:08x}").as_bytes());
-        }
-        self.data.extend_from_slice(name.as_bytes());
-        self.data.push(0);
-        self.pad();
-        self.data.extend_from_slice(content);
-        self.pad();
-        self
-    }
-
-    fn pad(&mut self) {
-        while !self.data.len().is_multiple_of(4) {
-            self.data.push(0);
-        }
-    }
-
-    /// A directory (no leading slash: `dev`).
-    pub fn dir(&mut self, name: &str) -> &mut Self {
-        self.entry(name, 0o040755, (0, 0), &[])
-    }
-
-    /// A regular file with permission bits `perm`.
-    pub fn file(&mut self, name: &str, perm: u32, content: &[u8]) -> &mut Self {
-        self.entry(name, 0o100000 | perm, (0, 0), content)
-    }
-
-    /// A symbolic link `name` to `target`.
-    pub fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.entry(name, 0o120777, (0, 0), target.as_bytes())
-    }
-
-    /// A character device node.
-    pub fn char_dev(&mut self, name: &str, major: u32, minor: u32) -> &mut Self {
-        self.entry(name, 0o020600, (major, minor), &[])
-    }
-
-    /// Closes the archive and writes it to `path`.
-    pub fn write(&mut self, path: &Path) -> std::io::Result<()> {
-        self.entry("TRAILER!!!", 0, (0, 0), &[]);
-        std::fs::write(path, &self.data)
-    }
-}
+pub use image_store::initramfs::Initramfs;
 
 /// An initramfs in `dir` whose `/init` is [`tiny_init`], with `/dev/console` so init has its stdio.
 pub fn tiny_initramfs(dir: &Path) -> PathBuf {
@@ -317,8 +257,14 @@ pub struct Daemon(pub Child);
 impl Daemon {
     /// Starts the real `ignite daemon ARGS` on `root` with `kernel` and the built ignite-init, logging
     /// (appending) to `root/daemon.log`, and waits until its socket exists (panics with the log after
-    /// 30 s).
+    /// 30 s). Its VMs boot cold (`--no-warm-start`): a test about something else does not build
+    /// templates beside its guests; [`Daemon::start_warm`] keeps the default.
     pub fn start(root: &Path, kernel: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_warm(root, kernel, &[&["--no-warm-start"], args].concat())
+    }
+
+    /// [`Daemon::start`] with warm start on, as a daemon is by default.
+    pub fn start_warm(root: &Path, kernel: &Path, args: &[&str]) -> Daemon {
         let log_path = root.join("daemon.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         let child = Command::new(ignite_bin())

@@ -95,6 +95,9 @@ enum Command {
     Snapshot(commands::snapshot::SnapshotCommand),
     /// Return a VM to one of its snapshots.
     Rollback(commands::snapshot::RollbackArgs),
+    /// Warm start: list, build and remove the templates (booted guests) new VMs start from.
+    #[command(subcommand)]
+    Template(commands::template::TemplateCommand),
     /// Show what happened to VMs and sources.
     Events(commands::vms::EventsArgs),
     /// A live view of the fleet: VMs, sources and events (q quits).
@@ -166,6 +169,7 @@ fn main() -> ExitCode {
         Command::Events(args) => done(commands::vms::events(args, &ctx)),
         Command::Snapshot(cmd) => done(commands::snapshot::run(cmd, &ctx)),
         Command::Rollback(args) => done(commands::snapshot::rollback(args, &ctx)),
+        Command::Template(cmd) => done(commands::template::run(cmd, &ctx)),
         Command::Sources(cmd) => done(commands::vms::sources(cmd, &ctx)),
         Command::Dashboard(args) => done(commands::dashboard::run(args, &ctx)),
         Command::Version => done(commands::vms::version(&ctx)),

@@ -19,5 +19,5 @@ pub use host_paths::{HostPathError, HostPaths};
 pub use host_policy::{HostPolicy, PortPolicy};
 pub use load::{check_unique_names, parse_manifests};
 pub use quantity::{PortMapping, Protocol, Quantity, QuantityError};
-pub use status::{Condition, ConditionStatus, ConditionType, LastExit, Phase, VmStatus};
+pub use status::{BootStatus, Condition, ConditionStatus, ConditionType, LastExit, Phase, VmStatus};
 pub use types::*;

@@ -106,6 +106,23 @@ pub struct VmStatus {
     /// The VMM runs without a jail (the daemon's `--no-jail`, for debugging only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unjailed: bool,
+    /// How the guest last started: from a template or by booting its kernel, and why not warm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootStatus>,
+}
+
+/// How a VM's guest last started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BootStatus {
+    /// `warm` (restored from a template) or `cold` (the kernel booted).
+    pub mode: String,
+    /// The template a warm VM came from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub template: String,
+    /// Why a VM that wanted a warm start booted cold.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 /// How a VM's main process ended for good (its restart policy did not restart it).

@@ -96,6 +96,28 @@ pub struct VmSpec {
     /// `auto-<time>`); only the newest `keep` of them are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots: Option<SnapshotSchedule>,
+    /// `Warm` (the default): start from a snapshot of an already booted guest (a template) where one
+    /// can serve; `Cold`: always boot the kernel. A VM that wanted warm and booted cold (no template
+    /// yet, the restore failed) says why in its status and events.
+    #[serde(default, skip_serializing_if = "BootMode::is_default")]
+    pub boot: BootMode,
+}
+
+/// `spec.boot`: how a VM's guest starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum BootMode {
+    /// From the template of its kernel and shape when one is built (see `ignite template`), else cold.
+    #[default]
+    Warm,
+    /// Boot the kernel.
+    Cold,
+}
+
+impl BootMode {
+    /// Whether this is the default (`Warm`), left out when a spec is written.
+    pub fn is_default(&self) -> bool {
+        *self == BootMode::Warm
+    }
 }
 
 /// `spec.snapshots`: how often a running VM is snapshotted, and how many such snapshots are kept.
@@ -280,8 +302,8 @@ impl Vm {
 
 impl VmSpec {
     /// A digest of everything that shapes the VM as built: image, kernel, sizes, command,
-    /// environment, network, files, keys and bootstrap. `state`, `restartPolicy`, `maxRestarts`
-    /// and `snapshots` are left out: changing them stops, starts or restarts the VM (or changes
+    /// environment, network, files, keys and bootstrap. `state`, `restartPolicy`, `maxRestarts`,
+    /// `snapshots` and `boot` are left out: changing them stops, starts or restarts the VM (or changes
     /// its snapshot schedule) without rebuilding it. A VM whose fingerprint changed is recreated.
     pub fn fingerprint(&self) -> String {
         use sha2::Digest as _;
@@ -290,6 +312,7 @@ impl VmSpec {
         shaped.restart_policy = RestartPolicy::default();
         shaped.max_restarts = None;
         shaped.snapshots = None;
+        shaped.boot = BootMode::default();
         let json = serde_json::to_vec(&shaped).expect("a VM spec serializes to JSON");
         hex::encode(sha2::Sha256::digest(json))
     }

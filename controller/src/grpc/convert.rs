@@ -58,6 +58,9 @@ fn status(s: &VmStatus) -> proto::VmStatus {
             finished_at: e.finished_at.clone(),
         }),
         unjailed: s.unjailed,
+        boot: s.boot.as_ref().map(|b| b.mode.clone()).unwrap_or_default(),
+        boot_template: s.boot.as_ref().map(|b| b.template.clone()).unwrap_or_default(),
+        boot_reason: s.boot.as_ref().map(|b| b.reason.clone()).unwrap_or_default(),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod images;
 mod server;
 mod snapshots;
 pub mod standard;
+mod templates;
 pub mod tls;
 
 use std::path::Path;

@@ -12,7 +12,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use super::proto::{
-    self, events_server, host_server, images_server, kernels_server, snapshots_server, sources_server, vms_server,
+    self, events_server, host_server, images_server, kernels_server, snapshots_server, sources_server,
+    templates_server, vms_server,
 };
 use crate::layout::RootLayout;
 use crate::reconcile::{Runtime, WorkQueue};
@@ -43,6 +44,8 @@ pub struct ApiState {
     pub runtime: Option<Arc<dyn Runtime>>,
     /// VM snapshots, for the Snapshots service (`None`: refused as unavailable).
     pub snapshots: Option<Arc<dyn crate::host::snapshots::VmSnapshots>>,
+    /// Warm-start templates, for the Templates service (`None`: refused as unavailable).
+    pub templates: Option<Arc<dyn crate::host::templates::TemplateOps>>,
     /// What the standard health service reports (the daemon keeps it current).
     pub health: super::standard::Health,
     /// What applied manifests may name on this host (files, ports).
@@ -489,6 +492,7 @@ fn services(mut builder: tonic::transport::Server, state: ApiState) -> tonic::tr
         .add_service(images_server::ImagesServer::new(state.clone()))
         .add_service(kernels_server::KernelsServer::new(state.clone()))
         .add_service(snapshots_server::SnapshotsServer::new(state.clone()))
+        .add_service(templates_server::TemplatesServer::new(state.clone()))
         .add_service(host_server::HostServer::new(state))
 }
 

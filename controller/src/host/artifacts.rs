@@ -153,6 +153,7 @@ mod tests {
             virt_mode: Default::default(),
             policy: crate::api::HostPolicy { paths, ..Default::default() },
             pull_timeouts: Default::default(),
+            warm_start: false,
         }
     }
 

@@ -15,6 +15,7 @@ pub mod kubernetes;
 pub mod prepared;
 pub mod schedule;
 pub mod snapshots;
+pub mod templates;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ pub struct HostConfig {
     pub policy: crate::api::HostPolicy,
     /// Bounds on every image pull (`--image-pull-timeout` for the whole pull).
     pub pull_timeouts: image_store::pull::PullTimeouts,
+    /// Start VMs from templates where they ask for it (`spec.boot: Warm`, the default) and build
+    /// templates on first need; `false` (`--no-warm-start`) boots every VM cold.
+    pub warm_start: bool,
 }
 
 /// See the module docs.
@@ -70,6 +74,8 @@ pub struct HostRuntime {
     /// One lock per VM, held by start, stop, destroy and the snapshot operations, so a rollback or
     /// a snapshot never interleaves with the reconciler's steps on the same VM.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The warm-start templates (`None`: every VM boots cold).
+    templates: Option<Arc<templates::Templates>>,
 }
 
 fn transient(reason: &'static str, what: String) -> impl FnOnce(&dyn std::error::Error) -> RuntimeError {
@@ -98,6 +104,7 @@ impl HostRuntime {
             stopping: Mutex::new(HashSet::new()),
             kube: None,
             locks: Mutex::new(HashMap::new()),
+            templates: None,
         }
     }
 
@@ -106,6 +113,17 @@ impl HostRuntime {
     pub fn with_kube(mut self, access: crate::kube::access::KubeAccess) -> Self {
         self.kube = Some(access);
         self
+    }
+
+    /// Starts VMs warm from `templates` (see [`templates`]).
+    pub fn with_templates(mut self, templates: Arc<templates::Templates>) -> Self {
+        self.templates = Some(templates);
+        self
+    }
+
+    /// The warm-start templates, when warm start is on.
+    pub fn templates(&self) -> Option<&Arc<templates::Templates>> {
+        self.templates.as_ref()
     }
 
     /// The supervisor (for exit notifications and control).
@@ -141,6 +159,102 @@ impl HostRuntime {
     fn vm_lock(&self, name: &str) -> Arc<Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(name.to_string()).or_default().clone()
+    }
+
+    /// The template VM `vm` starts from (its key and directory), or why it boots cold (empty when it
+    /// asked to, or warm start is off).
+    fn warm_template(&self, vm: &Vm, prepared: &PreparedVm) -> Result<(String, PathBuf), String> {
+        let Some(templates) = &self.templates else { return Err(String::new()) };
+        if vm.spec.boot == crate::api::BootMode::Cold {
+            return Err(String::new());
+        }
+        if vm.spec.kernel.cmdline.is_some() {
+            return Err("spec.kernel.cmdline adds kernel arguments, and a template has booted with its own".into());
+        }
+        let shape = templates::TemplateShape {
+            vcpus: vm.spec.cpus,
+            memory_mib: u32::try_from(vm.spec.memory.mib()).unwrap_or(u32::MAX),
+            network: prepared.tap.is_some(),
+            virt_mode: self.config.virt_mode,
+        };
+        let (key, ..) = templates.key(&prepared.kernel, &shape).map_err(|e| error_chain(&e))?;
+        if let Some(dir) = templates.ready(&key) {
+            return Ok((key, dir));
+        }
+        if templates.is_building(&key) {
+            return Err(format!("the template for this kernel and shape ({key}) is being built"));
+        }
+        if let Some(why) = templates.recent_failure(&key) {
+            return Err(format!(
+                "the template for this kernel and shape ({key}) failed to build, tried again later: {why}"
+            ));
+        }
+        templates.build_in_background(prepared.kernel.clone(), shape);
+        Err(format!("no template yet for this kernel and shape: building {key} now"))
+    }
+
+    /// Starts VM `name` from template `key` (directory `dir`) and hands the guest its identity.
+    /// On failure the VMM is gone and the error says why, for the cold boot that follows.
+    fn start_warm(
+        &self,
+        name: &str,
+        config: &vmm_core::VmConfig,
+        prepared: &PreparedVm,
+        key: &str,
+        dir: &std::path::Path,
+    ) -> Result<crate::supervisor::ProcInfo, String> {
+        let Some(templates) = &self.templates else { return Err(String::new()) };
+        let mut warm = config.clone();
+        warm.restore_from = Some(dir.to_path_buf());
+        if let Err(e) = vmm_core::snapshot::load(dir).and_then(|l| l.check_fits(&warm)) {
+            // Damaged, or taken on another CPU: it serves nobody; the next start builds it again.
+            let _ = templates.remove(key);
+            return Err(format!(
+                "template {key} cannot serve ({}): removed, built again on next need",
+                error_chain(&e)
+            ));
+        }
+        let network = match (&prepared.mac, prepared.ip.as_deref().and_then(|ip| ip.parse().ok()), &self.config.net) {
+            (Some(mac), Some(address), Some(net)) => Some(guest_api::warm::Network {
+                mac: mac.clone(),
+                address,
+                prefix_len: net.subnet.prefix_len(),
+                gateway: net.subnet.gateway(),
+            }),
+            _ => None,
+        };
+        let identity = templates::identity(&warm, network).map_err(|e| error_chain(&e))?;
+        let info = self
+            .supervisor
+            .spawn(name, &warm)
+            .map_err(|e| format!("starting its VMM from template {key}: {}", error_chain(&e)))?;
+        let socket = self.supervisor.vm_dir(name).vsock_socket();
+        match templates::send_identity(&socket, &identity, &|| self.supervisor.is_running(name)) {
+            Ok(()) => Ok(info),
+            Err(e) => {
+                let console = std::fs::read(self.supervisor.vm_dir(name).console_log()).unwrap_or_default();
+                let console = String::from_utf8_lossy(&console);
+                let tail: Vec<&str> = console.lines().rev().take(3).collect();
+                self.kill_quietly(name);
+                let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
+                Err(format!("warm start from template {key} failed: {e}; its console ended: {tail}"))
+            }
+        }
+    }
+
+    /// Kills VM `name`'s VMM without its exit counting for the restart policy: waits (briefly) for
+    /// the exit to be seen, so the mark cannot swallow the exit of a VMM started after.
+    fn kill_quietly(&self, name: &str) {
+        self.mark_stopping(name);
+        let _ = self.supervisor.kill(name);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline
+            && self.stopping.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let _ = self.supervisor.cleanup(name);
     }
 
     fn mark_stopping(&self, name: &str) {
@@ -332,15 +446,39 @@ impl Runtime for HostRuntime {
         exits::clear(&prepared::dir(&self.runtime_dir(), name))
             .map_err(|e| transient("StartFailed", format!("VM {name:?}: clearing its last exit"))(&e))?;
         self.stopping.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
-        let info = self.supervisor.spawn(name, &config).map_err(|e| {
-            RuntimeError::transient("StartFailed", format!("VM {name:?}: starting its VMM: {}", error_chain(&e)))
-        })?;
+        let mut boot = crate::api::BootStatus { mode: "cold".into(), ..Default::default() };
+        let warm = if rollback.is_some() { Err(String::new()) } else { self.warm_template(vm, &prepared) };
+        let warm = warm.and_then(|(key, dir)| {
+            let info = self.start_warm(name, &config, &prepared, &key, &dir)?;
+            Ok((key, info))
+        });
+        let info = match warm {
+            Ok((key, info)) => {
+                boot = crate::api::BootStatus { mode: "warm".into(), template: key, reason: String::new() };
+                info
+            }
+            Err(reason) => {
+                if !reason.is_empty() {
+                    info!(vm = name, reason, "booting cold");
+                }
+                boot.reason = reason;
+                let info = self.supervisor.spawn(name, &config).map_err(|e| {
+                    RuntimeError::transient(
+                        "StartFailed",
+                        format!("VM {name:?}: starting its VMM: {}", error_chain(&e)),
+                    )
+                })?;
+                // A failed warm attempt's exit may have been recorded before this VMM ran.
+                let _ = exits::clear(&prepared::dir(&self.runtime_dir(), name));
+                info
+            }
+        };
         crate::failpoint::hit("start:after-spawn");
         if let Some(rolled_back) = rollback {
             info!(vm = name, snapshot = rolled_back.name, "started from the snapshot");
             self.clear_pending_restore(name);
         }
-        Ok(Started { pid: u32::try_from(info.pid).unwrap_or_default(), jailed: self.supervisor.jailed() })
+        Ok(Started { pid: u32::try_from(info.pid).unwrap_or_default(), jailed: self.supervisor.jailed(), boot })
     }
 
     fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {

@@ -128,7 +128,7 @@ impl Runtime for FakeRuntime {
         })?;
         entry.running = true;
         entry.last_exit = None;
-        Ok(Started { pid, jailed: true })
+        Ok(Started { pid, jailed: true, boot: crate::api::BootStatus { mode: "cold".into(), ..Default::default() } })
     }
 
     fn stop(&self, name: &str, _grace: Duration) -> Result<(), RuntimeError> {

@@ -293,9 +293,15 @@ impl Reconciler {
                     // Counted from the last deliberate start: what `maxRestarts` limits.
                     s.restarts = if restart { s.restarts + 1 } else { 0 };
                     s.unjailed = !started.jailed;
+                    s.boot = Some(started.boot.clone());
                 })?;
                 let reason = if restart { "Restarted" } else { "Started" };
-                self.event(name, EventKind::Normal, reason, &format!("VMM process {}", started.pid));
+                let template = &started.boot.template;
+                let how = if template.is_empty() { String::new() } else { format!(", warm from template {template}") };
+                self.event(name, EventKind::Normal, reason, &format!("VMM process {}{how}", started.pid));
+                if !started.boot.reason.is_empty() {
+                    self.event(name, EventKind::Warning, "ColdBoot", &started.boot.reason);
+                }
                 if !started.jailed {
                     self.event(name, EventKind::Warning, "Unjailed", "the VMM runs without a jail (daemon --no-jail)");
                 }

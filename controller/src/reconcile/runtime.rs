@@ -66,6 +66,8 @@ pub struct Started {
     pub pid: u32,
     /// Whether the VMM runs jailed (`false` only with the daemon's `--no-jail`).
     pub jailed: bool,
+    /// How the guest started.
+    pub boot: crate::api::BootStatus,
 }
 
 /// Why a runtime step failed. `reason` is a CamelCase word for conditions and events; the message

@@ -56,6 +56,7 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
             virt_mode: vmm_core::VirtModeConfig::Auto,
             policy: Default::default(),
             pull_timeouts: Default::default(),
+            warm_start: false,
         },
         reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
         ignite_bin: tiny_guest::ignite_bin(),

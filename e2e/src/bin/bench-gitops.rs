@@ -101,7 +101,19 @@ fn fleet_rows(interval: &str) -> Vec<Row> {
     let daemon = Command::new(ignite_bin())
         .arg("--root")
         .arg(root.path())
-        .args(["daemon", "--no-network", "--workers", "8", "--gitops", &url, "--path", "vms", "--interval", interval])
+        .args([
+            "daemon",
+            "--no-network",
+            "--no-warm-start",
+            "--workers",
+            "8",
+            "--gitops",
+            &url,
+            "--path",
+            "vms",
+            "--interval",
+            interval,
+        ])
         .arg("--kernel")
         .arg(&kernel)
         .stdout(Stdio::null())

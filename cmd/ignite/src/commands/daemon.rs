@@ -70,6 +70,11 @@ pub struct DaemonArgs {
     /// debugging only (a guest escaping into its VMM then owns the host). Printed as a warning.
     #[arg(long, env = "IGNITE_NO_JAIL", value_parser = BoolishValueParser::new())]
     no_jail: bool,
+    /// Boot every VM cold: no templates are built or used, whatever `spec.boot` says. By default
+    /// VMs start warm, from a snapshot of a booted guest of their kernel and shape (a template,
+    /// built under ROOT/templates on first need; see `ignite template`).
+    #[arg(long, env = "IGNITE_NO_WARM_START", value_parser = BoolishValueParser::new())]
+    no_warm_start: bool,
     /// The uids jailed VMMs run as, one per VM (gid = uid): FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST", default_value = "3000000-3065535", value_parser = parse_uid_range)]
     jail_uids: std::ops::RangeInclusive<u32>,
@@ -217,6 +222,7 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         virt_mode: vmm_core::VirtModeConfig::Auto,
         policy: host_policy(args.allow_host_paths, args.allow_privileged_ports, args.listen)?,
         pull_timeouts: image_store::pull::PullTimeouts { total: args.image_pull_timeout, ..Default::default() },
+        warm_start: !args.no_warm_start,
     };
     let mut scope = controller::kube::scope::BootstrapScope::default();
     for entry in &args.kube_token_secrets {

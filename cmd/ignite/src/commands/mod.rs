@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod run;
 pub mod snapshot;
 pub mod table;
+pub mod template;
 pub mod vmm;
 pub mod vms;
 

@@ -91,6 +91,11 @@ pub struct VmFlags {
     /// `ignite apply` keep their own default, restartPolicy Always.
     #[arg(long, value_name = "POLICY", default_value = "no")]
     restart: Restart,
+    /// How the guest starts: warm (default: restored from a booted template of its kernel and
+    /// shape, when one is built; the first VM of a shape boots cold and builds it) or cold (boot
+    /// the kernel). `ignite inspect` shows which it got, and why not warm.
+    #[arg(long, value_name = "MODE", default_value = "warm", value_parser = ["warm", "cold"])]
+    boot: String,
     /// The command and its arguments (replace the image's entrypoint and cmd).
     #[arg(last = true)]
     command: Vec<String>,
@@ -170,6 +175,9 @@ fn manifest(args: &VmFlags, name: &str, state: &str) -> anyhow::Result<serde_jso
     });
     let (policy, max_restarts) = args.restart.policy();
     spec["restartPolicy"] = policy.into();
+    if args.boot == "cold" {
+        spec["boot"] = "Cold".into();
+    }
     if let Some(max) = max_restarts {
         spec["maxRestarts"] = max.into();
     }

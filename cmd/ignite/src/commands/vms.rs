@@ -305,6 +305,9 @@ pub fn inspect(args: InspectArgs, ctx: &Ctx) -> anyhow::Result<()> {
             "sourceRevision": status.source_revision, "observedRevision": status.observed_revision,
             "observedGeneration": status.observed_generation, "bootTime": status.boot_time,
             "restarts": status.restarts, "lastError": status.last_error, "nodeRef": status.node_ref,
+            "boot": (!status.boot.is_empty()).then(|| serde_json::json!({
+                "mode": status.boot, "template": status.boot_template, "reason": status.boot_reason,
+            })),
             "lastExit": status.last_exit.map(|e| serde_json::json!({
                 "code": e.code, "crashed": e.crashed, "message": e.message, "finishedAt": e.finished_at,
             })),
