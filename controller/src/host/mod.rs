@@ -229,8 +229,13 @@ impl HostRuntime {
             .spawn(name, &warm)
             .map_err(|e| format!("starting its VMM from template {key}: {}", error_chain(&e)))?;
         let socket = self.supervisor.vm_dir(name).vsock_socket();
+        let handed = std::time::Instant::now();
         match templates::send_identity(&socket, &identity, &|| self.supervisor.is_running(name)) {
-            Ok(()) => Ok(info),
+            Ok(()) => {
+                let identity_ms = handed.elapsed().as_millis();
+                info!(vm = name, template = key, identity_ms, "started warm: the guest has its identity and disk");
+                Ok(info)
+            }
             Err(e) => {
                 let console = std::fs::read(self.supervisor.vm_dir(name).console_log()).unwrap_or_default();
                 let console = String::from_utf8_lossy(&console);
