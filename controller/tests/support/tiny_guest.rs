@@ -28,7 +28,7 @@ fn guest_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::Builder::new().prefix("ignite-tiny-guests").tempdir().unwrap().keep();
-        for name in ["serial_idle", "exit_code", "serial_flood", "serial_counter"] {
+        for name in ["serial_idle", "exit_code", "serial_flood", "serial_counter", "template_ready"] {
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests").join(format!("{name}.S"));
             let obj = dir.join(format!("{name}.o"));
             run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
@@ -80,6 +80,12 @@ pub fn counts(console: &str) -> Vec<u64> {
         .filter_map(|l| l.strip_prefix(COUNT_PREFIX))
         .filter_map(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .collect()
+}
+
+/// A guest that prints a warm-start template's ready line (`guest_api::warm::TEMPLATE_READY`) and
+/// idles: the host side of a template build, without a Linux boot.
+pub fn template_ready_guest() -> VmConfig {
+    config(guest_dir().join("template_ready.elf"))
 }
 
 /// A guest that prints [`FLOOD_MARKER`], then 64-byte lines to its console until stopped.
