@@ -359,6 +359,25 @@ pub fn unless_the_host_faults(name: &str, dir: &Path, checks: impl FnOnce()) {
     );
 }
 
+/// Runs a Linux-guest test `name` in its own network namespace `ns`: says SKIP and why when the host
+/// cannot (see [`linux_fleet_unavailable`]), builds the guest kernel outside the namespace's time
+/// budget, re-runs the test inside `ns`, where `test` gets a fresh root, the kernel and a busybox
+/// image in a real registry, its checks judged by [`unless_the_host_faults`].
+pub fn linux_test_in_netns(name: &str, ns: &str, test: impl FnOnce(&Path, &Path, &str)) {
+    if let Some(why) = linux_fleet_unavailable() {
+        eprintln!("SKIP {name}: {why}");
+        return;
+    }
+    let kernel = guest_kernel();
+    if !controller::testing::netns::run_inside(ns, name) {
+        return;
+    }
+    let Some((_registry, image)) = busybox_registry(name) else { return };
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    unless_the_host_faults(name, r, || test(r, &kernel, &image));
+}
+
 /// What a Linux fleet test needs before anything runs: `/dev/kvm`, busybox-static and
 /// docker-registry. Returns a real registry on 127.0.0.1 serving a busybox image (keep the registry
 /// alive) and that image's reference; or `None` after printing why test `name` skips.

@@ -11,10 +11,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use controller::testing::netns::run_inside;
-use ignite_e2e::{
-    busybox_registry, guest_kernel, ignite_cmd, linux_fleet_unavailable, unless_the_host_faults, Daemon, KillVmsOnDrop,
-};
+use ignite_e2e::{ignite_cmd, linux_test_in_netns, Daemon, KillVmsOnDrop};
 
 const NAME: &str = "a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
@@ -53,18 +50,7 @@ fn ignite(r: &Path, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it() {
-    if let Some(why) = linux_fleet_unavailable() {
-        eprintln!("SKIP {NAME}: {why}");
-        return;
-    }
-    let kernel = guest_kernel(); // built outside the namespace's time budget
-    if !run_inside("ignite-e2e-snapshot", NAME) {
-        return;
-    }
-    let Some((_registry, image)) = busybox_registry(NAME) else { return };
-    let root = tempfile::tempdir().unwrap();
-    let r = root.path();
-    unless_the_host_faults(NAME, r, || rollback(r, &kernel, &image));
+    linux_test_in_netns(NAME, "ignite-e2e-snapshot", rollback);
 }
 
 fn rollback(r: &Path, kernel: &Path, image: &str) {

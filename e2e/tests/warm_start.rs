@@ -21,10 +21,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use controller::testing::git::Repo;
-use controller::testing::netns::run_inside;
-use ignite_e2e::{
-    busybox_registry, guest_kernel, ignite_cmd, linux_fleet_unavailable, unless_the_host_faults, Daemon, KillVmsOnDrop,
-};
+use ignite_e2e::{ignite_cmd, linux_test_in_netns, Daemon, KillVmsOnDrop};
 
 const NAME: &str = "vms_start_warm_from_a_template_each_with_its_own_identity";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -146,18 +143,7 @@ fn exec_hostname(r: &Path, vm: &str) -> String {
 
 #[test]
 fn vms_start_warm_from_a_template_each_with_its_own_identity() {
-    if let Some(why) = linux_fleet_unavailable() {
-        eprintln!("SKIP {NAME}: {why}");
-        return;
-    }
-    let kernel = guest_kernel(); // built outside the namespace's time budget
-    if !run_inside("ignite-e2e-warm", NAME) {
-        return;
-    }
-    let Some((_registry, image)) = busybox_registry(NAME) else { return };
-    let root = tempfile::tempdir().unwrap();
-    let r = root.path();
-    unless_the_host_faults(NAME, r, || warm(r, &kernel, &image));
+    linux_test_in_netns(NAME, "ignite-e2e-warm", warm);
 }
 
 fn warm(r: &Path, kernel: &Path, image: &str) {
