@@ -157,8 +157,11 @@ pub struct Templates {
     net: Arc<dyn HostNet>,
     /// The bridge template taps join (`None`: VMs have no network, templates neither).
     bridge: Option<String>,
-    /// Keys being built (one build per key).
+    /// Keys being built or waiting for [`Templates::build_slot`] (one build per key).
     building: Mutex<HashSet<String>>,
+    /// Held by the build that runs: one kernel boots for templates at a time, however many shapes
+    /// a fleet has (VMs of the shapes that wait boot cold meanwhile).
+    build_slot: Mutex<()>,
     /// Keys whose last build failed: when, and why.
     failed: Mutex<HashMap<String, (Instant, String)>>,
     /// Content digests by (path, length, modification time): a kernel is hashed once.
@@ -182,6 +185,7 @@ impl Templates {
             net,
             bridge,
             building: Mutex::new(HashSet::new()),
+            build_slot: Mutex::new(()),
             failed: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
         }
@@ -354,7 +358,10 @@ impl Templates {
         if self.ready(&key).is_some() || !self.building.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone()) {
             return Ok(None);
         }
-        let built = self.build_locked(&key, kernel, shape);
+        let built = {
+            let _slot = self.build_slot.lock().unwrap_or_else(|p| p.into_inner());
+            self.build_locked(&key, kernel, shape)
+        };
         let vm = vm_name(&key);
         let _ = self.supervisor.kill(&vm);
         let _ = self.supervisor.cleanup(&vm);
