@@ -39,7 +39,7 @@ use crate::supervisor::{Supervisor, SupervisorError};
 
 /// How long a template's guest may take from its VMM's start to [`warm::TEMPLATE_READY`]: a cold
 /// kernel boot, on a software KVM several minutes.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+const BUILD_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a warm guest may take from the identity to its answer (root disk mounted).
 const IDENTITY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The placeholder disks a template boots with (the VM's own replace them on restore).
@@ -121,7 +121,7 @@ pub enum TemplateError {
     Boot {
         /// The template.
         key: String,
-        /// What happened (`exited`, `was not ready within 900s`).
+        /// What happened (`exited`, `was not ready within 600s`).
         detail: String,
         /// The last lines of its console.
         console_tail: String,

@@ -37,7 +37,20 @@ impl DaemonProcess {
         let mut cmd = Command::new(tiny_guest::ignite_bin());
         cmd.arg("--root")
             .arg(root)
-            .args(["--log", "info", "daemon", "--gitops", url, "--path", "vms", "--interval", "300ms", "--kernel"])
+            // Tiny guests are no templates: the VMs boot cold, and no template build runs beside them.
+            .args([
+                "--log",
+                "info",
+                "daemon",
+                "--no-warm-start",
+                "--gitops",
+                url,
+                "--path",
+                "vms",
+                "--interval",
+                "300ms",
+            ])
+            .arg("--kernel")
             .arg(kernel)
             .args(extra);
         // Each test daemon has its own API socket unless the test names one: tests run in parallel,
