@@ -16,9 +16,12 @@ use ignite_e2e::{ignite_cmd, linux_test_in_netns, Daemon, KillVmsOnDrop};
 const NAME: &str = "a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 /// The guest's loop: a count on the console and in /count (synced to the disk), every second.
-/// The guest serves its /www with busybox httpd beside the loop.
+/// The file is replaced by a rename, so a reader never sees it truncated and not yet written
+/// (`echo > /count` is open-truncate, then write). The guest serves its /www with busybox httpd
+/// beside the loop.
 const COUNTER: &str =
-    "httpd -p 80 -h /www; i=0; while :; do i=$((i+1)); echo $i > /count; sync; echo SNAP-COUNT $i; sleep 1; done";
+    "httpd -p 80 -h /www; i=0; while :; do i=$((i+1)); echo $i > /count.new; busybox mv /count.new /count; \
+                       sync; echo SNAP-COUNT $i; sleep 1; done";
 
 fn counts(console: &str) -> Vec<u64> {
     console.lines().filter_map(|l| l.split("SNAP-COUNT ").nth(1)?.trim().parse().ok()).collect()
