@@ -416,6 +416,40 @@ pub fn ignite_cmd(root: &Path) -> Command {
     cmd
 }
 
+/// `ignite ARGS` against a test's daemon on `root` (see [`ignite_cmd`]), stdin closed: whether it
+/// succeeded, its stdout and its stderr.
+pub fn ignite_output(root: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = ignite_cmd(root).args(args).stdin(Stdio::null()).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// Polls `cond` every 250 ms until it holds; panics after `timeout` naming `what` and showing
+/// `context()`.
+pub fn wait_for(
+    what: &str,
+    timeout: std::time::Duration,
+    context: &dyn Fn() -> String,
+    mut cond: impl FnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}:\n{}", context());
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// `GET /index.html` from 127.0.0.1:`port` (HTTP/1.0): the whole answer, headers included.
+pub fn http_get(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 /// Reads `output` line by line on a thread and sends each line with the time since `start` at which
 /// it arrived; the channel closes at end of file.
 pub fn timed_lines(

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ignite_e2e::{ignite_cmd, linux_test_in_netns, Daemon, KillVmsOnDrop};
+use ignite_e2e::{http_get, ignite_cmd, ignite_output, linux_test_in_netns, wait_for, Daemon, KillVmsOnDrop};
 
 const NAME: &str = "a_linux_vm_rolled_back_to_a_snapshot_counts_on_from_it";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
@@ -25,30 +25,6 @@ const COUNTER: &str =
 
 fn counts(console: &str) -> Vec<u64> {
     console.lines().filter_map(|l| l.split("SNAP-COUNT ").nth(1)?.trim().parse().ok()).collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, context: &dyn Fn() -> String, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", context());
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn http_get(port: u16) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
-fn ignite(r: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = ignite_cmd(r).args(args).stdin(Stdio::null()).output().unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
 #[test]
@@ -67,7 +43,7 @@ fn rollback(r: &Path, kernel: &Path, image: &str) {
     let highest = || counts(&console()).last().copied().unwrap_or(0);
 
     let args = ["run", "-d", &image, "--name", "counter", "--memory", "128Mi", "--size", "256Mi", "-p", "8081:80"];
-    let (ok, _, err) = ignite(r, &[&args[..], &["--", "/bin/sh", "-c", COUNTER]].concat());
+    let (ok, _, err) = ignite_output(r, &[&args[..], &["--", "/bin/sh", "-c", COUNTER]].concat());
     assert!(ok, "{err}");
     let started = Instant::now();
     wait_for("the guest counting", BOOT_TIMEOUT, &context, || highest() >= 3);
@@ -75,7 +51,7 @@ fn rollback(r: &Path, kernel: &Path, image: &str) {
 
     let before = highest();
     let taken = Instant::now();
-    let (ok, out, err) = ignite(r, &["snapshot", "create", "counter", "s1"]);
+    let (ok, out, err) = ignite_output(r, &["snapshot", "create", "counter", "s1"]);
     assert!(ok, "{err}\n{}", context());
     let after = highest();
     eprintln!("snapshot taken in {:?}: {}", taken.elapsed(), out.trim());
@@ -88,7 +64,7 @@ fn rollback(r: &Path, kernel: &Path, image: &str) {
     let old_pid = pid();
     let reached = highest();
     let rolled = Instant::now();
-    let (ok, out, err) = ignite(r, &["rollback", "counter", "s1"]);
+    let (ok, out, err) = ignite_output(r, &["rollback", "counter", "s1"]);
     assert!(ok, "{err}\n{}", context());
     assert!(out.contains("resumes from snapshot s1"), "{out}");
     wait_for("the guest counting again in a new VMM", Duration::from_secs(120), &context, || {
@@ -132,10 +108,10 @@ fn rollback(r: &Path, kernel: &Path, image: &str) {
         answer = http_get(8081).unwrap_or_default();
         answer.contains("hello from an ignite microVM")
     });
-    let (_, events, _) = ignite(r, &["events"]);
+    let (_, events, _) = ignite_output(r, &["events"]);
     assert!(events.contains("SnapshotTaken") && events.contains("RollingBack"), "{events}");
 
-    let (ok, _, err) = ignite(r, &["rm", "counter"]);
+    let (ok, _, err) = ignite_output(r, &["rm", "counter"]);
     assert!(ok, "{err}");
     wait_for("counter and its snapshots removed", Duration::from_secs(60), &context, || {
         !r.join("vms/counter").exists() && !r.join("vm-snapshots/counter").exists()

@@ -21,7 +21,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use controller::testing::git::Repo;
-use ignite_e2e::{ignite_cmd, linux_test_in_netns, Daemon, KillVmsOnDrop};
+use ignite_e2e::{http_get, ignite_cmd, ignite_output, linux_test_in_netns, wait_for, Daemon, KillVmsOnDrop};
 
 const NAME: &str = "vms_start_warm_from_a_template_each_with_its_own_identity";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -48,33 +48,9 @@ spec:
     ports: [\"8093:80\"]
 ";
 
-fn ignite(r: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = ignite_cmd(r).args(args).stdin(Stdio::null()).output().unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), text(&out.stdout), text(&out.stderr))
-}
-
-fn wait_for(what: &str, timeout: Duration, context: &dyn Fn() -> String, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", context());
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn http_get(port: u16) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
 /// The VM's status from `ignite inspect -o json`.
 fn status(r: &Path, vm: &str) -> serde_json::Value {
-    let (ok, out, err) = ignite(r, &["inspect", vm, "-o", "json"]);
+    let (ok, out, err) = ignite_output(r, &["inspect", vm, "-o", "json"]);
     assert!(ok, "inspect {vm}: {err}");
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("inspect {vm}: {e}: {out}"));
     doc["status"].clone()
@@ -157,13 +133,13 @@ fn warm(r: &Path, kernel: &Path, image: &str) {
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let console = |vm: &str| read(&r.join(format!("vms/{vm}/console.log")));
     let context = || {
-        let (_, events, _) = ignite(r, &["events"]);
+        let (_, events, _) = ignite_output(r, &["events"]);
         format!("events:\n{events}\ndaemon log:\n{}", read(&r.join("daemon.log")))
     };
     let run = |vm: &str, port: u16| {
         let forward = format!("{port}:80");
         let args = ["run", "-d", image, "--name", vm, "--memory", "128Mi", "--size", "256Mi", "-p", &forward];
-        let (ok, _, err) = ignite(r, &[&args[..], &["--", "/bin/sh", "-c", SERVE]].concat());
+        let (ok, _, err) = ignite_output(r, &[&args[..], &["--", "/bin/sh", "-c", SERVE]].concat());
         assert!(ok, "ignite run {vm}: {err}\n{}", context());
     };
     // `ignite run -d` returns once the VM is declared; its status says how it started once it has.
@@ -187,7 +163,7 @@ fn warm(r: &Path, kernel: &Path, image: &str) {
     assert_eq!(text(&boot["mode"]), "cold", "{boot}");
     assert!(text(&boot["reason"]).contains("no template yet"), "{boot}");
     let key = || {
-        let (_, out, _) = ignite(r, &["template", "ls"]);
+        let (_, out, _) = ignite_output(r, &["template", "ls"]);
         let built = out.lines().skip(1).find(|l| !l.contains("being built"));
         built.and_then(|l| l.split_whitespace().next()).map(str::to_string)
     };
@@ -258,12 +234,12 @@ fn warm(r: &Path, kernel: &Path, image: &str) {
     wait_for("the VM after the damage booting", BOOT_TIMEOUT, &context, || {
         console("after-damage").contains("Linux version")
     });
-    let (_, events, _) = ignite(r, &["events"]);
+    let (_, events, _) = ignite_output(r, &["events"]);
     assert!(events.contains("ColdBoot"), "{events}");
 
     // 4. Nothing left behind.
     repo.commit(&[("vms/warm-b.yaml", None)], "remove the git VM");
-    let (ok, _, err) = ignite(r, &["rm", "-f", "first", "warm-a", "after-damage"]);
+    let (ok, _, err) = ignite_output(r, &["rm", "-f", "first", "warm-a", "after-damage"]);
     assert!(ok, "{err}");
     wait_for("the VMs gone", Duration::from_secs(120), &context, || {
         std::fs::read_dir(r.join("vms")).map(|d| d.count() == 0).unwrap_or(true)
