@@ -121,11 +121,6 @@ impl HostRuntime {
         self
     }
 
-    /// The warm-start templates, when warm start is on.
-    pub fn templates(&self) -> Option<&Arc<templates::Templates>> {
-        self.templates.as_ref()
-    }
-
     /// The supervisor (for exit notifications and control).
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
@@ -238,10 +233,8 @@ impl HostRuntime {
             }
             Err(e) => {
                 let console = std::fs::read(self.supervisor.vm_dir(name).console_log()).unwrap_or_default();
-                let console = String::from_utf8_lossy(&console);
-                let tail: Vec<&str> = console.lines().rev().take(3).collect();
+                let tail = templates::tail(&String::from_utf8_lossy(&console), 3);
                 self.kill_quietly(name);
-                let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
                 Err(format!("warm start from template {key} failed: {e}; its console ended: {tail}"))
             }
         }

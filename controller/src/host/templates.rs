@@ -453,7 +453,7 @@ impl Templates {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             };
-            return Err(TemplateError::Boot { key: key.to_string(), detail, console_tail: tail(&text) });
+            return Err(TemplateError::Boot { key: key.to_string(), detail, console_tail: tail(&text, 8) });
         }
         self.supervisor.pause(&vm).map_err(vmm_err)?;
         let memory_bytes = self.supervisor.snapshot(&vm, SNAPSHOT_NAME).map_err(vmm_err)?;
@@ -483,8 +483,9 @@ fn tap_name(key: &str) -> String {
     format!("{}t{}", crate::net::TAP_PREFIX, &key[..10])
 }
 
-fn tail(console: &str) -> String {
-    let lines: Vec<&str> = console.lines().rev().take(8).collect();
+/// The last `n` lines of `console`, joined with ` | ` (for one-line errors and events).
+pub(crate) fn tail(console: &str, n: usize) -> String {
+    let lines: Vec<&str> = console.lines().rev().take(n).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
