@@ -28,6 +28,8 @@ packages=(
   libc6-dev
   # the gRPC API's code generation (manifests/proto)
   protobuf-compiler
+  # the devicemapper crate's bindings (devicemapper-sys: bindgen over libdevmapper.h and dm-ioctl.h)
+  libdevmapper-dev libclang-dev
 )
 
 missing=()

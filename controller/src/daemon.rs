@@ -165,7 +165,8 @@ impl Daemon {
         if let Err(e) = image_store::ContentStore::open(&paths) {
             warn!(error = %e, "could not sweep the image store's temp files");
         }
-        let snapshotter = image_store::choose_snapshotter(&paths, None).map_err(DaemonError::Snapshotter)?;
+        let snapshotter =
+            image_store::choose_snapshotter(&paths, None, &config.host.dm_pool).map_err(DaemonError::Snapshotter)?;
         let snapshotter_name = snapshotter.name().to_string();
         let recovered = snapshotter.recover().map_err(DaemonError::Snapshotter)?;
         if !recovered.removed.is_empty() {

@@ -38,5 +38,7 @@ pub use progress::{ProgressFn, PullProgress};
 pub use pull::{pull, pull_blocking, PullError, PullOptions};
 pub use reference::{ImageReference, ReferenceError};
 pub use rootfs::{build_base_rootfs, remove_base_rootfs, RootfsError};
-pub use snapshot::{choose as choose_snapshotter, Disk, HostOps, LinuxHostOps, SnapshotError, Snapshotter};
+pub use snapshot::{
+    choose as choose_snapshotter, Disk, DmPoolConfig, HostOps, LinuxHostOps, SnapshotError, Snapshotter,
+};
 pub use unpack::{apply_layer, unpack_layers, UnpackError};

@@ -1,5 +1,6 @@
 //! Real snapshotter tests: ext4 bases made with `mkfs.ext4 -d`, copies on the test's filesystem,
-//! reflinks on loop-mounted xfs and btrfs (root only), devicemapper where `/dev/mapper/control` exists.
+//! reflinks on loop-mounted xfs and btrfs (root only). The devicemapper snapshotter's real-device tests
+//! are `tests/devicemapper_real.rs`, run inside our own guests (`e2e/tests/devicemapper_guest.rs`).
 //! Every test that attaches loop devices checks that none backed by its files is left afterwards.
 
 use std::fs;
@@ -8,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use image_store::snapshot::{
-    choose, DmSnapshotter, FileSnapshotter, HostOps, LinuxHostOps, SnapshotError, Snapshotter,
-};
+use image_store::snapshot::{choose, FileSnapshotter, HostOps, LinuxHostOps, SnapshotError, Snapshotter};
 use image_store::testing::mount::LoopMount;
 use image_store::StorePaths;
 
@@ -171,7 +170,7 @@ fn reflink_refused_on(store_root: &Path) {
         Err(e) => panic!("unexpected error: {e}"),
     }
     assert_eq!(fs::read_dir(paths.snapshots_dir("reflink")).unwrap().count(), 0, "temp files left");
-    let chosen = choose(&paths, None).unwrap();
+    let chosen = choose(&paths, None, &Default::default()).unwrap();
     let expected = if LinuxHostOps.dm_available() { "devicemapper" } else { "copy" };
     assert_eq!(chosen.name(), expected);
 }
@@ -198,7 +197,7 @@ fn reflink_on(fs_name: &str, mkfs: &[&str]) {
         let base = make_base(&mnt.mountpoint);
         let paths = StorePaths::new(&store);
         if !LinuxHostOps.dm_available() {
-            assert_eq!(choose(&paths, None).unwrap().name(), "reflink", "choose on {fs_name}");
+            assert_eq!(choose(&paths, None, &Default::default()).unwrap().name(), "reflink", "choose on {fs_name}");
         }
         let snap = FileSnapshotter::reflink(&paths, Arc::new(LinuxHostOps));
         let disk = snap.create("shared", &base, 64 * MIB).unwrap();
@@ -222,70 +221,6 @@ fn reflink_on_btrfs() {
         return;
     }
     reflink_on("btrfs", &["mkfs.btrfs", "-q", "-f"]);
-}
-
-#[test]
-fn devicemapper_real() {
-    if !Path::new("/dev/mapper/control").exists() {
-        println!("skipping: no device-mapper on this host (/dev/mapper/control missing)");
-        return;
-    }
-    if !LinuxHostOps.dm_available() {
-        println!("skipping: no device-mapper on this host (/dev/mapper/control exists but cannot be opened)");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let base = make_base(tmp.path());
-    let paths = StorePaths::new(tmp.path().join("store"));
-    {
-        let snap = DmSnapshotter::new(&paths, Arc::new(LinuxHostOps));
-        let vm = format!("test-{}", std::process::id());
-        let disk = snap.create(&vm, &base, 64 * MIB).unwrap();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            assert!(fs_bytes(&disk.path) >= 63 * MIB);
-            assert_eq!(cat(&disk.path, "/marker"), "hello from the base\n");
-            write_into(&disk.path, "only-vm", tmp.path());
-            assert!(cat(&base, "/only-vm").is_empty(), "base sees the VM's write");
-            assert_eq!(snap.recover().unwrap().adopted, vec![disk.clone()]);
-        }));
-        snap.remove(&vm).unwrap();
-        snap.remove(&vm).unwrap();
-        if let Err(p) = result {
-            std::panic::resume_unwind(p);
-        }
-    }
-    assert!(loops_under(tmp.path()).is_empty(), "leaked loop devices");
-}
-
-/// A crash left loop devices attached to devicemapper state files (one of them since deleted);
-/// `recover` finds them by backing file through real `losetup` and detaches them.
-#[test]
-fn devicemapper_recover_detaches_real_leftover_loops() {
-    if !is_root() {
-        println!("skipping: attaching loop devices needs root");
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let paths = StorePaths::new(tmp.path().join("store"));
-    let (a, b) =
-        (paths.snapshots_dir("devicemapper").join("crashed"), paths.snapshots_dir("devicemapper").join("gone"));
-    fs::create_dir_all(&a).unwrap();
-    fs::create_dir_all(&b).unwrap();
-    fs::File::create(a.join("cow")).unwrap().set_len(MIB).unwrap();
-    fs::File::create(b.join("cow")).unwrap().set_len(MIB).unwrap();
-    LinuxHostOps.loop_attach(&a.join("cow"), false).unwrap();
-    LinuxHostOps.loop_attach(&b.join("cow"), true).unwrap();
-    fs::remove_dir_all(&b).unwrap();
-    assert_eq!(loops_under(tmp.path()).len(), 2);
-
-    let report = DmSnapshotter::new(&paths, Arc::new(LinuxHostOps)).recover().unwrap();
-    let leaked = loops_under(tmp.path());
-    for dev in &leaked {
-        let _ = LinuxHostOps.loop_detach(dev);
-    }
-    assert!(leaked.is_empty(), "recover left loop devices: {leaked:?}");
-    assert_eq!(report.removed, ["crashed", "gone"]);
-    assert!(!a.exists());
 }
 
 #[test]

@@ -154,6 +154,7 @@ mod tests {
             policy: crate::api::HostPolicy { paths, ..Default::default() },
             pull_timeouts: Default::default(),
             warm_start: false,
+            dm_pool: Default::default(),
         }
     }
 

@@ -56,6 +56,9 @@ pub struct HostConfig {
     /// Start VMs from templates where they ask for it (`spec.boot: Warm`, the default) and build
     /// templates on first need; `false` (`--no-warm-start`) boots every VM cold.
     pub warm_start: bool,
+    /// Where the devicemapper snapshotter's thin pool lives (`--dm-pool-data`,
+    /// `--dm-pool-metadata`; by default sparse files in the store), where device-mapper is used.
+    pub dm_pool: image_store::DmPoolConfig,
 }
 
 /// See the module docs.
@@ -350,6 +353,8 @@ impl Runtime for HostRuntime {
             let message = format!("VM {name:?}: root disk of {}: {}", spec.disk_size, error_chain(&e));
             match e {
                 image_store::SnapshotError::SizeTooSmall { .. } => RuntimeError::permanent("DiskTooSmall", message),
+                // Retried: removing VMs or growing the pool makes room.
+                image_store::SnapshotError::PoolFull { .. } => RuntimeError::transient("PoolFull", message),
                 _ => RuntimeError::transient("DiskFailed", message),
             }
         })?;

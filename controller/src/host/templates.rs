@@ -516,7 +516,10 @@ pub trait TemplateOps: Send + Sync {
 pub fn identity(config: &VmConfig, network: Option<warm::Network>) -> Result<Identity, TemplateError> {
     let mut disks = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let len = std::fs::metadata(&disk.path).map_err(io_err("size", &disk.path))?.len();
+        // Seeking to the end also sizes block devices (a devicemapper disk), whose metadata length is 0.
+        let len = std::fs::File::open(&disk.path)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+            .map_err(io_err("size", &disk.path))?;
         let letter = char::from(b'a' + u8::try_from(i).unwrap_or(25).min(25));
         disks.push(DiskSize { device: format!("vd{letter}"), sectors: len / 512 });
     }

@@ -57,6 +57,7 @@ pub fn daemon_config(root: &Path, sources: Vec<SourceSpec>, net: Option<NetConfi
             policy: Default::default(),
             pull_timeouts: Default::default(),
             warm_start: false,
+            dm_pool: Default::default(),
         },
         reconciler: ReconcilerConfig { stop_grace: Duration::from_millis(200), ..Default::default() },
         ignite_bin: tiny_guest::ignite_bin(),

@@ -417,7 +417,7 @@ fn disk_rows(dir: &Path, store: &StorePaths, base: &Path, runs: usize, rows: &mu
     // devicemapper: only where the driver answers.
     let name = "2 GiB disk: devicemapper (no by-hand peer)";
     if ops.dm_available() {
-        let dm = DmSnapshotter::new(store, ops.clone());
+        let dm = DmSnapshotter::new(store, Default::default(), ops.clone());
         let ours = time_snapshotter(&dm, base, runs);
         rows.push(Row::ms(name, ours, None));
     } else {

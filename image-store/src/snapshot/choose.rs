@@ -3,15 +3,22 @@
 
 use std::sync::Arc;
 
-use super::{reflink_supported, DmSnapshotter, FileSnapshotter, HostOps, LinuxHostOps, SnapshotError, Snapshotter};
+use super::{
+    reflink_supported, DmPoolConfig, DmSnapshotter, FileSnapshotter, HostOps, LinuxHostOps, SnapshotError, Snapshotter,
+};
 use crate::StorePaths;
 
 /// The names [`choose`] accepts as an override.
 pub const SNAPSHOTTER_NAMES: [&str; 3] = ["devicemapper", "reflink", "copy"];
 
-/// Chooses a snapshotter for `paths` on this host (see [`choose_with`]).
-pub fn choose(paths: &StorePaths, override_name: Option<&str>) -> Result<Box<dyn Snapshotter>, SnapshotError> {
-    choose_with(paths, override_name, Arc::new(LinuxHostOps))
+/// Chooses a snapshotter for `paths` on this host (see [`choose_with`]); a devicemapper one keeps
+/// its thin pool where `pool` says.
+pub fn choose(
+    paths: &StorePaths,
+    override_name: Option<&str>,
+    pool: &DmPoolConfig,
+) -> Result<Box<dyn Snapshotter>, SnapshotError> {
+    choose_with(paths, override_name, pool, Arc::new(LinuxHostOps))
 }
 
 /// Chooses a snapshotter using `ops` for host access.
@@ -24,15 +31,17 @@ pub fn choose(paths: &StorePaths, override_name: Option<&str>) -> Result<Box<dyn
 pub fn choose_with(
     paths: &StorePaths,
     override_name: Option<&str>,
+    pool: &DmPoolConfig,
     ops: Arc<dyn HostOps>,
 ) -> Result<Box<dyn Snapshotter>, SnapshotError> {
+    let dm = |ops| Box::new(DmSnapshotter::new(paths, pool.clone(), ops));
     let chosen: Box<dyn Snapshotter> = match override_name {
         Some("devicemapper") if !ops.dm_available() => return Err(SnapshotError::DmUnavailable),
-        Some("devicemapper") => Box::new(DmSnapshotter::new(paths, ops)),
+        Some("devicemapper") => dm(ops),
         Some("reflink") => Box::new(FileSnapshotter::reflink(paths, ops)),
         Some("copy") => Box::new(FileSnapshotter::copy(paths, ops)),
         Some(other) => return Err(SnapshotError::UnknownSnapshotter { name: other.into() }),
-        None if ops.dm_available() => Box::new(DmSnapshotter::new(paths, ops)),
+        None if ops.dm_available() => dm(ops),
         None if reflink_supported(&paths.snapshots_dir("reflink")) => Box::new(FileSnapshotter::reflink(paths, ops)),
         None => Box::new(FileSnapshotter::copy(paths, ops)),
     };
@@ -49,8 +58,12 @@ mod tests {
     fn dm_first_then_reflink_or_copy() {
         let dir = tempfile::tempdir().unwrap();
         let paths = StorePaths::new(dir.path());
-        assert_eq!(choose_with(&paths, None, Arc::new(RecordingHostOps::with_dm())).unwrap().name(), "devicemapper");
-        let fallback = choose_with(&paths, None, Arc::new(RecordingHostOps::without_dm())).unwrap();
+        assert_eq!(
+            choose_with(&paths, None, &DmPoolConfig::default(), Arc::new(RecordingHostOps::with_dm())).unwrap().name(),
+            "devicemapper"
+        );
+        let fallback =
+            choose_with(&paths, None, &DmPoolConfig::default(), Arc::new(RecordingHostOps::without_dm())).unwrap();
         let expected = if reflink_supported(&paths.snapshots_dir("reflink")) { "reflink" } else { "copy" };
         assert_eq!(fallback.name(), expected);
     }
@@ -60,11 +73,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = StorePaths::new(dir.path());
         let ops = || Arc::new(RecordingHostOps::without_dm());
-        assert_eq!(choose_with(&paths, Some("copy"), ops()).unwrap().name(), "copy");
-        assert_eq!(choose_with(&paths, Some("reflink"), ops()).unwrap().name(), "reflink");
-        let dm = choose_with(&paths, Some("devicemapper"), ops()).err().unwrap();
+        let pool = DmPoolConfig::default();
+        assert_eq!(choose_with(&paths, Some("copy"), &pool, ops()).unwrap().name(), "copy");
+        assert_eq!(choose_with(&paths, Some("reflink"), &pool, ops()).unwrap().name(), "reflink");
+        let dm = choose_with(&paths, Some("devicemapper"), &pool, ops()).err().unwrap();
         assert!(dm.to_string().contains("/dev/mapper/control"), "{dm}");
-        let e = choose_with(&paths, Some("zfs"), ops()).err().unwrap().to_string();
+        let e = choose_with(&paths, Some("zfs"), &pool, ops()).err().unwrap().to_string();
         assert!(e.contains("zfs") && e.contains("devicemapper, reflink, copy"), "{e}");
     }
 }

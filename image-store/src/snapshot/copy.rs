@@ -16,27 +16,32 @@ const BLOCK: usize = 64 * 1024;
 pub fn sparse_copy(src: &Path, dst: &Path) -> io::Result<()> {
     let mut input = File::open(src)?;
     let mut output = OpenOptions::new().write(true).create(true).truncate(true).open(dst)?;
+    let total = write_nonzero(&mut input, &mut output)?;
+    // The trailing zeros were skipped: the length makes them holes.
+    output.set_len(total)
+}
+
+/// Copies `input` from its position to `output` from its position, seeking over all-zero blocks
+/// instead of writing them, so `output` must read as zeros where they land (a new sparse file, a
+/// fresh thin volume). Returns the bytes covered.
+pub(crate) fn write_nonzero(input: &mut File, output: &mut File) -> io::Result<u64> {
     let mut buf = vec![0u8; BLOCK];
     let mut total: u64 = 0;
     loop {
-        let n = read_full(&mut input, &mut buf)?;
+        let n = read_full(input, &mut buf)?;
         if n == 0 {
-            break;
+            return Ok(total);
         }
         let chunk = &buf[..n];
         if chunk.iter().all(|&b| b == 0) {
-            output.seek(SeekFrom::Current(n as u64 as i64))?;
+            output.seek(SeekFrom::Current(n as i64))?;
         } else {
             output.write_all(chunk)?;
         }
         total += n as u64;
     }
-    // A trailing hole is only a seek so far: set_len makes the file the right length.
-    output.set_len(total)?;
-    Ok(())
 }
 
-/// Reads until `buf` is full or the end of the file (a short read is not the end).
 fn read_full(input: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {

@@ -1,13 +1,13 @@
-//! `RecordingHostOps`: an in-memory [`HostOps`] that records every call, simulates loop and
-//! device-mapper state, injects failures, and enforces the kernel's ordering rules (a device in use
-//! cannot be removed), so tests can prove that creation, rollback, removal and recovery are correct
-//! without root or device-mapper.
+//! `RecordingHostOps`: an in-memory [`HostOps`] that records every call, simulates loop devices and
+//! injects failures, so tests can prove that creation, rollback, removal and recovery are correct
+//! without root. Whether device-mapper is "available" is a setting (the devicemapper snapshotter
+//! itself has no fake: its tests run on a real kernel, inside our own guests).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::hostops::{DmDevice, HostOps, HostOpsError, LoopDevice};
+use super::hostops::{HostOps, HostOpsError, LoopDevice};
 
 /// Kinds of host operation (for failure injection).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -18,12 +18,6 @@ pub enum HostOp {
     LoopDetach,
     /// [`HostOps::loop_list`].
     LoopList,
-    /// [`HostOps::dm_create`].
-    DmCreate,
-    /// [`HostOps::dm_remove`].
-    DmRemove,
-    /// [`HostOps::dm_list`].
-    DmList,
     /// [`HostOps::resize2fs`].
     Resize2fs,
     /// [`HostOps::e2fsck`].
@@ -39,12 +33,6 @@ pub enum HostCall {
     LoopDetach(PathBuf),
     /// List loop devices.
     LoopList,
-    /// Create a dm device with a table, read-only or not.
-    DmCreate(String, String, bool),
-    /// Remove a dm device.
-    DmRemove(String),
-    /// List dm devices.
-    DmList,
     /// Grow an ext4.
     Resize2fs(PathBuf),
     /// Check an ext4.
@@ -56,8 +44,6 @@ struct State {
     calls: Vec<HostCall>,
     /// device -> (backing file, read-only)
     loops: BTreeMap<PathBuf, (PathBuf, bool)>,
-    /// name -> (table, read-only)
-    dms: BTreeMap<String, (String, bool)>,
     next_loop: u32,
     counts: HashMap<HostOp, usize>,
     fail: Vec<(HostOp, usize)>,
@@ -127,16 +113,6 @@ impl RecordingHostOps {
         self.lock().loops.iter().map(|(d, (b, _))| LoopDevice { device: d.clone(), backing_file: b.clone() }).collect()
     }
 
-    /// Names of the existing dm devices.
-    pub fn dm_names(&self) -> Vec<String> {
-        self.lock().dms.keys().cloned().collect()
-    }
-
-    /// Simulates a leftover dm device (e.g. from a crashed process).
-    pub fn insert_dm(&self, name: &str, table: &str) {
-        self.lock().dms.insert(name.into(), (table.into(), false));
-    }
-
     /// Simulates a leftover loop device backed by `file`; returns its path.
     pub fn insert_loop(&self, file: &Path) -> PathBuf {
         let mut s = self.lock();
@@ -161,11 +137,6 @@ impl RecordingHostOps {
     }
 }
 
-/// Whether any dm table mentions `device` (the fake's tables reference devices by path).
-fn in_use(dms: &BTreeMap<String, (String, bool)>, device: &str) -> bool {
-    dms.values().any(|(t, _)| t.split_whitespace().any(|w| w == device))
-}
-
 impl HostOps for RecordingHostOps {
     fn dm_available(&self) -> bool {
         self.dm
@@ -185,61 +156,12 @@ impl HostOps for RecordingHostOps {
     fn loop_detach(&self, device: &Path) -> Result<(), HostOpsError> {
         let mut s = self.enter(HostOp::LoopDetach, HostCall::LoopDetach(device.into()))?;
         let cmd = format!("losetup --detach {}", device.display());
-        if in_use(&s.dms, &device.display().to_string()) {
-            return Err(refused(cmd, "device is busy (held by a dm device)"));
-        }
         s.loops.remove(device).map(drop).ok_or_else(|| refused(cmd, "No such device or address"))
     }
 
     fn loop_list(&self) -> Result<Vec<LoopDevice>, HostOpsError> {
         drop(self.enter(HostOp::LoopList, HostCall::LoopList)?);
         Ok(self.loops())
-    }
-
-    fn dm_create(&self, name: &str, table: &str, read_only: bool) -> Result<PathBuf, HostOpsError> {
-        let mut s = self.enter(HostOp::DmCreate, HostCall::DmCreate(name.into(), table.into(), read_only))?;
-        let cmd = format!("dmsetup create {name}");
-        if s.dms.contains_key(name) {
-            return Err(refused(cmd, "Device or resource busy (name exists)"));
-        }
-        // Every device a table refers to must exist, as in the kernel.
-        // The snapshot target opens its origin (first argument) read-only; every other device is
-        // opened in the table's mode.
-        let devices = table.lines().flat_map(|line| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let snapshot = words.get(2) == Some(&"snapshot");
-            words.into_iter().enumerate().skip(3).map(move |(i, w)| (w, snapshot && i == 3))
-        });
-        for (word, opened_ro) in devices.filter(|(w, _)| w.starts_with("/dev/")) {
-            let found = match word.strip_prefix("/dev/mapper/") {
-                Some(dm) => s.dms.get(dm).map(|(_, ro)| *ro),
-                None => s.loops.get(Path::new(word)).map(|(_, ro)| *ro),
-            };
-            match found {
-                None => return Err(refused(cmd, &format!("table refers to missing device {word}"))),
-                // The kernel refuses to open a read-only device for a read-write table.
-                Some(true) if !read_only && !opened_ro => {
-                    return Err(refused(cmd, &format!("reload ioctl failed: Permission denied ({word} is read-only)")))
-                }
-                Some(_) => {}
-            }
-        }
-        s.dms.insert(name.into(), (table.into(), read_only));
-        Ok(Path::new("/dev/mapper").join(name))
-    }
-
-    fn dm_remove(&self, name: &str) -> Result<(), HostOpsError> {
-        let mut s = self.enter(HostOp::DmRemove, HostCall::DmRemove(name.into()))?;
-        let cmd = format!("dmsetup remove {name}");
-        if in_use(&s.dms, &format!("/dev/mapper/{name}")) {
-            return Err(refused(cmd, "Device or resource busy"));
-        }
-        s.dms.remove(name).map(drop).ok_or_else(|| refused(cmd, "No such device or address"))
-    }
-
-    fn dm_list(&self) -> Result<Vec<DmDevice>, HostOpsError> {
-        let s = self.enter(HostOp::DmList, HostCall::DmList)?;
-        Ok(s.dms.iter().map(|(n, (t, _))| DmDevice { name: n.clone(), table: t.clone() }).collect())
     }
 
     fn resize2fs(&self, target: &Path) -> Result<(), HostOpsError> {

@@ -1,8 +1,9 @@
-//! The privileged seam: every loop, device-mapper and ext4-resize operation a snapshotter performs
-//! goes through [`HostOps`], so the snapshotters' logic can be tested with a recording fake
-//! (`RecordingHostOps`, feature `test-utils`) on hosts without root or device-mapper.
+//! The privileged seam: every loop and ext4-resize operation a snapshotter performs goes through
+//! [`HostOps`], so the snapshotters' logic can be tested with a recording fake (`RecordingHostOps`,
+//! feature `test-utils`) on hosts without root. Device-mapper itself is driven by the
+//! `devicemapper` crate (see [`super::DmSnapshotter`]); only its availability is asked here.
 //!
-//! [`LinuxHostOps`] runs the util-linux, dmsetup and e2fsprogs commands (no ioctls: the crate forbids
+//! [`LinuxHostOps`] runs the util-linux and e2fsprogs commands (no ioctls: the crate forbids
 //! `unsafe`); a failing command becomes a [`HostOpsError`] carrying the command line and its stderr.
 
 use std::path::{Path, PathBuf};
@@ -58,22 +59,13 @@ pub struct LoopDevice {
     pub backing_file: PathBuf,
 }
 
-/// A device-mapper device: its name and its table (one target per line).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DmDevice {
-    /// The name under `/dev/mapper/`.
-    pub name: String,
-    /// The table as `dmsetup table NAME` prints it.
-    pub table: String,
-}
-
 /// Privileged host operations used by the snapshotters.
 ///
 /// Implementations must be safe to call from several threads; none of these calls is atomic with
 /// respect to another process, which is why the snapshotters re-discover state by listing rather than
 /// trusting what they remember.
 pub trait HostOps: Send + Sync {
-    /// Whether device-mapper can be used on this host (`/dev/mapper/control` exists and opens).
+    /// Whether device-mapper can be used on this host (`/dev/mapper/control` opens and answers).
     fn dm_available(&self) -> bool;
     /// Attaches `file` to a free loop device and returns its path (`/dev/loopN`).
     fn loop_attach(&self, file: &Path, read_only: bool) -> Result<PathBuf, HostOpsError>;
@@ -81,13 +73,6 @@ pub trait HostOps: Send + Sync {
     fn loop_detach(&self, device: &Path) -> Result<(), HostOpsError>;
     /// Lists every attached loop device with its backing file.
     fn loop_list(&self) -> Result<Vec<LoopDevice>, HostOpsError>;
-    /// Creates the device-mapper device `name` with `table` (one target per line), read-only if asked
-    /// (needed when the table maps a read-only loop device); returns `/dev/mapper/<name>`.
-    fn dm_create(&self, name: &str, table: &str, read_only: bool) -> Result<PathBuf, HostOpsError>;
-    /// Removes the device-mapper device `name`.
-    fn dm_remove(&self, name: &str) -> Result<(), HostOpsError>;
-    /// Lists every device-mapper device with its table.
-    fn dm_list(&self) -> Result<Vec<DmDevice>, HostOpsError>;
     /// Grows the ext4 filesystem in `target` (file or block device) to fill it (`resize2fs`).
     fn resize2fs(&self, target: &Path) -> Result<(), HostOpsError>;
     /// Checks and repairs the ext4 filesystem in `target` (`e2fsck -fy`).
@@ -107,7 +92,7 @@ pub fn grow_ext4(ops: &dyn HostOps, target: &Path) -> Result<(), HostOpsError> {
     }
 }
 
-/// [`HostOps`] on Linux through `losetup`, `dmsetup`, `resize2fs` and `e2fsck`.
+/// [`HostOps`] on Linux through `losetup`, `resize2fs` and `e2fsck`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LinuxHostOps;
 
@@ -127,35 +112,6 @@ fn run(program: &str, args: &[&str], ok_codes: &[i32]) -> Result<String, HostOps
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         }),
     }
-}
-
-/// Runs a command with `input` on its stdin; exit code 0 is success.
-fn run_with_input(program: &str, args: &[&str], input: &str) -> Result<String, HostOpsError> {
-    use std::io::Write;
-    use std::process::Stdio;
-    let command = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
-    tracing::debug!(%command, %input, "host op");
-    let spawn_err = |source| HostOpsError::Spawn { command: command.clone(), source };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error (the program exited early) shows up in its status and stderr below.
-        let _ = stdin.write_all(input.as_bytes()).and_then(|()| stdin.write_all(b"\n"));
-    }
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
-    Err(HostOpsError::Failed {
-        command,
-        status: out.status.to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    })
 }
 
 fn path_arg(p: &Path) -> &str {
@@ -198,8 +154,9 @@ pub(crate) fn parse_losetup_json(text: &str) -> Result<Vec<LoopDevice>, String> 
 impl HostOps for LinuxHostOps {
     fn dm_available(&self) -> bool {
         // The node can exist without the driver (udev or `dmsetup mknodes` made it on a kernel
-        // without device-mapper); opening it fails with ENODEV then, so opening is the real test.
-        std::fs::File::open("/dev/mapper/control").is_ok()
+        // without device-mapper); opening it fails with ENODEV then, so opening it and asking for
+        // the driver's version is the real test.
+        devicemapper::DM::new().is_ok()
     }
 
     fn loop_attach(&self, file: &Path, read_only: bool) -> Result<PathBuf, HostOpsError> {
@@ -225,38 +182,6 @@ impl HostOps for LinuxHostOps {
         let out = run("losetup", &args, &[0])?;
         parse_losetup_json(&out)
             .map_err(|e| HostOpsError::Output { command: format!("losetup {}", args.join(" ")), output: e })
-    }
-
-    fn dm_create(&self, name: &str, table: &str, read_only: bool) -> Result<PathBuf, HostOpsError> {
-        // The table goes through stdin: `--table` only takes one line, and ours can have two.
-        let mut args = vec!["create"];
-        if read_only {
-            args.push("--readonly");
-        }
-        args.push(name);
-        run_with_input("dmsetup", &args, table)?;
-        Ok(Path::new("/dev/mapper").join(name))
-    }
-
-    fn dm_remove(&self, name: &str) -> Result<(), HostOpsError> {
-        // --retry: udev's blkid probe briefly holds a new device open, which would make an
-        // immediate removal (e.g. a rollback) fail with EBUSY.
-        run("dmsetup", &["remove", "--retry", name], &[0]).map(drop)
-    }
-
-    fn dm_list(&self) -> Result<Vec<DmDevice>, HostOpsError> {
-        let out = run("dmsetup", &["ls"], &[0])?;
-        let mut devices = Vec::new();
-        for line in out.lines() {
-            // `dmsetup ls` prints `name<TAB>(major:minor)` or `No devices found`.
-            let Some((name, rest)) = line.split_once('\t') else { continue };
-            if !rest.trim_start().starts_with('(') {
-                continue;
-            }
-            let table = run("dmsetup", &["table", name], &[0])?;
-            devices.push(DmDevice { name: name.to_string(), table: table.trim().to_string() });
-        }
-        Ok(devices)
     }
 
     fn resize2fs(&self, target: &Path) -> Result<(), HostOpsError> {

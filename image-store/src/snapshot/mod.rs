@@ -1,19 +1,19 @@
 //! Snapshotters: per-VM writable root disks made from a shared, read-only base ext4.
 //!
 //! Three implementations sit behind [`Snapshotter`]:
-//! - [`DmSnapshotter`] (`devicemapper`): the dm `snapshot` target over a read-only loop-attached base
-//!   and a loop-attached sparse COW file; needs device-mapper.
+//! - [`DmSnapshotter`] (`devicemapper`): a device-mapper thin pool (the `devicemapper` crate): one
+//!   thin volume per base image, one thin snapshot per VM; needs device-mapper.
 //! - [`FileSnapshotter::reflink`] (`reflink`): a FICLONE clone of the base (xfs, btrfs).
 //! - [`FileSnapshotter::copy`] (`copy`): a sparse copy of the base, works everywhere.
 //!
 //! Every one grows the disk's ext4 to the requested size with `resize2fs`, keeps its state under
 //! [`crate::StorePaths::snapshots_dir`], and shares these guarantees:
 //! - **Atomic creation**: a disk appears under its final name only once complete (temp name + rename,
-//!   or for devicemapper a `disk.json` record renamed into place last). A failure part-way removes
+//!   or for devicemapper a volume record marked complete last). A failure part-way removes
 //!   everything that step made before returning the error.
-//! - **Idempotent removal**: [`Snapshotter::remove`] discovers what exists (files, loop devices backed
-//!   by files in the state dir, dm devices named `ignite-<vm>`) rather than trusting memory, so it can
-//!   be repeated, and is safe after a crash or a half-failed earlier removal.
+//! - **Idempotent removal**: [`Snapshotter::remove`] discovers what exists (files, records, dm devices)
+//!   rather than trusting memory, so it can be repeated, and is safe after a crash or a half-failed
+//!   earlier removal.
 //! - **Crash recovery**: [`Snapshotter::recover`], called at start-up, re-adopts complete disks and
 //!   removes half-made ones; see each implementation for details.
 //!
@@ -35,11 +35,13 @@ use serde::{Deserialize, Serialize};
 
 pub use choose::{choose, choose_with, SNAPSHOTTER_NAMES};
 pub use copy::sparse_copy;
-pub use devicemapper::DmSnapshotter;
+pub use devicemapper::{
+    CrashPoint, DmPoolConfig, DmSnapshotter, PoolUsage, DEFAULT_DATA_FILE_BYTES, DEFAULT_METADATA_FILE_BYTES,
+};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{HostCall, HostOp, RecordingHostOps};
 pub use file::FileSnapshotter;
-pub use hostops::{grow_ext4, DmDevice, HostOps, HostOpsError, LinuxHostOps, LoopDevice};
+pub use hostops::{grow_ext4, HostOps, HostOpsError, LinuxHostOps, LoopDevice};
 pub use reflink::{reflink_file, reflink_supported};
 
 /// A VM's writable root disk.
@@ -218,8 +220,53 @@ pub enum SnapshotError {
         snapshotter: &'static str,
     },
     /// Device-mapper was requested explicitly but is not available.
-    #[error("snapshotter devicemapper needs device-mapper, but /dev/mapper/control is missing on this host")]
+    #[error("snapshotter devicemapper needs device-mapper, but /dev/mapper/control cannot be opened on this host")]
     DmUnavailable,
+    /// A device-mapper operation failed.
+    #[error("vm {vm_id}: could not {action} {device}")]
+    Dm {
+        /// The VM (`*` for the pool).
+        vm_id: String,
+        /// What was being done.
+        action: &'static str,
+        /// The dm device or pool.
+        device: String,
+        /// The kernel's or the crate's error (boxed: errors are the cold path).
+        #[source]
+        source: Box<::devicemapper::DmError>,
+    },
+    /// The thin pool was created on other devices than it is now configured with.
+    #[error("the thin pool recorded in {} was made on {was}, but this daemon is configured with {now}: start it with the same --dm-pool-data/--dm-pool-metadata, or remove the store's devicemapper state", record.display())]
+    PoolMismatch {
+        /// `pool.json`.
+        record: PathBuf,
+        /// What the record says.
+        was: String,
+        /// What the configuration says.
+        now: String,
+    },
+    /// The thin pool is not working (read-only, out of metadata space, failed).
+    #[error("thin pool {pool} is not usable: {status}")]
+    PoolUnhealthy {
+        /// The pool's dm name.
+        pool: String,
+        /// Its status.
+        status: String,
+    },
+    /// The thin pool has too little free space for another disk.
+    #[error("vm {vm_id}: thin pool {pool} is full: {free_bytes} of {total_bytes} bytes free, {needed_bytes} needed (a tenth of the pool is kept for the running guests' writes); remove VMs or grow the pool")]
+    PoolFull {
+        /// The VM whose disk was refused.
+        vm_id: String,
+        /// The pool's dm name.
+        pool: String,
+        /// Free data bytes.
+        free_bytes: u64,
+        /// All data bytes.
+        total_bytes: u64,
+        /// What the disk and the low-water mark need.
+        needed_bytes: u64,
+    },
     /// An override named no known snapshotter.
     #[error("unknown snapshotter {name:?}; valid snapshotters: {}", SNAPSHOTTER_NAMES.join(", "))]
     UnknownSnapshotter {

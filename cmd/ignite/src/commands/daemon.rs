@@ -75,6 +75,15 @@ pub struct DaemonArgs {
     /// built under ROOT/templates on first need; see `ignite template`).
     #[arg(long, env = "IGNITE_NO_WARM_START", value_parser = BoolishValueParser::new())]
     no_warm_start: bool,
+    /// A block device for the devicemapper thin pool's data, where device-mapper is used (the
+    /// default is a sparse 100 GiB file under ROOT). Fixed once the pool exists: a later start with
+    /// another device is refused rather than formatting a new pool.
+    #[arg(long, value_name = "DEVICE", requires = "dm_pool_metadata")]
+    dm_pool_data: Option<PathBuf>,
+    /// A block device for the thin pool's metadata (with --dm-pool-data; its first block is cleared
+    /// when the pool is created).
+    #[arg(long, value_name = "DEVICE", requires = "dm_pool_data")]
+    dm_pool_metadata: Option<PathBuf>,
     /// The uids jailed VMMs run as, one per VM (gid = uid): FIRST-LAST.
     #[arg(long, value_name = "FIRST-LAST", default_value = "3000000-3065535", value_parser = parse_uid_range)]
     jail_uids: std::ops::RangeInclusive<u32>,
@@ -223,6 +232,11 @@ pub fn run(args: DaemonArgs, root: &Path, socket: &Path) -> anyhow::Result<()> {
         policy: host_policy(args.allow_host_paths, args.allow_privileged_ports, args.listen)?,
         pull_timeouts: image_store::pull::PullTimeouts { total: args.image_pull_timeout, ..Default::default() },
         warm_start: !args.no_warm_start,
+        dm_pool: image_store::DmPoolConfig {
+            data_device: args.dm_pool_data,
+            metadata_device: args.dm_pool_metadata,
+            ..Default::default()
+        },
     };
     let mut scope = controller::kube::scope::BootstrapScope::default();
     for entry in &args.kube_token_secrets {
