@@ -228,27 +228,68 @@ pub fn fsbase_probe_initramfs(dir: &Path) -> PathBuf {
         std::fs::read(out).expect("read the probe")
     };
     let (fixed, dynamic) = (build("probe-static", true), build("probe-dynamic", false));
-    let read =
-        |path: &str| std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e} (install libc6 and busybox-static)"));
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (install busybox-static)");
     let image = dir.join("probe.cpio");
-    Initramfs::new()
+    let mut initramfs = Initramfs::new();
+    initramfs
         .dir("dev")
         .char_dev("dev/console", 5, 1)
         .dir("bin")
-        .dir("lib")
-        .dir("lib/x86_64-linux-gnu")
-        .dir("lib64")
         .file("init", 0o755, &fixed)
         .file("probe-static", 0o755, &fixed)
         .file("probe-dynamic", 0o755, &dynamic)
-        .file("lib64/ld-linux-x86-64.so.2", 0o755, &read("/lib64/ld-linux-x86-64.so.2"))
-        .file("lib/x86_64-linux-gnu/libc.so.6", 0o755, &read("/lib/x86_64-linux-gnu/libc.so.6"))
-        .file("bin/busybox", 0o755, &read("/bin/busybox"))
+        .file("bin/busybox", 0o755, &busybox)
         .symlink("bin/sh", "busybox")
-        .symlink("bin/echo", "busybox")
-        .write(&image)
-        .expect("write the probe initramfs");
+        .symlink("bin/echo", "busybox");
+    add_host_files(&mut initramfs, shared_libraries(&dir.join("probe-dynamic")));
+    initramfs.write(&image).expect("write the probe initramfs");
     image
+}
+
+/// The shared libraries the host's dynamic loader would map for `program`, the ELF interpreter
+/// included, as `ldd` lists them (the vDSO, which has no file, left out): what a guest of the same
+/// architecture needs beside the program to run it. Empty for a static program.
+pub fn shared_libraries(program: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd").arg(program).output().unwrap_or_else(|e| panic!("cannot run ldd: {e} (libc-bin)"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // ldd fails for a static program, saying so.
+        let static_ = text.contains("not a dynamic executable") || text.contains("statically linked");
+        assert!(static_, "ldd {}: {text}{}", program.display(), String::from_utf8_lossy(&out.stderr));
+        return Vec::new();
+    }
+    let mut libraries = Vec::new();
+    for line in text.lines() {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`, `/lib64/ld-linux-x86-64.so.2 (0x...)`
+        // or `linux-vdso.so.1 (0x...)`.
+        let file = line.split_once("=>").map_or(line, |(_, file)| file).split_whitespace().next().unwrap_or("");
+        assert!(!line.contains("not found"), "{}: a library is missing: {line}", program.display());
+        if file.starts_with('/') {
+            libraries.push(PathBuf::from(file));
+        }
+    }
+    libraries
+}
+
+/// Adds the host files `paths` (absolute) to `initramfs` at their own paths with their permission
+/// bits, each once whatever the repeats, after the directories above them (the kernel's unpacker
+/// creates no missing parents). Symlinks are followed: the archive holds the file under the name
+/// the loader asks for.
+pub fn add_host_files(initramfs: &mut Initramfs, paths: impl IntoIterator<Item = PathBuf>) {
+    use std::os::unix::fs::PermissionsExt;
+    let files: std::collections::BTreeSet<PathBuf> = paths.into_iter().collect();
+    let dirs: std::collections::BTreeSet<&Path> =
+        files.iter().flat_map(|file| file.ancestors().skip(1)).filter(|dir| dir != &Path::new("/")).collect();
+    let name = |path: &Path| path.strip_prefix("/").unwrap_or(path).to_str().expect("a UTF-8 path").to_string();
+    // In order, so each directory comes after its parent.
+    for dir in dirs {
+        initramfs.dir(&name(dir));
+    }
+    for file in &files {
+        let content = std::fs::read(file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+        let mode = std::fs::metadata(file).expect("the file was just read").permissions().mode();
+        initramfs.file(&name(file), mode & 0o7777, &content);
+    }
 }
 
 /// A test's daemon process, killed and reaped when dropped.

@@ -31,8 +31,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
 use devicemapper::{
-    DataBlocks, DevId, Device, DmDevice, DmError, DmName, DmNameBuf, DmOptions, LinearDev, LinearDevTargetParams,
-    LinearTargetParams, Sectors, TargetLine, ThinDev, ThinDevId, ThinPoolDev, ThinPoolStatus, ThinTargetParams, DM,
+    DataBlocks, DevId, Device, DmDevice, DmError, DmFlags, DmName, DmNameBuf, DmOptions, LinearDev,
+    LinearDevTargetParams, LinearTargetParams, Sectors, TargetLine, ThinDev, ThinDevId, ThinPoolDev, ThinPoolStatus,
+    ThinTargetParams, DM,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -382,6 +383,18 @@ impl DmSnapshotter {
         Ok(Active { dm, pool })
     }
 
+    /// The dm devices of this store that exist (its pool, the pool's parts, its volumes).
+    pub fn devices(&self) -> Result<Vec<String>, SnapshotError> {
+        let dm = DM::new().map_err(|_| SnapshotError::DmUnavailable)?;
+        Ok(self.devices_of(&dm)?.iter().map(|name| name.to_string()).collect())
+    }
+
+    fn devices_of(&self, dm: &DM) -> Result<Vec<DmNameBuf>, SnapshotError> {
+        let prefix = format!("{}-", self.prefix);
+        let devices = dm.list_devices().map_err(dm_err("*", "list", "dm devices"))?;
+        Ok(devices.into_iter().map(|(name, _, _)| name).filter(|name| name.to_string().starts_with(&prefix)).collect())
+    }
+
     /// Takes this store's dm devices down (volumes, then the pool, then its linear parts) and
     /// detaches the pool files' loop devices, keeping every file, record and the pool's metadata:
     /// what a host shutdown does. The next call that needs the pool reattaches it and its volumes.
@@ -389,13 +402,7 @@ impl DmSnapshotter {
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         *active = None;
         let dm = DM::new().map_err(|_| SnapshotError::DmUnavailable)?;
-        let mut names: Vec<DmNameBuf> = dm
-            .list_devices()
-            .map_err(dm_err("*", "list", "dm devices"))?
-            .into_iter()
-            .map(|(name, _, _)| name)
-            .filter(|name| name.to_string().starts_with(&format!("{}-", self.prefix)))
-            .collect();
+        let mut names = self.devices_of(&dm)?;
         let rank = |name: &DmNameBuf| match name.to_string().strip_prefix(&self.prefix) {
             Some("-pool") => 1,
             Some("-pool-meta" | "-pool-data") => 2,
@@ -426,8 +433,9 @@ impl DmSnapshotter {
 
     fn usage_of(active: &Active) -> Result<PoolUsage, SnapshotError> {
         let name = active.pool.name().to_string();
-        let status =
-            active.pool.status(&active.dm, DmOptions::default()).map_err(dm_err("*", "read status of", &*name))?;
+        // NOFLUSH: reading the status must not commit the pool's metadata.
+        let options = DmOptions::default().set_flags(DmFlags::DM_NOFLUSH);
+        let status = active.pool.status(&active.dm, options).map_err(dm_err("*", "read status of", &*name))?;
         let ThinPoolStatus::Working(status) = status else {
             return Err(SnapshotError::PoolUnhealthy { pool: name, status: format!("{status:?}") });
         };
@@ -611,6 +619,7 @@ impl DmSnapshotter {
             }
             self.crash_point(vm_id, CrashPoint::AfterThin)?;
             let node = dev.devnode();
+            tracing::debug!(device = %node.display(), "thin snapshot made; growing its ext4");
             grow_ext4(self.ops.as_ref(), &node).map_err(host_err(vm_id, "growing ext4", node.display()))?;
             self.crash_point(vm_id, CrashPoint::AfterGrow)?;
             Ok(node)
@@ -719,10 +728,9 @@ impl Snapshotter for DmSnapshotter {
             .map(|(v, _)| self.name(v))
             .chain(["pool", "pool-meta", "pool-data"].map(|p| self.name(p)))
             .collect();
-        let devices = active.dm.list_devices().map_err(dm_err("*", "list", "dm devices"))?;
-        for (name, _, _) in devices {
+        for name in self.devices_of(&active.dm)? {
             let text = name.to_string();
-            if text.starts_with(&format!("{}-", self.prefix)) && !known.contains(&text) {
+            if !known.contains(&text) {
                 tracing::info!(device = %text, "removing a dm device no record names");
                 self.remove_device(&active.dm, "*", &name)?;
             }
