@@ -4,7 +4,8 @@
 //! CI's hosts have no device-mapper, so `e2e/tests/devicemapper_guest.rs` runs this program inside
 //! a guest of our own engine, booted twice with the same disks:
 //! - `IGNITE_DM_PHASE=first`, then `IGNITE_DM_PHASE=reattach`: what the first boot left (a pool and
-//!   its volumes, deactivated as at shutdown) must be found again by the second;
+//!   its volumes, deactivated as at shutdown) must be found again by the second; or
+//!   `IGNITE_DM_PHASE=bench`: the disk-creation benchmark alone;
 //! - `IGNITE_DM_BASE`: a block device holding the base ext4 of a real image (busybox from a registry);
 //! - `IGNITE_DM_POOL_DATA`, `IGNITE_DM_POOL_METADATA`: spare block devices for a device-backed pool;
 //! - `IGNITE_DM_SCRATCH`: a mounted xfs (with reflink) for file-backed pools and the benchmark.
@@ -50,6 +51,7 @@ fn unavailable() -> Option<String> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_ansi(false)
             .with_writer(std::io::stderr)
             .try_init();
     }
@@ -61,6 +63,21 @@ fn unavailable() -> Option<String> {
         return Some(format!("no device-mapper on this host (/dev/mapper/control: {e})"));
     }
     None
+}
+
+/// Whether test `name` runs here (`first_phase_only`: not in the reattach boot); prints why not.
+fn runs(name: &str, first_phase_only: bool) -> bool {
+    let phases = phases();
+    let why = unavailable()
+        .or_else(|| (phases == ["bench"]).then(|| "the benchmark's boot runs the benchmark only".into()))
+        .or_else(|| (first_phase_only && phases == ["reattach"]).then(|| "runs in the first phase only".into()));
+    match why {
+        Some(why) => {
+            println!("SKIP {name}: {why}");
+            false
+        }
+        None => true,
+    }
 }
 
 /// The phases to run in this process.
@@ -163,12 +180,7 @@ fn vm_ids(snap: &dyn Snapshotter) -> Vec<String> {
 /// the image's volume, which the next test reuses.)
 #[test]
 fn a_crash_at_every_step_is_recovered() {
-    if let Some(why) = unavailable() {
-        println!("SKIP a_crash_at_every_step_is_recovered: {why}");
-        return;
-    }
-    if phases() == ["reattach"] {
-        println!("SKIP a_crash_at_every_step_is_recovered: runs in the first phase only");
+    if !runs("a_crash_at_every_step_is_recovered", true) {
         return;
     }
     let base = base();
@@ -203,8 +215,7 @@ fn a_crash_at_every_step_is_recovered() {
 /// devices is refused rather than formatting a new pool.
 #[test]
 fn b_ten_vms_survive_a_reboot() {
-    if let Some(why) = unavailable() {
-        println!("SKIP b_ten_vms_survive_a_reboot: {why}");
+    if !runs("b_ten_vms_survive_a_reboot", false) {
         return;
     }
     for phase in phases() {
@@ -274,8 +285,7 @@ fn b_ten_vms_survive_a_reboot() {
 /// attached again and the pool still refuses; removing the VM makes room.
 #[test]
 fn c_full_pool_refuses_new_disks() {
-    if let Some(why) = unavailable() {
-        println!("SKIP c_full_pool_refuses_new_disks: {why}");
+    if !runs("c_full_pool_refuses_new_disks", false) {
         return;
     }
     let root = scratch().join("small-pool");
@@ -347,12 +357,11 @@ fn zz_bench_disk_creation() {
         println!("SKIP zz_bench_disk_creation: {why}");
         return;
     }
-    if phases() == ["reattach"] {
-        println!("SKIP zz_bench_disk_creation: runs in the first phase only");
-        return;
-    }
-    if std::env::var_os("IGNITE_DM_BENCH").is_none() {
-        println!("SKIP zz_bench_disk_creation: a benchmark, run when IGNITE_DM_BENCH is set");
+    if phases() != ["bench"] {
+        println!(
+            "SKIP zz_bench_disk_creation: the benchmark has a boot of its own \
+             (IGNITE_DM_BENCH=1 cargo test -p ignite-e2e --test devicemapper_guest)"
+        );
         return;
     }
     let disks: usize = std::env::var("IGNITE_DM_BENCH_DISKS").ok().and_then(|n| n.parse().ok()).unwrap_or(10);
