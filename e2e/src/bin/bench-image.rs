@@ -419,6 +419,10 @@ fn disk_rows(dir: &Path, store: &StorePaths, base: &Path, runs: usize, rows: &mu
     if ops.dm_available() {
         let dm = DmSnapshotter::new(store, Default::default(), ops.clone());
         let ours = time_snapshotter(&dm, base, runs);
+        // The pool outlives its VMs by design; the benchmark's store goes, so its devices go too.
+        if let Err(e) = dm.deactivate() {
+            eprintln!("bench-image: could not take the thin pool down: {e}");
+        }
         rows.push(Row::ms(name, ours, None));
     } else {
         rows.push(Row {
