@@ -116,6 +116,13 @@ struct Volume {
     image: Option<String>,
 }
 
+impl Volume {
+    /// The volume's thin id as the pool takes it.
+    fn id(&self, vm_id: &str) -> Result<ThinDevId, SnapshotError> {
+        ThinDevId::new_u64(u64::from(self.thin_id)).map_err(dm_err(vm_id, "use thin id", self.thin_id))
+    }
+}
+
 /// Steps of a creation at which a test can make [`Snapshotter::create`] stop dead, as if the
 /// process were killed there (no rollback), to prove that [`Snapshotter::recover`] cleans up.
 #[doc(hidden)]
@@ -315,12 +322,22 @@ impl DmSnapshotter {
             let f = File::create_new(&path).map_err(io_err("*", "create pool file", &path))?;
             f.set_len(bytes).map_err(io_err("*", "size pool file", &path))?;
         }
-        let canonical = fs::canonicalize(&path).map_err(io_err("*", "resolve", &path))?;
-        let loops = self.ops.loop_list().map_err(host_err("*", "listing loop devices", "losetup"))?;
-        if let Some(l) = loops.into_iter().find(|l| l.backing_file == canonical || l.backing_file == path) {
-            return Ok(l.device);
+        if let Some(attached) = self.loops_of_pool_file(file)?.into_iter().next() {
+            return Ok(attached);
         }
         self.ops.loop_attach(&path, false).map_err(host_err("*", "attaching pool file", path.display()))
+    }
+
+    /// The loop devices backed by the pool file `file` (the kernel reports the resolved path).
+    fn loops_of_pool_file(&self, file: &str) -> Result<Vec<PathBuf>, SnapshotError> {
+        let path = self.dir.join("pool").join(file);
+        let canonical = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        let loops = self.ops.loop_list().map_err(host_err("*", "listing loop devices", "losetup"))?;
+        Ok(loops
+            .into_iter()
+            .filter(|l| l.backing_file == path || l.backing_file == canonical)
+            .map(|l| l.device)
+            .collect())
     }
 
     fn setup_pool(&self) -> Result<Active, SnapshotError> {
@@ -413,11 +430,8 @@ impl DmSnapshotter {
             self.remove_device(&dm, "*", name)?;
         }
         for file in ["data", "metadata"] {
-            let path = self.dir.join("pool").join(file);
-            let canonical = fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-            let loops = self.ops.loop_list().map_err(host_err("*", "listing loop devices", "losetup"))?;
-            for l in loops.into_iter().filter(|l| l.backing_file == path || l.backing_file == canonical) {
-                self.ops.loop_detach(&l.device).map_err(host_err("*", "detaching", l.device.display()))?;
+            for device in self.loops_of_pool_file(file)? {
+                self.ops.loop_detach(&device).map_err(host_err("*", "detaching", device.display()))?;
             }
         }
         tracing::info!(devices = names.len(), "thin pool deactivated");
@@ -475,7 +489,7 @@ impl DmSnapshotter {
     /// Activates a volume whose thin id the pool knows (idempotent).
     fn activate(&self, active: &Active, vm_id: &str, volume: &str, record: &Volume) -> Result<ThinDev, SnapshotError> {
         let name = dm_name(&self.name(volume))?;
-        let id = ThinDevId::new_u64(u64::from(record.thin_id)).map_err(dm_err(vm_id, "use thin id", record.thin_id))?;
+        let id = record.id(vm_id)?;
         ThinDev::setup(&active.dm, &name, None, Sectors(record.size_bytes.div_ceil(SECTOR)), &active.pool, id)
             .map_err(dm_err(vm_id, "activate", &*name))
     }
@@ -544,8 +558,7 @@ impl DmSnapshotter {
         write_json(vm_id, &self.record_path(&volume), &record)?;
         let made = || -> Result<ThinDev, SnapshotError> {
             let name = dm_name(&self.name(&volume))?;
-            let id =
-                ThinDevId::new_u64(u64::from(record.thin_id)).map_err(dm_err(vm_id, "use thin id", record.thin_id))?;
+            let id = record.id(vm_id)?;
             let dev = ThinDev::new(&active.dm, &name, None, Sectors(record.size_bytes / SECTOR), &active.pool, id)
                 .map_err(dm_err(vm_id, "create thin volume", &*name))?;
             let node = dev.devnode();
@@ -606,8 +619,7 @@ impl DmSnapshotter {
         self.crash_point(vm_id, CrashPoint::AfterIntent)?;
         let made = || -> Result<PathBuf, SnapshotError> {
             let name = dm_name(&self.name(&volume))?;
-            let id =
-                ThinDevId::new_u64(u64::from(record.thin_id)).map_err(dm_err(vm_id, "use thin id", record.thin_id))?;
+            let id = record.id(vm_id)?;
             let mut dev = origin
                 .snapshot(&active.dm, &name, None, &active.pool, id)
                 .map_err(dm_err(vm_id, "snapshot", &*name))?;
